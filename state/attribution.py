@@ -1,0 +1,274 @@
+"""The attribution join: impressions + conversions -> one labelled example per impression, in event time.
+
+Public surface: ``AttributionConfig``, ``AttributionJoin``, ``Output``.
+
+The join is plain Python over a key-value store with ``get``/``__setitem__``/``__delitem__``: a ``dict``
+in the in-process replay (``loopline evaluate``), a RocksDB-backed Faust table in the ingest worker. Both
+run this class, so both give the same labels. One ``AttributionJoin`` owns one partition's state; its
+keys carry the partition as a prefix so one table (or dict) can hold several partitions.
+
+Semantics (all times are event time, ``ts`` of the events):
+
+* ``watermark = max ts seen - lateness``. An impression's window is ``[ts - lateness, ts + window]``.
+* A conversion of the target kind inside the window makes the impression a positive example at once.
+  Conversions of other kinds are counted (``other_kind``) and do not label.
+* When the watermark passes ``ts + window`` with no such conversion, the example is emitted negative.
+* A conversion whose impression is unknown is held until the watermark passes its ``ts``; if the
+  impression arrives in that time the conversion is applied, else it is counted as ``orphan``.
+* A conversion after the window (or for an impression already labelled) counts as ``late`` (or
+  ``extra``). Nothing valid is dropped silently: every outcome has a counter in ``stats``.
+* A second impression (or conversion) with an id already seen is a duplicate: it is dead-lettered with
+  reason ``duplicate_impression`` (``duplicate_conversion``). Ids are remembered for ``dedup_horizon``
+  after their window closed. The same *message* delivered twice (same source offset ``src``, as happens
+  with at-least-once delivery after a crash) is recognized and skipped, counted as ``redelivered``.
+* Due work sits in time buckets of ``bucket_s`` seconds; a bucket is processed once the watermark passes
+  its end, so closing costs O(due items), never a scan. ``close_all()`` ends event time (end of a log).
+
+>>> j = AttributionJoin({}, AttributionConfig(window_s=100, lateness_s=0))
+>>> j.process(Impression("i1", 0.0, "u1", "a1", "c1", "feed"), src=0)
+[]
+>>> [(o.kind, o.key, o.value["label"]) for o in j.process(Conversion("v1", 50.0, "i1", "click"), src=1)]
+[('example', 'u1', 1)]
+>>> j.process(Impression("i2", 60.0, "u2", "a1", "c1", "feed"), src=2)
+[]
+>>> [(o.value["id"], o.value["label"]) for o in j.close_all()]
+[('i2', 0)]
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, MutableMapping, NamedTuple
+
+from .errors import ConfigError
+from .events import Conversion, Impression
+
+__all__ = ["AttributionConfig", "AttributionJoin", "Output", "STAT_NAMES"]
+
+STAT_NAMES = ("impressions", "conversions", "positives", "negatives", "closed_at_end", "orphan",
+              "late", "extra", "other_kind", "redelivered", "duplicates")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    window_s: float = 86400.0  # attribution window after the impression (1 day of event time)
+    lateness_s: float = 60.0  # allowed lateness: the watermark trails the largest ts by this much
+    target_kind: str = "click"  # the conversion kind that makes an example positive
+    bucket_s: float = 60.0  # granularity of due-work buckets; bounds how late a window closes
+    dedup_horizon_s: float = 86400.0  # how long an id is remembered after its window closed
+
+    def __post_init__(self):
+        for name in ("window_s", "lateness_s", "bucket_s", "dedup_horizon_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "bucket_s" and v == 0):
+                raise ConfigError(f"{name}: must be a finite number >= 0 (bucket_s > 0), got {v!r}")
+        if self.dedup_horizon_s < self.bucket_s:
+            raise ConfigError(f"dedup_horizon_s: must be >= bucket_s ({self.bucket_s}), got {self.dedup_horizon_s}")
+        if not self.target_kind:
+            raise ConfigError("target_kind: must not be empty")
+
+
+class Output(NamedTuple):
+    """What processing an event yields: an ``example`` (key = user) or a ``deadletter`` (a reason)."""
+
+    kind: str  # "example" | "deadletter"
+    key: str | None
+    value: Any
+
+
+class AttributionJoin:
+    """One partition's join state machine over ``store``; see the module docstring for the rules."""
+
+    CHUNK = 512  # items per due-bucket value: appends stay O(CHUNK), never O(bucket size)
+
+    def __init__(self, store: MutableMapping, cfg: AttributionConfig = AttributionConfig(), prefix: str = ""):
+        self.store = store
+        self.cfg = cfg
+        self.p = prefix
+        meta = store.get(self.p + "m")
+        self.meta = meta if meta is not None else {"max_ts": None, "stats": {k: 0 for k in STAT_NAMES}}
+        # schedule: {bucket id: number of chunks}; kept in memory, written only when it changes
+        sched = store.get(self.p + "s") or {}
+        self.nchunks = {int(b): n for b, n in sched.items()}
+        self.buckets = sorted(self.nchunks)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        return self.meta["stats"]
+
+    @property
+    def watermark(self) -> float:
+        m = self.meta["max_ts"]
+        return -math.inf if m is None else m - self.cfg.lateness_s
+
+    def save(self) -> None:
+        """Write the watermark and counters (one small value) to the store."""
+        self.store[self.p + "m"] = self.meta
+
+    def _save_sched(self) -> None:
+        self.store[self.p + "s"] = {str(b): n for b, n in self.nchunks.items()}
+
+    def _schedule(self, due: float, item: list) -> None:
+        b = int(due // self.cfg.bucket_s)
+        n = self.nchunks.get(b)
+        if n is None:
+            n = self.nchunks[b] = 1
+            bisect.insort(self.buckets, b)
+            self._save_sched()
+        key = f"{self.p}b:{b}:{n - 1}"
+        items = self.store.get(key) or []
+        if len(items) >= self.CHUNK:
+            self.nchunks[b] = n = n + 1
+            self._save_sched()
+            key, items = f"{self.p}b:{b}:{n - 1}", []
+        items.append(item)
+        self.store[key] = items
+
+    def _example(self, rec: dict, label: int, label_ts: float, conv: dict | None) -> Output:
+        ex = dict(rec["ex"])
+        ex.update(label=label, label_ts=label_ts, conversion=conv["id"] if conv else None,
+                  value=conv["value"] if conv else 0.0)
+        self.stats["positives" if label else "negatives"] += 1
+        return Output("example", ex["user"], ex)
+
+    def _in_window(self, rec: dict, cts: float) -> bool:
+        return rec["ts"] - self.cfg.lateness_s <= cts <= rec["ts"] + self.cfg.window_s
+
+    def _close(self, key: str, rec: dict) -> None:
+        """Keep only a closed marker (for de-duplication) and schedule its deletion."""
+        self.store[key] = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False)}
+        self._schedule(rec["ts"] + self.cfg.window_s + self.cfg.dedup_horizon_s, ["forget", key])
+
+    # -- events --------------------------------------------------------------------------------------
+    def process(self, ev: Impression | Conversion, src: Any) -> list[Output]:
+        """Apply one valid event (``src`` identifies its message) and return what it emits.
+
+        The caller calls :meth:`save` after it (once per message, so counters it adds to ``meta`` are
+        written in the same put)."""
+        out = self._impression(ev, src) if isinstance(ev, Impression) else self._conversion(ev, src)
+        out.extend(self.advance(ev.ts))
+        return out
+
+    def _duplicate(self, rec: dict, src: Any, reason: str, ident: str) -> list[Output]:
+        if rec["src"] == src:
+            self.stats["redelivered"] += 1
+            return []
+        self.stats["duplicates"] += 1
+        return [Output("deadletter", None, (reason, f"id {ident!r} was already seen"))]
+
+    def _impression(self, imp: Impression, src: Any) -> list[Output]:
+        key = f"{self.p}i:{imp.id}"
+        rec = self.store.get(key)
+        if rec is not None:
+            return self._duplicate(rec, src, "duplicate_impression", imp.id)
+        self.stats["impressions"] += 1
+        ex = imp.to_dict()
+        del ex["type"]
+        rec = {"s": "open", "src": src, "ts": imp.ts, "ex": ex}
+        pend_key = f"{self.p}c:{imp.id}"
+        pending = self.store.get(pend_key)
+        if pending:
+            del self.store[pend_key]
+            for conv in pending:
+                if rec["s"] == "open" and self._in_window(rec, conv["ts"]):
+                    out = [self._example(rec, 1, conv["ts"], conv)]
+                    rec["pos"] = True
+                    self._close(key, rec)
+                    rec["s"] = "closed"
+                    # the rest of the held conversions are extra
+                    continue
+                self.stats["extra" if rec["s"] == "closed" else "late"] += 1
+            if rec["s"] == "closed":
+                return out
+        self.store[key] = rec
+        self._schedule(imp.ts + self.cfg.window_s, ["window", key])
+        return []
+
+    def _conversion(self, conv: Conversion, src: Any) -> list[Output]:
+        seen_key = f"{self.p}v:{conv.id}"
+        seen = self.store.get(seen_key)
+        if seen is not None:
+            return self._duplicate(seen, src, "duplicate_conversion", conv.id)
+        self.stats["conversions"] += 1
+        self.store[seen_key] = {"src": src}
+        self._schedule(conv.ts + self.cfg.window_s + self.cfg.dedup_horizon_s, ["forget", seen_key])
+        if conv.kind != self.cfg.target_kind:
+            self.stats["other_kind"] += 1
+            return []
+        c = {"id": conv.id, "ts": conv.ts, "value": conv.value}
+        key = f"{self.p}i:{conv.impression}"
+        rec = self.store.get(key)
+        if rec is None:  # before its impression: hold it until the watermark passes its ts
+            pend_key = f"{self.p}c:{conv.impression}"
+            held = self.store.get(pend_key) or []
+            held.append(c)
+            self.store[pend_key] = held
+            self._schedule(conv.ts, ["orphan", pend_key])
+            return []
+        if rec["s"] == "closed":
+            self.stats["extra" if rec.get("pos") else "late"] += 1
+            return []
+        if not self._in_window(rec, conv.ts):
+            self.stats["late"] += 1
+            return []
+        out = [self._example(rec, 1, conv.ts, c)]
+        rec["pos"] = True
+        self._close(key, rec)
+        return out
+
+    # -- time ----------------------------------------------------------------------------------------
+    def advance(self, ts: float) -> list[Output]:
+        """Move event time to ``ts`` and process every bucket the watermark has passed."""
+        if self.meta["max_ts"] is None or ts > self.meta["max_ts"]:
+            self.meta["max_ts"] = ts
+        wm = self.watermark
+        out: list[Output] = []
+        while self.buckets and (self.buckets[0] + 1) * self.cfg.bucket_s <= wm:
+            out.extend(self._run_bucket(self.buckets[0], at_end=False))
+        return out
+
+    def close_all(self) -> list[Output]:
+        """End of event time (end of a finite log): process every bucket; negatives count ``closed_at_end``."""
+        out: list[Output] = []
+        while self.buckets:
+            out.extend(self._run_bucket(self.buckets[0], at_end=True))
+        self.save()
+        return out
+
+    def _run_bucket(self, b: int, at_end: bool) -> list[Output]:
+        out: list[Output] = []
+        # items scheduled while this bucket runs (a closed marker's deletion) land in later buckets
+        for c in range(self.nchunks[b]):
+            bkey = f"{self.p}b:{b}:{c}"
+            items = self.store.get(bkey)
+            if items is None:  # processed before a crash whose schedule was not yet saved
+                continue
+            for what, key in items:
+                out.extend(self._due(what, key, at_end))
+            del self.store[bkey]
+        self.buckets.remove(b)
+        del self.nchunks[b]
+        self._save_sched()
+        return out
+
+    def _due(self, what: str, key: str, at_end: bool) -> list[Output]:
+        if what == "window":
+            rec = self.store.get(key)
+            if rec is not None and rec["s"] == "open":
+                if at_end:
+                    self.stats["closed_at_end"] += 1
+                out = [self._example(rec, 0, rec["ts"] + self.cfg.window_s, None)]
+                self._close(key, rec)
+                return out
+        elif what == "orphan":
+            held = self.store.get(key)
+            if held:
+                self.stats["orphan"] += len(held)
+                del self.store[key]
+        elif what == "forget":
+            if self.store.get(key) is not None:
+                del self.store[key]
+        return []
