@@ -105,8 +105,10 @@ class AttributionJoin:
         return -math.inf if m is None else m - self.cfg.lateness_s
 
     def save(self) -> None:
-        """Write the watermark and counters (one small value) to the store."""
-        self.store[self.p + "m"] = self.meta
+        """Write the watermark and counters (one small value) to the store.
+
+        A copy: a Faust table may serialize the value after later in-place updates."""
+        self.store[self.p + "m"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.meta.items()}
 
     def _save_sched(self) -> None:
         self.store[self.p + "s"] = {str(b): n for b, n in self.nchunks.items()}

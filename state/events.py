@@ -19,6 +19,7 @@ bad_ts | field 'ts' must be finite and >= 0, got -1
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -163,7 +164,12 @@ def parse_event(raw: bytes | str, limits: EventLimits = EventLimits()) -> Impres
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent("bad_json", str(exc)[:120]) from None
+        # NaN, Infinity and 1e999 are not JSON, but a producer that writes them meant a number: parse
+        # leniently (nesting is already bounded) so the error names the field (`bad_ts`), not the syntax.
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise InvalidEvent("bad_json", str(exc)[:120]) from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", f"an event is a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")

@@ -1,0 +1,195 @@
+"""The ``loopline`` command line. Every sub-command takes ``--json`` where it prints results.
+
+Public surface: ``main``, ``build_parser``.
+
+Errors: the CLI catches only :class:`~loopline.state.errors.LooplineError`, prints ``Type: message`` on
+one line and exits 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import orjson
+
+from loopline.state.attribution import AttributionConfig
+from loopline.state.errors import ConfigError, LooplineError
+
+__all__ = ["main", "build_parser"]
+
+
+def _emit(obj: dict, as_json: bool, title: str = "") -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if title:
+        print(title)
+
+    def walk(d, indent=0):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                print("  " * indent + f"{k}:")
+                walk(v, indent + 1)
+            else:
+                print("  " * indent + f"{k}: {v}")
+    walk(obj)
+
+
+def _attribution_args(p: argparse.ArgumentParser) -> None:
+    d = AttributionConfig()
+    p.add_argument("--window", type=float, default=d.window_s, help="attribution window, seconds of event time")
+    p.add_argument("--lateness", type=float, default=d.lateness_s, help="allowed lateness, seconds")
+    p.add_argument("--target-kind", default=d.target_kind, help="conversion kind that labels positive")
+
+
+def _attribution_cfg(a) -> AttributionConfig:
+    return AttributionConfig(window_s=a.window, lateness_s=a.lateness, target_kind=a.target_kind,
+                             dedup_horizon_s=max(a.window, AttributionConfig.bucket_s))
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--events", metavar="FILE", help="a JSONL event log")
+    g.add_argument("--dataset", metavar="NAME", help="a real data set: movielens-100k")
+
+
+def _records(a):
+    from .eventlog import order_records, read_log
+    if a.events:
+        try:
+            return read_log(a.events)
+        except OSError as exc:
+            raise ConfigError(f"events: cannot read {a.events!r}: {exc.strerror}") from None
+    from .datasets import dataset_lines
+    return order_records(dataset_lines(a.dataset))
+
+
+def _broker(a) -> str:
+    from .broker import parse_broker_url
+    return parse_broker_url(a.broker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loopline", description="Streaming online learning for ads.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1")
+    p.add_argument("--port", type=int, default=9092)
+
+    p = sub.add_parser("worker", help="a long-lived Faust worker")
+    p.add_argument("--role", default="all", help="all | ingest")
+    p.add_argument("--broker", default="kafka://127.0.0.1:9092")
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--data-dir", default=".loopline-data/worker")
+    p.add_argument("--web-port", type=int, default=6066)
+    p.add_argument("--app-id", default="loopline")
+    p.add_argument("--grace", type=float, default=20.0, help="seconds to stop before the exit is forced")
+    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    _attribution_args(p)
+
+    p = sub.add_parser("replay", help="send an event log to the broker in event-time order")
+    _source_args(p)
+    p.add_argument("--broker", default="kafka://127.0.0.1:9092")
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--no-end-of-log", action="store_true", help="do not close the windows at the end")
+    p.add_argument("--wait", action="store_true", help="wait for the workers and print their counts")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("evaluate", help="replay in-process through the same code and print counts")
+    _source_args(p)
+    p.add_argument("--partitions", type=int, default=4)
+    _attribution_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="write a synthetic event log")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--days", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malformed", type=float, default=0.0, metavar="FRACTION")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the main job end to end on the embedded broker")
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--days", type=float, default=3.0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="benchmarks, writing JSON")
+    p.add_argument("what", choices=["ingest"])
+    p.add_argument("--events", type=int, default=20000, help="events in the benchmark log")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench-ingest.json")
+    p.add_argument("--profile", action="store_true", help="also profile the ingest path in-process")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _run(a) -> int:
+    if a.cmd == "broker":
+        from .broker import run_forever
+        return run_forever(a.port)
+    if a.cmd == "worker":
+        from loopline.stream.app import WorkerConfig
+        from .worker import run_worker
+        cfg = WorkerConfig(broker=_broker(a), role=a.role, partitions=a.partitions, data_dir=a.data_dir,
+                           web_port=a.web_port, app_id=a.app_id, attribution=_attribution_cfg(a),
+                           loglevel=a.loglevel)
+        run_worker(cfg, grace_s=a.grace)
+        return 0
+    if a.cmd == "evaluate":
+        from .evaluate import evaluate_records
+        out = evaluate_records(_records(a), a.partitions, _attribution_cfg(a), progress=True)
+        _emit(out, a.json, "loopline evaluate")
+        return 0
+    if a.cmd == "replay":
+        from .broker import create_topics
+        from loopline.stream.app import TOPICS
+        from .replay import collect_results, replay
+        bootstrap = _broker(a)
+        records = _records(a)
+        create_topics(bootstrap, {t: a.partitions for t in TOPICS})
+        sent = asyncio.run(replay(bootstrap, records, a.partitions, end_of_log=not a.no_end_of_log,
+                                  progress=not a.json))
+        out = {"replay": sent}
+        if a.wait:
+            if a.no_end_of_log:
+                raise ConfigError("wait: needs the end-of-log watermark; drop --no-end-of-log")
+            out.update(asyncio.run(collect_results(bootstrap, a.partitions, sent["run_id"], len(records),
+                                                   timeout=a.timeout, progress=not a.json)))
+        _emit(out, a.json, "loopline replay")
+        return 0
+    if a.cmd == "generate":
+        from .generate import GenerateConfig, write_log
+        summary = write_log(GenerateConfig(users=a.users, days=a.days, seed=a.seed, malformed=a.malformed), a.out)
+        _emit(summary, a.json, f"loopline generate: wrote {a.out}")
+        return 0
+    if a.cmd == "demo":
+        from .demo import run_demo
+        out = run_demo(users=a.users, days=a.days, progress=not a.json)
+        _emit(out, a.json, "loopline demo")
+        return 0
+    if a.cmd == "bench":
+        from .bench import bench_ingest
+        out = bench_ingest(n_events=a.events, repeats=a.repeats, out_path=a.out, profile=a.profile)
+        _emit(out, a.json, f"loopline bench ingest (written to {a.out})")
+        return 0
+    raise ConfigError(f"command: unknown {a.cmd!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LooplineError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

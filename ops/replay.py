@@ -1,0 +1,136 @@
+"""``loopline replay``: send an event log to the broker in event-time order, then (optionally) the
+end-of-log watermark, and collect what the workers produced.
+
+Public surface: ``replay``, ``collect_results``, ``send_end_of_log``.
+
+The collector reads the ``examples`` and ``deadletter`` topics from the beginning and removes the
+duplicates that at-least-once delivery can produce after a crash (examples by impression id, dead
+letters by source partition/offset), reporting how many it removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from tqdm import tqdm
+
+from loopline.state.attribution import STAT_NAMES
+from loopline.stream.app import CONTROL_HEADER
+
+from .evaluate import summarize
+from .eventlog import LogRecord, partition_for
+
+__all__ = ["replay", "collect_results", "send_end_of_log"]
+
+MAX_REQUEST = 16 * 1024 * 1024
+
+
+async def send_end_of_log(producer: AIOKafkaProducer, partitions: int, run_id: str, topic: str = "events"):
+    header = [(CONTROL_HEADER, f"end_of_log:{run_id}".encode())]
+    await asyncio.gather(*[await producer.send(topic, b"", partition=p, headers=header)
+                           for p in range(partitions)])
+
+
+async def replay(bootstrap: str, records: list[LogRecord], partitions: int, end_of_log: bool = True,
+                 run_id: str | None = None, progress: bool = True, topic: str = "events") -> dict:
+    """Send ``records`` in order; return ``{"sent", "seconds", "events_per_s", "run_id"}``."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=MAX_REQUEST, linger_ms=5,
+                                max_batch_size=256 * 1024, request_timeout_ms=30000)
+    await producer.start()
+    t0 = time.perf_counter()
+    try:
+        pending = []
+        bar = tqdm(total=len(records), unit="ev", desc="replay", disable=not progress, file=sys.stderr)
+        for rec in records:
+            p = partition_for(rec.key, rec.raw, partitions)
+            pending.append(await producer.send(topic, rec.raw, key=rec.key, partition=p))
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                bar.update(len(pending))
+                pending.clear()
+        await asyncio.gather(*pending)
+        bar.update(len(pending))
+        bar.close()
+        if end_of_log:
+            await send_end_of_log(producer, partitions, run_id, topic)
+    finally:
+        await producer.stop()
+    dt = time.perf_counter() - t0
+    return {"sent": len(records), "seconds": round(dt, 3), "events_per_s": round(len(records) / dt, 1) if dt else None,
+            "run_id": run_id, "end_of_log": end_of_log}
+
+
+async def _read_all(bootstrap: str, topic: str, partitions: int) -> list:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out = []
+        async def behind() -> bool:
+            for tp in tps:
+                if await consumer.position(tp) < end[tp]:
+                    return True
+            return False
+
+        while await behind():
+            batch = await consumer.getmany(timeout_ms=500, max_records=10000)
+            for msgs in batch.values():
+                out.extend(m for m in msgs if m.offset < end[TopicPartition(m.topic, m.partition)])
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def collect_results(bootstrap: str, partitions: int, run_id: str, read: int,
+                          timeout: float = 120.0, progress: bool = False) -> dict:
+    """Wait for every partition's end-of-log status of ``run_id``, then count the output topics."""
+    deadline = time.monotonic() + timeout
+    statuses: dict[int, dict] = {}
+    control = f"end_of_log:{run_id}"
+    while len(statuses) < partitions:
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(partitions)) - set(statuses))
+            raise TimeoutError(f"no end-of-log status from partitions {missing} within {timeout:.0f}s "
+                               "(is a worker with the ingest role running?)")
+        for m in await _read_all(bootstrap, "ingest.status", partitions):
+            st = orjson.loads(m.value)
+            if st.get("control") == control:
+                statuses[st["partition"]] = st["counts"]
+        if len(statuses) < partitions:
+            if progress:
+                print(f"collect: end-of-log from {len(statuses)}/{partitions} partitions", file=sys.stderr)
+            await asyncio.sleep(1.0)
+    # The status and the last outputs travel on different partitions: read until the counts are stable.
+    prev = None
+    while True:
+        examples = await _read_all(bootstrap, "examples", partitions)
+        dead = await _read_all(bootstrap, "deadletter", partitions)
+        if prev == (len(examples), len(dead)):
+            break
+        prev = (len(examples), len(dead))
+        await asyncio.sleep(0.5)
+    seen_ex: dict[str, int] = {}
+    for m in examples:
+        ex = orjson.loads(m.value)
+        seen_ex.setdefault(ex["id"], ex["label"])
+    seen_dl: dict[tuple, str] = {}
+    for m in dead:
+        d = orjson.loads(m.value)
+        seen_dl.setdefault(tuple(d["src"]) if isinstance(d["src"], list) else (d["src"],), d["reason"])
+    by_reason: dict[str, int] = {}
+    for reason in seen_dl.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    attribution = {k: sum(s["attribution"].get(k, 0) for s in statuses.values()) for k in STAT_NAMES}
+    out = summarize(read, by_reason, len(seen_ex), sum(seen_ex.values()), attribution)
+    out["duplicates_removed"] = {"examples": len(examples) - len(seen_ex), "deadletter": len(dead) - len(seen_dl)}
+    return out

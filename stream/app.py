@@ -1,0 +1,95 @@
+"""The Faust app: settings, topics and tables shared by every role.
+
+Public surface: ``WorkerConfig``, ``TOPICS``, ``build_app``.
+
+Thin by design: agents (``stream/ingest.py``) call into ``loopline.state``; nothing here computes.
+Topics are created explicitly with the configured partition count before the worker starts
+(``ops.broker.create_topics``): Tansu would otherwise auto-create them with 4 partitions and a table's
+changelog could disagree with its source topic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import faust
+
+from loopline.state.attribution import AttributionConfig
+from loopline.state.errors import ConfigError
+
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER"]
+
+# name -> what it carries. Keys: events by impression id; examples by user.
+TOPICS = {
+    "events": "raw JSONL lines (bytes), keyed by impression id; control messages carry CONTROL_HEADER",
+    "examples": "labelled examples (JSON), keyed by user",
+    "deadletter": "rejected input: reason, detail, raw bytes (base64), source partition/offset",
+    "ingest.status": "per-partition counts, sent when an end-of-log control message is processed",
+}
+CONTROL_HEADER = "loopline-control"  # value b"end_of_log:<run id>" closes every window of that partition
+
+ROLES = ("all", "ingest")
+
+
+@dataclass
+class WorkerConfig:
+    """Settings of one worker; each maps to a ``loopline worker`` flag."""
+
+    broker: str = "127.0.0.1:9092"  # host:port (``--broker kafka://host:port``)
+    app_id: str = "loopline"  # Faust app id = consumer group; tables' changelogs are prefixed with it
+    role: str = "all"  # which agents run: all | ingest
+    partitions: int = 4  # partitions of every Loopline topic (and table changelog)
+    data_dir: str = ".loopline-data"  # RocksDB tables live here; one folder per worker
+    store: str = "rocksdb://"  # table store; memory:// for quick unit tests
+    web_port: int = 6066  # HTTP views, bound to web_host
+    web_host: str = "127.0.0.1"
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    session_timeout_s: float = 10.0  # short, so a killed member's partitions move quickly
+    loglevel: str = "warn"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not isinstance(self.partitions, int) or not 1 <= self.partitions <= 256:
+            raise ConfigError(f"partitions: must be an integer in 1..256, got {self.partitions!r}")
+        if not 0 < self.web_port < 65536:
+            raise ConfigError(f"web_port: must be in 1..65535, got {self.web_port}")
+
+    def topic_partitions(self) -> dict[str, int]:
+        return {name: self.partitions for name in TOPICS}
+
+
+def build_app(cfg: WorkerConfig) -> faust.App:
+    """A configured Faust app with Loopline's topics and the role's agents registered."""
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    app = faust.App(
+        cfg.app_id,
+        broker=f"kafka://{cfg.broker}",
+        store=cfg.store,
+        datadir=cfg.data_dir,
+        topic_partitions=cfg.partitions,
+        topic_replication_factor=1,
+        web_host=cfg.web_host,
+        web_bind=cfg.web_host,
+        web_port=cfg.web_port,
+        web_in_thread=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 5),
+        broker_rebalance_timeout=cfg.session_timeout_s * 2,
+        producer_max_request_size=16 * 1024 * 1024,  # a dead-lettered 1 MB line is ~1.4 MB in base64
+        consumer_max_fetch_size=4 * 1024 * 1024,
+        table_cleanup_interval=3600.0,
+    )
+    app.loopline_topics = {
+        "events": app.topic("events", key_type=bytes, value_type=bytes, key_serializer="raw",
+                            value_serializer="raw", partitions=cfg.partitions),
+        "examples": app.topic("examples", key_type=str, value_serializer="json", partitions=cfg.partitions),
+        "deadletter": app.topic("deadletter", value_serializer="json", partitions=cfg.partitions),
+        "ingest.status": app.topic("ingest.status", value_serializer="json", partitions=cfg.partitions),
+    }
+    if cfg.role in ("all", "ingest"):
+        from .ingest import register_ingest
+        register_ingest(app, cfg)
+    return app
