@@ -56,10 +56,13 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
 
     for n, rec in enumerate(records, 1):
         p = partition_for(rec.key, rec.raw, partitions)
-        outs = cores[p].handle(rec.raw, [p, offsets[p]])
+        outs = cores[p].handle(rec.raw, offsets[p])
         cores[p].acked(outs)  # in-process: delivered at once
         offsets[p] += 1
         consume(outs)
+        if n % 1000 == 0:  # the worker flushes once per batch; the result does not depend on when
+            for core in cores:
+                core.flush()
         if progress and n % 50000 == 0:
             rate = n / (time.perf_counter() - t0)
             print(f"evaluate: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
@@ -67,6 +70,7 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
     for core in cores:
         outs = core.end_of_log()
         core.acked(outs)
+        core.flush()
         consume(outs)
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
     return summarize(len(records), dead, examples, positives, attribution)

@@ -39,7 +39,8 @@ its impression.
 
 Malformed lines (``malformed > 0``): ``round(malformed * valid_lines)`` extra lines at random positions,
 cycling through :data:`MALFORMED_KINDS` (each with the reason code ``parse_event`` actually gives, or a
-duplicate reason that the attribution join gives). Corrupted copies of real events get fresh ids
+duplicate reason that the attribution join gives; ``NaN`` / ``1e400`` timestamps are ``bad_ts`` because
+``parse_event`` falls back to a lenient parse for them). Corrupted copies of real events get fresh ids
 ``x<n>``; duplicates are exact copies of a valid line from shortly before (within 1,000 lines, so the
 join still remembers the id). No malformed line contains a newline byte. Only the first ``line_too_long``
 line of a log is about 1 MB; the others are about 70 KB.
@@ -425,8 +426,8 @@ def _too_long(obj, rng, st):
 _BUILDERS = {
     "truncated": ("bad_json", "imp", lambda o, r, s: (lambda b: b[: int(r.integers(1, len(b) - 1))])(_d(o))),
     "trailing_garbage": ("bad_json", "conv", lambda o, r, s: _d(o) + b'}"'),
-    "ts_nan": ("bad_json", "conv", lambda o, r, s: _d(_with(o, ts=0.5)).replace(b'"ts":0.5', b'"ts":NaN')),
-    "ts_infinity": ("bad_json", "imp", lambda o, r, s: _d(_with(o, ts=0.5)).replace(b'"ts":0.5', b'"ts":1e400')),
+    "ts_nan": ("bad_ts", "conv", lambda o, r, s: _d(_with(o, ts=0.5)).replace(b'"ts":0.5', b'"ts":NaN')),
+    "ts_infinity": ("bad_ts", "imp", lambda o, r, s: _d(_with(o, ts=0.5)).replace(b'"ts":0.5', b'"ts":1e400')),
     "single_quotes": ("bad_json", "imp", lambda o, r, s: _d(o).replace(b'"', b"'")),
     "ts_string": ("wrong_type", "imp", lambda o, r, s: _d(_with(o, ts=str(o["ts"])))),
     "user_number": ("wrong_type", "imp", lambda o, r, s: _d(_with(o, user=int(o["user"][1:])))),
@@ -453,6 +454,8 @@ _BUILDERS = {
     "long_attr_value": ("string_too_long", "imp", lambda o, r, s: _d(_with(o, attrs={**o["attrs"], "geo": "G" * 400}))),
     "empty_id": ("bad_value", "conv", lambda o, r, s: _d(_with(o, id=""))),
     "empty_campaign": ("bad_value", "imp", lambda o, r, s: _d(_with(o, campaign=""))),
+    "value_infinity": ("bad_value", "conv",
+                       lambda o, r, s: _d(_with(o, value=0.5)).replace(b'"value":0.5', b'"value":Infinity')),
     "duplicate_impression": ("duplicate_impression", "imp", None),
     "duplicate_conversion": ("duplicate_conversion", "conv", None),
 }

@@ -19,8 +19,10 @@ Semantics (all times are event time, ``ts`` of the events):
   ``extra``). Nothing valid is dropped silently: every outcome has a counter in ``stats``.
 * A second impression (or conversion) with an id already seen is a duplicate: it is dead-lettered with
   reason ``duplicate_impression`` (``duplicate_conversion``). Ids are remembered for ``dedup_horizon``
-  after their window closed. The same *message* delivered twice (same source offset ``src``, as happens
-  with at-least-once delivery after a crash) is recognized and skipped, counted as ``redelivered``.
+  after their window closed. Every record keeps the source position ``src`` of the message that wrote
+  it, so a message processed again after a crash that left part of its writes in the store finds its
+  own writes and is not taken for a duplicate (``IngestCore`` skips messages whose writes were all
+  durable before this point is reached).
 * Due work sits in time buckets of ``bucket_s`` seconds; a bucket is processed once the watermark passes
   its end, so closing costs O(due items), never a scan. ``close_all()`` ends event time (end of a log).
 
@@ -48,7 +50,7 @@ from .events import Conversion, Impression
 __all__ = ["AttributionConfig", "AttributionJoin", "Output", "STAT_NAMES"]
 
 STAT_NAMES = ("impressions", "conversions", "positives", "negatives", "closed_at_end", "orphan",
-              "late", "extra", "other_kind", "redelivered", "duplicates")
+              "late", "extra", "other_kind", "duplicates")
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ class AttributionJoin:
 
     def _close(self, key: str, rec: dict) -> None:
         """Keep only a closed marker (for de-duplication) and schedule its deletion."""
-        self.store[key] = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False)}
+        self.store[key] = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False), "by": rec.get("by"),
+                           "cv": rec.get("cv", {})}
         self._schedule(rec["ts"] + self.cfg.window_s + self.cfg.dedup_horizon_s, ["forget", key])
 
     # -- events --------------------------------------------------------------------------------------
@@ -154,70 +157,76 @@ class AttributionJoin:
         out.extend(self.advance(ev.ts))
         return out
 
-    def _duplicate(self, rec: dict, src: Any, reason: str, ident: str) -> list[Output]:
-        if rec["src"] == src:
-            self.stats["redelivered"] += 1
-            return []
+    def _duplicate(self, reason: str, ident: str) -> list[Output]:
         self.stats["duplicates"] += 1
         return [Output("deadletter", None, (reason, f"id {ident!r} was already seen"))]
 
     def _impression(self, imp: Impression, src: Any) -> list[Output]:
         key = f"{self.p}i:{imp.id}"
         rec = self.store.get(key)
-        if rec is not None:
-            return self._duplicate(rec, src, "duplicate_impression", imp.id)
+        if rec is not None and rec["src"] != src:  # (the same src: this message's own partial write)
+            return self._duplicate("duplicate_impression", imp.id)
         self.stats["impressions"] += 1
         ex = imp.to_dict()
         del ex["type"]
-        rec = {"s": "open", "src": src, "ts": imp.ts, "ex": ex}
-        pend_key = f"{self.p}c:{imp.id}"
-        pending = self.store.get(pend_key)
-        if pending:
-            del self.store[pend_key]
-            for conv in pending:
-                if rec["s"] == "open" and self._in_window(rec, conv["ts"]):
-                    out = [self._example(rec, 1, conv["ts"], conv)]
-                    rec["pos"] = True
-                    self._close(key, rec)
-                    rec["s"] = "closed"
-                    # the rest of the held conversions are extra
-                    continue
-                self.stats["extra" if rec["s"] == "closed" else "late"] += 1
-            if rec["s"] == "closed":
-                return out
+        rec = {"s": "open", "src": src, "ts": imp.ts, "ex": ex, "cv": {}}
         self.store[key] = rec
         self._schedule(imp.ts + self.cfg.window_s, ["window", key])
-        return []
+        pend_key = f"{self.p}c:{imp.id}"
+        held = self.store.get(pend_key)
+        out: list[Output] = []
+        if held:
+            del self.store[pend_key]
+            rec["cv"] = {c["id"]: c["src"] for c in held}
+            for c in held:
+                out.extend(self._apply(key, rec, c))
+                rec = self.store.get(key)
+        return out
 
     def _conversion(self, conv: Conversion, src: Any) -> list[Output]:
-        seen_key = f"{self.p}v:{conv.id}"
-        seen = self.store.get(seen_key)
-        if seen is not None:
-            return self._duplicate(seen, src, "duplicate_conversion", conv.id)
-        self.stats["conversions"] += 1
-        self.store[seen_key] = {"src": src}
-        self._schedule(conv.ts + self.cfg.window_s + self.cfg.dedup_horizon_s, ["forget", seen_key])
-        if conv.kind != self.cfg.target_kind:
-            self.stats["other_kind"] += 1
-            return []
-        c = {"id": conv.id, "ts": conv.ts, "value": conv.value}
+        # Conversion ids are remembered inside their impression's record (or its held list): one key
+        # per impression, no extra writes or expiry work per conversion.
         key = f"{self.p}i:{conv.impression}"
         rec = self.store.get(key)
+        pend_key = f"{self.p}c:{conv.impression}"
+        held = self.store.get(pend_key) if rec is None else None
+        seen = rec.get("cv", {}) if rec is not None else {c["id"]: c["src"] for c in held or ()}
+        if conv.id in seen:
+            if seen[conv.id] != src:
+                return self._duplicate("duplicate_conversion", conv.id)
+            if rec is not None and rec.get("by") == src:  # own partial write; its output is in the outbox
+                self.stats["conversions"] += 1
+                self.stats["positives"] += 1
+                return []
+            if rec is None:  # already held
+                self.stats["conversions"] += 1
+                return []
+        self.stats["conversions"] += 1
+        c = {"id": conv.id, "ts": conv.ts, "value": conv.value, "src": src, "kind": conv.kind}
         if rec is None:  # before its impression: hold it until the watermark passes its ts
-            pend_key = f"{self.p}c:{conv.impression}"
-            held = self.store.get(pend_key) or []
+            held = held or []
             held.append(c)
             self.store[pend_key] = held
             self._schedule(conv.ts, ["orphan", pend_key])
             return []
+        rec = dict(rec, cv={**seen, conv.id: src})
+        self.store[key] = rec
+        return self._apply(key, rec, c)
+
+    def _apply(self, key: str, rec: dict, c: dict) -> list[Output]:
+        """A conversion meets its impression record (open or closed)."""
+        if c["kind"] != self.cfg.target_kind:
+            self.stats["other_kind"] += 1
+            return []
         if rec["s"] == "closed":
             self.stats["extra" if rec.get("pos") else "late"] += 1
             return []
-        if not self._in_window(rec, conv.ts):
+        if not self._in_window(rec, c["ts"]):
             self.stats["late"] += 1
             return []
-        out = [self._example(rec, 1, conv.ts, c)]
+        out = [self._example(rec, 1, c["ts"], c)]
         rec["pos"] = True
+        rec["by"] = c["src"]
         self._close(key, rec)
         return out
 
@@ -237,7 +246,6 @@ class AttributionJoin:
         out: list[Output] = []
         while self.buckets:
             out.extend(self._run_bucket(self.buckets[0], at_end=True))
-        self.save()
         return out
 
     def _run_bucket(self, b: int, at_end: bool) -> list[Output]:

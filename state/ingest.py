@@ -6,18 +6,27 @@ This is the code both paths run: the Faust ingest agent (one ``IngestCore`` per 
 RocksDB-backed table) and ``loopline evaluate`` (over dicts). A raw line never raises out of
 ``handle``: anything invalid comes back as a dead-letter output with its reason and the raw bytes.
 
-Crash safety (the outbox). A worker killed with ``kill -9`` restarts from its last committed offset with
-a store that may already hold the effects of later messages (RocksDB writes land at once; sends sit in
-the producer's buffer). Those messages are recognized as redelivered and skipped, so their outputs
-must not be lost with the buffer: ``handle`` writes a message's outputs to an outbox key *before* the
-state changes they come from (one ordered changelog partition, so a durable state change implies a
-durable outbox entry), the caller sends them and calls ``acked`` once delivered, and after a restart
-``unacked()`` returns what may never have left. Re-sent outputs are de-duplicated downstream by
-``output_id``.
+Crash safety. Writes are buffered and flushed once per batch, in this order: (1) the outbox, the
+batch's outputs; (2) the state changes; then, once the caller knows (1) and (2) are durable (a producer
+flush), (3) ``flush_meta``: the counters and ``through``, the last offset whose effects are all stored.
+After a crash (``kill -9``) the worker restarts from its last committed offset:
 
->>> core = IngestCore({}, partition=0)
->>> [o.value["reason"] for o in core.handle(b'{"type":"click"}', src=0)]
+* messages at or below ``through`` are skipped (counted as ``redelivered``): their effects are stored;
+* messages above it are processed again; the join recognizes its own partial writes by ``src``;
+* outputs that may have been lost in the producer's buffer are still in the outbox: ``unacked()``
+  returns them for re-sending, and they are removed from it after ``acked``. Re-sent outputs are
+  de-duplicated downstream by ``output_id``.
+
+The meta record is written alone after the others, which also keeps a partition's end offset right on
+the embedded broker (Tansu 0.6 reports the end of a multi-record batch as its first offset + 1).
+
+>>> store = {}
+>>> core = IngestCore(store, partition=0)
+>>> [o.value["reason"] for o in core.handle(b'{"type":"click"}', offset=0)]
 ['unknown_type']
+>>> core.flush()  # buffered writes reach the store
+>>> core.handle(b'{"type":"click"}', offset=0)  # a redelivered message whose effects are stored
+[]
 >>> core.counts()["deadletter"]
 {'unknown_type': 1}
 >>> len(core.unacked())
@@ -96,25 +105,56 @@ class IngestCore:
         self.outbox_key = f"{partition}|o"
         self.outbox: dict = store.get(self.outbox_key) or {}
         self._acked: set[str] = set()
+        self._outbox_dirty = False
         meta = self.join.meta
-        for k in ("read", "accepted"):
+        for k in ("read", "accepted", "redelivered"):
             meta.setdefault(k, 0)
+        meta.setdefault("through", -1)
+        self._durable_through = meta["through"]
         meta.setdefault("deadletter", {})
 
-    def handle(self, raw: bytes, src: Any) -> list[Output]:
-        """Process one raw message; return the examples and dead-letter records it produces."""
-        outs = self._compute(raw, src)
-        self._commit(outs)
+    def handle(self, raw: bytes, offset: int) -> list[Output]:
+        """Process the message at ``offset`` of this partition; return its examples and dead letters.
+
+        State changes are buffered until :meth:`flush` (once per batch of messages: each key is then
+        written once, however many messages touched it)."""
+        meta = self.join.meta
+        if offset <= self._durable_through:
+            meta["redelivered"] += 1
+            return []
+        outs = self._compute(raw, [self.partition, offset])
+        meta["through"] = max(meta["through"], offset)
+        self._to_outbox(outs)
         return outs
 
     def end_of_log(self) -> list[Output]:
         """Close every open window: the end of a finite log is the end of event time."""
         outs = self.join.close_all()
-        self._commit(outs)
+        self._to_outbox(outs)
         return outs
 
+    def flush(self, meta: bool = True) -> None:
+        """Write the buffered changes: the outbox first, then the state; then the meta record unless
+        ``meta=False`` (the worker writes it with :meth:`flush_meta` after a producer flush)."""
+        if self._acked:
+            for oid in self._acked:
+                self._outbox_dirty |= self.outbox.pop(oid, None) is not None
+            self._acked.clear()
+        if self._outbox_dirty:
+            self.store[self.outbox_key] = dict(self.outbox)
+            self._outbox_dirty = False
+        self.overlay.flush()
+        if meta:
+            self.flush_meta()
+
+    def flush_meta(self) -> None:
+        """Write counters and ``through``: call only when the state writes before it are durable."""
+        self.join.save()
+        self.overlay.flush()
+        self._durable_through = self.join.meta["through"]
+
     def acked(self, outs: Iterable[Output]) -> None:
-        """Mark outputs as delivered; their outbox entries go with the next write of this partition."""
+        """Mark outputs as delivered; their outbox entries go with the next flush."""
         self._acked.update(output_id(o) for o in outs)
 
     def unacked(self) -> list[Output]:
@@ -124,7 +164,7 @@ class IngestCore:
     def counts(self) -> dict:
         m = self.join.meta
         return {"read": m["read"], "accepted": m["accepted"], "deadletter": dict(m["deadletter"]),
-                "attribution": dict(m["stats"]), "max_ts": m["max_ts"]}
+                "redelivered": m["redelivered"], "attribution": dict(m["stats"]), "max_ts": m["max_ts"]}
 
     # -- internals -----------------------------------------------------------------------------------
     def _compute(self, raw: bytes, src: Any) -> list[Output]:
@@ -134,10 +174,7 @@ class IngestCore:
         except InvalidEvent as exc:
             meta["read"] += 1
             return [self._deadletter(exc.reason, exc.detail, raw, src)]
-        before = self.join.stats["redelivered"]
         outs = self.join.process(ev, src)
-        if self.join.stats["redelivered"] != before:  # counted the first time it was delivered
-            return outs
         meta["read"] += 1
         if any(o.kind == "deadletter" for o in outs):
             return [self._deadletter(*o.value, raw, src) if o.kind == "deadletter" else o for o in outs]
@@ -149,17 +186,7 @@ class IngestCore:
         dl[reason] = dl.get(reason, 0) + 1
         return Output("deadletter", None, deadletter_record(reason, detail, raw, src))
 
-    def _commit(self, outs: list[Output]) -> None:
-        """Outbox first, then the buffered state changes and counters."""
-        changed = False
-        if self._acked:
-            for oid in self._acked:
-                changed |= self.outbox.pop(oid, None) is not None
-            self._acked.clear()
+    def _to_outbox(self, outs: list[Output]) -> None:
         for o in outs:
             self.outbox[output_id(o)] = list(o)
-            changed = True
-        if changed:
-            self.store[self.outbox_key] = dict(self.outbox)
-        self.join.save()
-        self.overlay.flush()
+            self._outbox_dirty = True

@@ -4,17 +4,21 @@ Public surface: ``register_ingest``.
 
 The agent is a few lines around :class:`loopline.state.ingest.IngestCore`, one per partition, over the
 ``attribution`` table (RocksDB-backed with a changelog, so a restarted or replacing worker resumes the
-join where the last committed state left it). Each message's source offset goes into the join state so
-a message redelivered after a crash is recognized and skipped (at-least-once delivery, exactly-once
-effect on the join); outputs that were already sent may be sent again and are de-duplicated by id
-downstream (``ops/results.py``).
+join). It takes events in batches: each partition's share of a batch is processed, its state flushed
+once (each table key written once per batch), its outputs sent; Faust acks the batch only afterwards,
+so a committed offset never runs ahead of the state. A message redelivered after a crash is recognized
+by its source offset in the join state and skipped; the outbox re-sends outputs that may have been lost
+with the producer's buffer, and ``ops/replay.py`` de-duplicates them by id.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from contextlib import contextmanager
 
 import faust
+from faust.streams import _current_event  # the context Faust tables use to pick a partition
 
 from loopline.state.ingest import IngestCore
 
@@ -23,6 +27,9 @@ from .app import CONTROL_HEADER, WorkerConfig
 __all__ = ["register_ingest"]
 
 log = logging.getLogger("loopline.ingest")
+
+BATCH = 2000  # events per batch at most
+BATCH_WITHIN_S = 0.05  # and at most this long a wait for a batch to fill
 
 
 def _control(headers) -> str | None:
@@ -35,9 +42,21 @@ def _control(headers) -> str | None:
     return None
 
 
+@contextmanager
+def _in_partition_of(event):
+    """Make table reads and writes go to ``event``'s partition (its RocksDB and changelog partition).
+
+    A batch mixes partitions, and Faust picks a table's partition from the current event."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
 def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
     topics = app.loopline_topics
-    # keys are str, values JSON (the app's table_key/value_serializer defaults)
+    # keys are str, values JSON (the app's table serializer defaults)
     table = app.Table("attribution", default=None, partitions=cfg.partitions)
     cores: dict[int, IngestCore] = {}  # cached per partition; dropped on every rebalance
 
@@ -49,34 +68,64 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
     async def _drop_assigned(app, assigned, **kwargs):  # noqa: ANN001
         cores.clear()
 
-    def core_for(partition: int) -> IngestCore:
-        core = cores.get(partition)
-        if core is None:
-            core = cores[partition] = IngestCore(table, partition, cfg.attribution)
-        return core
+    sent = {"sent": 0, "acked": 0, "failed": 0}
+
+    def on_sent(fut, core: IngestCore, o) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            sent["failed"] += 1
+            log.warning("ingest: send failed (%s); it stays in the outbox",
+                        "cancelled" if fut.cancelled() else fut.exception())
+            return
+        sent["acked"] += 1
+        core.acked([o])
+
+    async def durable() -> None:
+        """Wait until everything produced so far (changelog included) is acknowledged."""
+        if app.producer.started:  # not in agent.test_context(), where nothing reaches a broker
+            await app.producer.flush()
+
+    async def send(core: IngestCore, outs) -> None:
+        for o in outs:
+            topic = topics["examples"] if o.kind == "example" else topics["deadletter"]
+            # force: send now rather than attach to the input's commit (Faust's default in an agent);
+            # the outbox already covers outputs lost in a crash.
+            fut = await topic.send(key=o.key, value=o.value, force=True)
+            sent["sent"] += 1
+            if fut is not None:  # None only where a test stands in for the topic
+                fut.add_done_callback(lambda f, o=o: on_sent(f, core, o))
 
     @app.agent(topics["events"], name="ingest")
     async def ingest(stream):
-        async for event in stream.events():
-            msg = event.message
-            core = core_for(msg.partition)
-            control = _control(event.headers)
-            if control is not None:
-                outs = core.end_of_log() if control.startswith("end_of_log") else []
-            else:
-                outs = core.handle(event.value, [msg.partition, msg.offset])
-            for o in outs:
-                if o.kind == "example":
-                    await topics["examples"].send(key=o.key, value=o.value)
-                else:
-                    await topics["deadletter"].send(value=o.value)
-            if control is not None and control.startswith("end_of_log"):
-                await topics["ingest.status"].send(
-                    value={"partition": msg.partition, "control": control, "counts": core.counts()})
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            by_partition: dict[int, list] = {}
+            for ev in events:
+                by_partition.setdefault(ev.message.partition, []).append(ev)
+            for p, evs in by_partition.items():
+                with _in_partition_of(evs[-1]):
+                    core = cores.get(p)
+                    resend = []
+                    if core is None:  # first batch since (re)assignment: re-send what may be lost
+                        core = cores[p] = IngestCore(table, p, cfg.attribution)
+                        resend = core.unacked()
+                    outs, controls = list(resend), []
+                    for ev in evs:
+                        control = _control(ev.headers)
+                        if control is None:
+                            outs.extend(core.handle(ev.value, ev.message.offset))
+                        elif control.startswith("end_of_log"):
+                            outs.extend(core.end_of_log())
+                            controls.append(control)
+                    core.flush(meta=False)
+                    await durable()  # outbox and state acknowledged before the meta record
+                    core.flush_meta()
+                    await send(core, outs)
+                    for control in controls:
+                        await topics["ingest.status"].send(
+                            value={"partition": p, "control": control, "counts": core.counts()}, force=True)
 
     @app.page("/ingest/")
     async def ingest_view(web, request):
-        out = {}
+        out = {"sends": dict(sent)}
         for p in range(cfg.partitions):
             meta = table.get(f"{p}|m")
             if meta is not None:

@@ -25,7 +25,7 @@ def _compare(broker_side: dict, in_process: dict) -> None:
 @pytest.fixture(scope="module")
 def generated_log(tmp_path_factory):
     path = tmp_path_factory.mktemp("log") / "events.jsonl"
-    summary = write_log(GenerateConfig(users=400, days=6, seed=7, malformed=0.02), str(path))
+    summary = write_log(GenerateConfig(users=600, days=6, seed=7, malformed=0.02), str(path))
     records = read_log(str(path))
     assert len(records) >= 10_000, f"the log should have >= 10,000 events, has {len(records)}"
     assert sum(summary["malformed"].values()) > 50
