@@ -17,7 +17,7 @@ from loopline.stream.app import WorkerConfig, build_app
 
 from .broker import create_topics
 
-__all__ = ["run_worker"]
+__all__ = ["run_worker", "WorkerProcess"]
 
 
 def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
@@ -40,4 +40,94 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
 
     print(f"loopline worker: role={cfg.role} broker={cfg.broker} partitions={cfg.partitions} "
           f"data={cfg.data_dir} web=http://{cfg.web_host}:{cfg.web_port}", file=sys.stderr, flush=True)
-    BoundedWorker(app, loglevel=cfg.loglevel, quiet=True).execute_from_commandline()
+    worker = BoundedWorker(app, loglevel=cfg.loglevel, quiet=True)
+    profile_path = os.environ.get("LOOPLINE_PROFILE")  # set by `loopline bench ingest --profile`
+    if not profile_path:
+        worker.execute_from_commandline()
+        return
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        prof.disable()
+        prof.dump_stats(profile_path)
+
+
+class WorkerProcess:
+    """A ``loopline worker`` in a child process (used by the demo, the benchmark and the tests).
+
+    >>> w = WorkerProcess("kafka://127.0.0.1:9092", "/tmp/w", web_port=6070)
+    >>> w.args[3:5]
+    ['worker', '--broker']
+    """
+
+    def __init__(self, broker_url: str, data_dir: str, partitions: int = 4, app_id: str = "loopline",
+                 web_port: int | None = None, grace_s: float = 10.0, extra: tuple = ()):
+        from .broker import free_port
+        self.port = web_port or free_port()
+        self.grace_s = grace_s
+        self.args = [sys.executable, "-m", "loopline.ops.cli", "worker", "--broker", broker_url,
+                     "--partitions", str(partitions), "--data-dir", data_dir, "--web-port", str(self.port),
+                     "--app-id", app_id, "--grace", str(grace_s), *extra]
+        self.log_path = data_dir.rstrip("/") + ".log"
+        self.proc = None
+
+    def start(self) -> "WorkerProcess":
+        import subprocess
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def ingest_counts(self) -> dict | None:
+        """The worker's ``/ingest/`` view, or None while it is not serving."""
+        import json
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ingest/", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    def processed(self) -> int:
+        c = self.ingest_counts() or {}
+        return sum(v.get("read", 0) + v.get("redelivered", 0) for k, v in c.items() if k.isdigit())
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.ingest_counts() is not None:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"worker not serving after {timeout:.0f}s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read()[-n:].decode(errors="replace")
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> str:
+        """SIGTERM, then SIGKILL after the grace period (plus a margin); says which it took."""
+        import subprocess
+        how = "already exited"
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.grace_s + 5)
+                how = "stopped on SIGTERM"
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                how = "did not stop on SIGTERM: killed"
+        if getattr(self, "_log", None):
+            self._log.close()
+        return how

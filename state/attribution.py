@@ -58,7 +58,8 @@ class AttributionConfig:
     window_s: float = 86400.0  # attribution window after the impression (1 day of event time)
     lateness_s: float = 60.0  # allowed lateness: the watermark trails the largest ts by this much
     target_kind: str = "click"  # the conversion kind that makes an example positive
-    bucket_s: float = 60.0  # granularity of due-work buckets; bounds how late a window closes
+    bucket_s: float = 600.0  # due-work bucket width: a window closes at most this late (event time);
+    # wider buckets mean fewer keys and a smaller schedule record (window + horizon / bucket_s entries)
     dedup_horizon_s: float = 86400.0  # how long an id is remembered after its window closed
 
     def __post_init__(self):
@@ -95,6 +96,7 @@ class AttributionJoin:
         sched = store.get(self.p + "s") or {}
         self.nchunks = {int(b): n for b, n in sched.items()}
         self.buckets = sorted(self.nchunks)
+        self._sched_dirty = False
 
     # -- helpers -------------------------------------------------------------------------------------
     @property
@@ -107,13 +109,16 @@ class AttributionJoin:
         return -math.inf if m is None else m - self.cfg.lateness_s
 
     def save(self) -> None:
-        """Write the watermark and counters (one small value) to the store.
+        """Write the watermark and counters (one small value), and the schedule if it changed.
 
-        A copy: a Faust table may serialize the value after later in-place updates."""
+        Copies: a Faust table may serialize a value after later in-place updates."""
+        if self._sched_dirty:
+            self.store[self.p + "s"] = {str(b): n for b, n in self.nchunks.items()}
+            self._sched_dirty = False
         self.store[self.p + "m"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.meta.items()}
 
     def _save_sched(self) -> None:
-        self.store[self.p + "s"] = {str(b): n for b, n in self.nchunks.items()}
+        self._sched_dirty = True  # written by save(), once per flush
 
     def _schedule(self, due: float, item: list) -> None:
         b = int(due // self.cfg.bucket_s)

@@ -1,5 +1,7 @@
 """The ingest agent in Faust's test context (memory store): the same outputs as the core."""
 
+import asyncio
+
 import orjson
 
 from loopline.stream.app import CONTROL_HEADER, WorkerConfig, build_app
@@ -13,6 +15,9 @@ class Recorder:
 
     async def send(self, key=None, value=None, **kwargs):
         self.sent.append((key, value))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)  # delivered
+        return fut
 
 
 def line(**kw):

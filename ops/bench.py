@@ -1,0 +1,147 @@
+"""``loopline bench ingest``: ingest + attribution throughput on the real broker, as a ratio to raw
+aiokafka consume-and-produce of the same messages in the same run.
+
+Public surface: ``bench_ingest``, ``raw_consume_produce``.
+
+Each repeat starts a fresh embedded broker, preloads the same generated log into an input topic, and
+times (a) a plain aiokafka consumer-group member that reads every message and produces one output per
+message (the floor any Kafka stream processor pays), and (b) one Loopline worker (role ``ingest``)
+processing the same backlog, from its first processed batch to its end-of-log status (group joins and
+start-up are excluded from both). The JSON has every repeat and the medians; ``--profile`` also runs
+the worker under cProfile and groups its time by layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from loopline.stream.app import TOPICS
+
+from .broker import EmbeddedBroker, create_topics
+from .eventlog import read_log
+from .generate import GenerateConfig, write_log
+from .replay import collect_results, replay
+from .worker import WorkerProcess
+
+__all__ = ["bench_ingest", "raw_consume_produce"]
+
+
+async def raw_consume_produce(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
+    """Seconds for one consumer-group member to read ``n`` messages and produce one output each,
+    from the first message received to the last output acknowledged."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"raw-{time.time_ns()}",
+                                auto_offset_reset="earliest", enable_auto_commit=True,
+                                max_partition_fetch_bytes=4 * 1024 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=16 * 1024 * 1024)
+    await consumer.start()
+    await producer.start()
+    try:
+        seen, t0, pending = 0, None, []
+        while seen < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            for msgs in batch.values():
+                for m in msgs:
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                    pending.append(await producer.send(out_topic, m.value, key=m.key))
+                    seen += 1
+            if len(pending) > 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        return time.perf_counter() - t0
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, profile: str | None) -> float:
+    asyncio.run(replay(broker.bootstrap, records, partitions, run_id="bench", progress=False))
+    extra_env = {"LOOPLINE_PROFILE": profile} if profile else {}
+    os.environ.update(extra_env)
+    try:
+        w = WorkerProcess(broker.url, str(work / "worker"), partitions, extra=("--role", "ingest")).start()
+    finally:
+        for k in extra_env:
+            os.environ.pop(k, None)
+    try:
+        w.wait_ready()
+        t_first, n_first = None, 0
+        while True:
+            done = w.processed()
+            if done and t_first is None:
+                t_first, n_first = time.perf_counter(), done
+            if done >= len(records):
+                break
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"worker died:\n{w.tail()}")
+            time.sleep(0.02)
+        asyncio.run(collect_results(broker.bootstrap, partitions, "bench", len(records), timeout=300))
+        t_end = time.perf_counter()
+        return (t_end - t_first) / max(1, len(records) - n_first) * len(records)
+    finally:
+        w.stop()
+
+
+def _profile_summary(path: str, top: int = 12) -> dict:
+    st = pstats.Stats(path)
+    layers = {"loopline": 0.0, "faust/mode": 0.0, "aiokafka": 0.0, "rocksdb/json": 0.0, "asyncio/other": 0.0}
+    rows = []
+    for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
+        key = ("loopline" if "/work/" in fname and "site-packages" not in fname or "loopline" in fname
+               else "faust/mode" if "/faust/" in fname or "/mode/" in fname
+               else "aiokafka" if "aiokafka" in fname
+               else "rocksdb/json" if "rocksdict" in fname or "orjson" in func or "json" in fname
+               else "asyncio/other")
+        layers[key] += tt
+        rows.append((tt, f"{Path(fname).name}:{line}:{func}"))
+    total = sum(layers.values()) or 1.0
+    rows.sort(reverse=True)
+    return {"self_time_share_by_layer": {k: round(v / total, 3) for k, v in layers.items()},
+            "top_self_time": [{"fn": name, "s": round(tt, 3)} for tt, name in rows[:top]]}
+
+
+def bench_ingest(n_events: int = 20000, repeats: int = 3, partitions: int = 4, out_path: str | None = None,
+                 profile: bool = False, progress: bool = True) -> dict:
+    users = max(50, int(n_events / 20))  # the generator makes about 20 events per user over 7 days
+    with tempfile.TemporaryDirectory(prefix="loopline-bench-") as tmp:
+        work = Path(tmp)
+        write_log(GenerateConfig(users=users, days=7, seed=3, malformed=0.01), str(work / "bench.jsonl"))
+        records = read_log(str(work / "bench.jsonl"))[:n_events]
+        runs = []
+        for r in range(repeats):
+            with EmbeddedBroker(log_path=str(work / f"tansu-{r}.log")) as broker:
+                create_topics(broker.bootstrap, {**{t: partitions for t in TOPICS}, "raw.in": partitions,
+                                                 "raw.out": partitions})
+                asyncio.run(replay(broker.bootstrap, records, partitions, end_of_log=False, progress=False,
+                                   topic="raw.in"))
+                raw_s = asyncio.run(raw_consume_produce(broker.bootstrap, "raw.in", "raw.out", len(records)))
+                prof = str(work / f"worker-{r}.prof") if profile and r == 0 else None
+                ll_s = _loopline_run(broker, records, partitions, work / f"run{r}", prof)
+            run = {"events": len(records), "raw_events_per_s": round(len(records) / raw_s, 1),
+                   "loopline_events_per_s": round(len(records) / ll_s, 1), "ratio": round(raw_s / ll_s, 3)}
+            runs.append(run)
+            if progress:
+                print(f"bench ingest: repeat {r + 1}/{repeats}: {run}", file=sys.stderr, flush=True)
+        out = {
+            "benchmark": "ingest", "events": len(records), "partitions": partitions, "repeats": runs,
+            "median_raw_events_per_s": statistics.median(r["raw_events_per_s"] for r in runs),
+            "median_loopline_events_per_s": statistics.median(r["loopline_events_per_s"] for r in runs),
+            "median_ratio": statistics.median(r["ratio"] for r in runs),
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        }
+        if profile and (work / "worker-0.prof").exists():
+            out["profile"] = _profile_summary(str(work / "worker-0.prof"))
+    if out_path:
+        Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
+    return out
