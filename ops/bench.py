@@ -6,8 +6,8 @@ Public surface: ``bench_ingest``, ``raw_consume_produce``.
 Each repeat starts a fresh embedded broker, preloads the same generated log into an input topic, and
 times (a) a plain aiokafka consumer-group member that reads every message and produces one output per
 message (the floor any Kafka stream processor pays), and (b) one Loopline worker (role ``ingest``)
-processing the same backlog, from its first processed batch to its end-of-log status (group joins and
-start-up are excluded from both). The JSON has every repeat and the medians; ``--profile`` also runs
+processing the same backlog, from its first processed batch until its ``/ingest/`` view counts every
+event as processed (group joins and start-up are excluded from both; the outputs are then checked). The JSON has every repeat and the medians; ``--profile`` also runs
 the worker under cProfile and groups its time by layer.
 """
 
@@ -86,8 +86,10 @@ def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, 
             if w.proc.poll() is not None:
                 raise RuntimeError(f"worker died:\n{w.tail()}")
             time.sleep(0.02)
-        asyncio.run(collect_results(broker.bootstrap, partitions, "bench", len(records), timeout=300))
-        t_end = time.perf_counter()
+        t_end = time.perf_counter()  # every event processed and its state flushed (the view reads it)
+        got = asyncio.run(collect_results(broker.bootstrap, partitions, "bench", len(records), timeout=300))
+        if got["events"]["read"] != len(records) or got["examples"]["total"] == 0:
+            raise RuntimeError(f"benchmark run lost events: {got['events']}")
         return (t_end - t_first) / max(1, len(records) - n_first) * len(records)
     finally:
         w.stop()

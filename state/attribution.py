@@ -26,6 +26,13 @@ Semantics (all times are event time, ``ts`` of the events):
 * Due work sits in time buckets of ``bucket_s`` seconds; a bucket is processed once the watermark passes
   its end, so closing costs O(due items), never a scan. ``close_all()`` ends event time (end of a log).
 
+Storage layout (why it is fast in a Faust table, where every key written is a changelog message): the
+records live *inside* their due bucket, in chunks of at most ``CHUNK`` records (``b:<bucket>:<n>``);
+an open impression sits in the bucket of its window's end, a closed one (kept for de-duplication) in the
+bucket of its forget time, held conversions in the bucket of their orphan time. Events arrive roughly in
+time order, so a batch of events touches a handful of chunks, and a flush writes each once. An in-memory
+index (record key -> chunk) is rebuilt from the chunks when a partition's join is created.
+
 >>> j = AttributionJoin({}, AttributionConfig(window_s=100, lateness_s=0))
 >>> j.process(Impression("i1", 0.0, "u1", "a1", "c1", "feed"), src=0)
 []
@@ -84,7 +91,7 @@ class Output(NamedTuple):
 class AttributionJoin:
     """One partition's join state machine over ``store``; see the module docstring for the rules."""
 
-    CHUNK = 512  # items per due-bucket value: appends stay O(CHUNK), never O(bucket size)
+    CHUNK = 512  # records per chunk value: bounds the size of one stored value
 
     def __init__(self, store: MutableMapping, cfg: AttributionConfig = AttributionConfig(), prefix: str = ""):
         self.store = store
@@ -92,13 +99,19 @@ class AttributionJoin:
         self.p = prefix
         meta = store.get(self.p + "m")
         self.meta = meta if meta is not None else {"max_ts": None, "stats": {k: 0 for k in STAT_NAMES}}
-        # schedule: {bucket id: number of chunks}; kept in memory, written only when it changes
+        # schedule: {bucket id: number of chunks}; kept in memory, written by save() when it changed
         sched = store.get(self.p + "s") or {}
         self.nchunks = {int(b): n for b, n in sched.items()}
         self.buckets = sorted(self.nchunks)
         self._sched_dirty = False
+        self.index: dict[str, str] = {}  # record key -> chunk key
+        for b, n in self.nchunks.items():
+            for c in range(n):
+                ck = self._chunk_key(b, c)
+                for key in store.get(ck) or ():
+                    self.index[key] = ck
 
-    # -- helpers -------------------------------------------------------------------------------------
+    # -- storage -------------------------------------------------------------------------------------
     @property
     def stats(self) -> dict:
         return self.meta["stats"]
@@ -117,24 +130,45 @@ class AttributionJoin:
             self._sched_dirty = False
         self.store[self.p + "m"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.meta.items()}
 
-    def _save_sched(self) -> None:
-        self._sched_dirty = True  # written by save(), once per flush
+    def _chunk_key(self, b: int, c: int) -> str:
+        return f"{self.p}b:{b}:{c}"
 
-    def _schedule(self, due: float, item: list) -> None:
-        b = int(due // self.cfg.bucket_s)
-        n = self.nchunks.get(b)
-        if n is None:
-            n = self.nchunks[b] = 1
-            bisect.insort(self.buckets, b)
-            self._save_sched()
-        key = f"{self.p}b:{b}:{n - 1}"
-        items = self.store.get(key) or []
-        if len(items) >= self.CHUNK:
-            self.nchunks[b] = n = n + 1
-            self._save_sched()
-            key, items = f"{self.p}b:{b}:{n - 1}", []
-        items.append(item)
-        self.store[key] = items
+    def _get(self, key: str) -> dict | None:
+        ck = self.index.get(key)
+        if ck is None:
+            return None
+        return self.store.get(ck)[key]
+
+    def _put(self, key: str, rec: Any, due: float | None = None) -> None:
+        """Store ``rec`` in its current chunk, or (``due`` given) in the bucket due at ``due``."""
+        ck = self.index.get(key)
+        if due is not None or ck is None:
+            if ck is not None:
+                self._drop(key)
+            b = int(due // self.cfg.bucket_s)
+            n = self.nchunks.get(b)
+            if n is None:
+                n = self.nchunks[b] = 1
+                bisect.insort(self.buckets, b)
+                self._sched_dirty = True
+            ck = self._chunk_key(b, n - 1)
+            chunk = self.store.get(ck) or {}
+            if len(chunk) >= self.CHUNK:
+                self.nchunks[b] = n + 1
+                self._sched_dirty = True
+                ck, chunk = self._chunk_key(b, n), {}
+            self.index[key] = ck
+        else:
+            chunk = self.store.get(ck)
+        chunk[key] = rec
+        self.store[ck] = chunk
+
+    def _drop(self, key: str) -> None:
+        ck = self.index.pop(key, None)
+        if ck is not None:
+            chunk = self.store.get(ck)
+            chunk.pop(key, None)
+            self.store[ck] = chunk
 
     def _example(self, rec: dict, label: int, label_ts: float, conv: dict | None) -> Output:
         ex = dict(rec["ex"])
@@ -147,17 +181,16 @@ class AttributionJoin:
         return rec["ts"] - self.cfg.lateness_s <= cts <= rec["ts"] + self.cfg.window_s
 
     def _close(self, key: str, rec: dict) -> None:
-        """Keep only a closed marker (for de-duplication) and schedule its deletion."""
-        self.store[key] = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False), "by": rec.get("by"),
-                           "cv": rec.get("cv", {})}
-        self._schedule(rec["ts"] + self.cfg.window_s + self.cfg.dedup_horizon_s, ["forget", key])
+        """Keep only a closed marker (for de-duplication) until its forget time."""
+        marker = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False), "by": rec.get("by"),
+                  "cv": rec.get("cv", {})}
+        self._put(key, marker, due=rec["ts"] + self.cfg.window_s + self.cfg.dedup_horizon_s)
 
     # -- events --------------------------------------------------------------------------------------
     def process(self, ev: Impression | Conversion, src: Any) -> list[Output]:
         """Apply one valid event (``src`` identifies its message) and return what it emits.
 
-        The caller calls :meth:`save` after it (once per message, so counters it adds to ``meta`` are
-        written in the same put)."""
+        The caller calls :meth:`save` after a batch, so counters reach the store with it."""
         out = self._impression(ev, src) if isinstance(ev, Impression) else self._conversion(ev, src)
         out.extend(self.advance(ev.ts))
         return out
@@ -167,34 +200,29 @@ class AttributionJoin:
         return [Output("deadletter", None, (reason, f"id {ident!r} was already seen"))]
 
     def _impression(self, imp: Impression, src: Any) -> list[Output]:
-        key = f"{self.p}i:{imp.id}"
-        rec = self.store.get(key)
+        key = "i:" + imp.id
+        rec = self._get(key)
         if rec is not None and rec["src"] != src:  # (the same src: this message's own partial write)
             return self._duplicate("duplicate_impression", imp.id)
         self.stats["impressions"] += 1
         ex = imp.to_dict()
         del ex["type"]
         rec = {"s": "open", "src": src, "ts": imp.ts, "ex": ex, "cv": {}}
-        self.store[key] = rec
-        self._schedule(imp.ts + self.cfg.window_s, ["window", key])
-        pend_key = f"{self.p}c:{imp.id}"
-        held = self.store.get(pend_key)
-        out: list[Output] = []
+        held = self._get("c:" + imp.id)
         if held:
-            del self.store[pend_key]
+            self._drop("c:" + imp.id)
             rec["cv"] = {c["id"]: c["src"] for c in held}
-            for c in held:
-                out.extend(self._apply(key, rec, c))
-                rec = self.store.get(key)
+        self._put(key, rec, due=imp.ts + self.cfg.window_s)
+        out: list[Output] = []
+        for c in held or ():
+            out.extend(self._apply(key, self._get(key), c))
         return out
 
     def _conversion(self, conv: Conversion, src: Any) -> list[Output]:
-        # Conversion ids are remembered inside their impression's record (or its held list): one key
-        # per impression, no extra writes or expiry work per conversion.
-        key = f"{self.p}i:{conv.impression}"
-        rec = self.store.get(key)
-        pend_key = f"{self.p}c:{conv.impression}"
-        held = self.store.get(pend_key) if rec is None else None
+        # Conversion ids are remembered inside their impression's record (or its held list).
+        key = "i:" + conv.impression
+        rec = self._get(key)
+        held = self._get("c:" + conv.impression) if rec is None else None
         seen = rec.get("cv", {}) if rec is not None else {c["id"]: c["src"] for c in held or ()}
         if conv.id in seen:
             if seen[conv.id] != src:
@@ -209,13 +237,13 @@ class AttributionJoin:
         self.stats["conversions"] += 1
         c = {"id": conv.id, "ts": conv.ts, "value": conv.value, "src": src, "kind": conv.kind}
         if rec is None:  # before its impression: hold it until the watermark passes its ts
-            held = held or []
-            held.append(c)
-            self.store[pend_key] = held
-            self._schedule(conv.ts, ["orphan", pend_key])
+            if held:
+                self._put("c:" + conv.impression, held + [c])
+            else:
+                self._put("c:" + conv.impression, [c], due=conv.ts)
             return []
         rec = dict(rec, cv={**seen, conv.id: src})
-        self.store[key] = rec
+        self._put(key, rec)
         return self._apply(key, rec, c)
 
     def _apply(self, key: str, rec: dict, c: dict) -> list[Output]:
@@ -255,35 +283,30 @@ class AttributionJoin:
 
     def _run_bucket(self, b: int, at_end: bool) -> list[Output]:
         out: list[Output] = []
-        # items scheduled while this bucket runs (a closed marker's deletion) land in later buckets
+        # records moved while this bucket runs (to their forget time) land in later buckets
         for c in range(self.nchunks[b]):
-            bkey = f"{self.p}b:{b}:{c}"
-            items = self.store.get(bkey)
-            if items is None:  # processed before a crash whose schedule was not yet saved
+            ck = self._chunk_key(b, c)
+            chunk = self.store.get(ck)
+            if chunk is None:  # processed before a crash whose schedule was not yet saved
                 continue
-            for what, key in items:
-                out.extend(self._due(what, key, at_end))
-            del self.store[bkey]
+            for key, rec in list(chunk.items()):
+                if self.index.get(key) != ck:
+                    continue  # moved elsewhere before a crash; this copy is stale
+                del self.index[key]
+                out.extend(self._due(key, rec, at_end))
+            del self.store[ck]
         self.buckets.remove(b)
         del self.nchunks[b]
-        self._save_sched()
+        self._sched_dirty = True
         return out
 
-    def _due(self, what: str, key: str, at_end: bool) -> list[Output]:
-        if what == "window":
-            rec = self.store.get(key)
-            if rec is not None and rec["s"] == "open":
-                if at_end:
-                    self.stats["closed_at_end"] += 1
-                out = [self._example(rec, 0, rec["ts"] + self.cfg.window_s, None)]
-                self._close(key, rec)
-                return out
-        elif what == "orphan":
-            held = self.store.get(key)
-            if held:
-                self.stats["orphan"] += len(held)
-                del self.store[key]
-        elif what == "forget":
-            if self.store.get(key) is not None:
-                del self.store[key]
-        return []
+    def _due(self, key: str, rec: Any, at_end: bool) -> list[Output]:
+        if key.startswith("c:"):
+            self.stats["orphan"] += len(rec)
+        elif rec["s"] == "open":
+            if at_end:
+                self.stats["closed_at_end"] += 1
+            out = [self._example(rec, 0, rec["ts"] + self.cfg.window_s, None)]
+            self._close(key, rec)
+            return out
+        return []  # a closed marker reached its forget time

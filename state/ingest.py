@@ -62,19 +62,22 @@ def output_id(o: Output) -> str:
 
 
 class _Overlay:
-    """Buffers one message's writes so the outbox entry can be written before them."""
+    """Buffers a batch's writes (so the outbox can be written before them, and each key once) and
+    caches its reads (a Faust table deserializes on every read)."""
 
     def __init__(self, store: MutableMapping):
         self.store = store
         self.writes: dict = {}
+        self.reads: dict = {}
 
     def get(self, key, default=None):
-        v = self.writes.get(key, None)
-        if v is _DELETED:
-            return default
-        if v is not None:
-            return v
-        return self.store.get(key, default)
+        v = self.writes.get(key)
+        if v is None:
+            if key in self.reads:
+                v = self.reads[key]
+            else:
+                v = self.reads[key] = self.store.get(key)
+        return default if v is None or v is _DELETED else v
 
     def __setitem__(self, key, value):
         self.writes[key] = value
@@ -90,6 +93,7 @@ class _Overlay:
             else:
                 self.store[k] = v
         self.writes.clear()
+        self.reads.clear()
 
 
 class IngestCore:

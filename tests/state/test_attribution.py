@@ -95,25 +95,29 @@ def test_ids_are_forgotten_after_the_dedup_horizon():
     j = AttributionJoin(store, CFG)
     j.process(imp(1, 0), 0)
     j.process(imp(2, 1000), 1)  # far beyond window + horizon: i1 closed and forgotten
-    assert f"i:i1" not in store and j.store.get("i:i1") is None
-    assert "i:i2" in store
+    assert "i:i1" not in j.index and "i:i2" in j.index
+    assert not any("i:i1" in chunk for chunk in store.values() if isinstance(chunk, dict))
+    # a third impression with the first id is accepted again: the id was forgotten
+    assert j.process(imp(1, 1001), 2) == []
 
 
 def test_close_all_ends_event_time_and_counts_what_it_closed():
     j, outs = run([imp(1, 0), imp(2, 1), conv(1, 1, 2)])
     assert labels(outs) == {"i1": 1, "i2": 0}
     assert j.stats["closed_at_end"] == 1
-    assert j.buckets == [] and not any(k.startswith("b:") for k in j.store)
+    assert j.buckets == [] and j.index == {} and not any(k.startswith("b:") for k in j.store)
 
 
 def test_state_resumes_from_the_store():
     store = {}
     j = AttributionJoin(store, CFG)
     j.process(imp(1, 0), 0)
+    j.process(conv(7, 9, 1), 1)  # held, its impression not yet seen
     j.save()
-    j2 = AttributionJoin(store, CFG)  # a restarted worker over the same table
-    out = j2.process(conv(1, 1, 50), 1)
-    assert labels(out) == {"i1": 1}
+    j2 = AttributionJoin(store, CFG)  # a restarted worker over the same table rebuilds its index
+    assert set(j2.index) == {"i:i1", "c:i9"}
+    out = j2.process(imp(9, 2), 2) + j2.process(conv(1, 1, 50), 3)
+    assert labels(out) == {"i1": 1, "i9": 1}
 
 
 def test_large_buckets_are_chunked():
