@@ -67,13 +67,8 @@ async def raw_consume_produce(bootstrap: str, topic: str, out_topic: str, n: int
 
 def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, profile: str | None) -> float:
     asyncio.run(replay(broker.bootstrap, records, partitions, run_id="bench", progress=False))
-    extra_env = {"LOOPLINE_PROFILE": profile} if profile else {}
-    os.environ.update(extra_env)
-    try:
-        w = WorkerProcess(broker.url, str(work / "worker"), partitions, extra=("--role", "ingest")).start()
-    finally:
-        for k in extra_env:
-            os.environ.pop(k, None)
+    w = WorkerProcess(broker.url, str(work / "worker"), partitions, extra=("--role", "ingest"),
+                      env={"LOOPLINE_PROFILE": profile} if profile else None).start()
     try:
         w.wait_ready()
         t_first, n_first = None, 0
@@ -95,22 +90,28 @@ def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, 
         w.stop()
 
 
-def _profile_summary(path: str, top: int = 12) -> dict:
+# where the worker's time goes: cumulative seconds of these functions (file suffix, function name)
+PROFILE_POINTS = {
+    "ingest agent (all of it)": ("stream/ingest.py", "ingest"),
+    "  parse + validate + join (IngestCore.handle)": ("state/ingest.py", "handle"),
+    "  state writes to the Faust table (IngestCore.flush)": ("state/ingest.py", "flush"),
+    "  durability barrier (producer flush)": ("stream/ingest.py", "durable"),
+    "  sending examples and dead letters": ("stream/ingest.py", "send"),
+    "Faust consumer: fetch and deliver to the stream": ("faust/transport/consumer.py", "_drain_messages"),
+    "Faust table changelog sends": ("faust/tables/base.py", "send_changelog"),
+    "waiting for I/O (event loop idle)": ("selectors.py", "select"),
+}
+
+
+def _profile_summary(path: str) -> dict:
     st = pstats.Stats(path)
-    layers = {"loopline": 0.0, "faust/mode": 0.0, "aiokafka": 0.0, "rocksdb/json": 0.0, "asyncio/other": 0.0}
-    rows = []
-    for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-        key = ("loopline" if "/work/" in fname and "site-packages" not in fname or "loopline" in fname
-               else "faust/mode" if "/faust/" in fname or "/mode/" in fname
-               else "aiokafka" if "aiokafka" in fname
-               else "rocksdb/json" if "rocksdict" in fname or "orjson" in func or "json" in fname
-               else "asyncio/other")
-        layers[key] += tt
-        rows.append((tt, f"{Path(fname).name}:{line}:{func}"))
-    total = sum(layers.values()) or 1.0
-    rows.sort(reverse=True)
-    return {"self_time_share_by_layer": {k: round(v / total, 3) for k, v in layers.items()},
-            "top_self_time": [{"fn": name, "s": round(tt, 3)} for tt, name in rows[:top]]}
+    points = {label: 0.0 for label in PROFILE_POINTS}
+    for (fname, _line, func), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
+        for label, (suffix, name) in PROFILE_POINTS.items():
+            if func == name and fname.endswith(suffix):
+                points[label] += ct
+    return {"cumulative_s": {k: round(v, 3) for k, v in points.items()},
+            "note": "whole worker lifetime (start-up and idle included), cProfile on, so slower than the timed runs"}
 
 
 def bench_ingest(n_events: int = 20000, repeats: int = 3, partitions: int = 4, out_path: str | None = None,

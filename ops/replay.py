@@ -25,7 +25,7 @@ from loopline.stream.app import CONTROL_HEADER
 from .evaluate import summarize
 from .eventlog import LogRecord, partition_for
 
-__all__ = ["replay", "collect_results", "send_end_of_log"]
+__all__ = ["replay", "collect_results", "send_end_of_log", "read_topic"]
 
 MAX_REQUEST = 16 * 1024 * 1024
 
@@ -66,7 +66,7 @@ async def replay(bootstrap: str, records: list[LogRecord], partitions: int, end_
             "run_id": run_id, "end_of_log": end_of_log}
 
 
-async def _read_all(bootstrap: str, topic: str, partitions: int, quiet_ms: int = 400) -> list:
+async def read_topic(bootstrap: str, topic: str, partitions: int, quiet_ms: int = 400) -> list:
     """Every message of ``topic`` from the beginning.
 
     Reads past the reported end offsets until a poll comes back empty: Tansu was seen to report a
@@ -108,7 +108,7 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
             missing = sorted(set(range(partitions)) - set(statuses))
             raise TimeoutError(f"no end-of-log status from partitions {missing} within {timeout:.0f}s "
                                "(is a worker with the ingest role running?)")
-        for m in await _read_all(bootstrap, "ingest.status", partitions):
+        for m in await read_topic(bootstrap, "ingest.status", partitions):
             st = orjson.loads(m.value)
             if st.get("control") == control:
                 statuses[st["partition"]] = st["counts"]
@@ -119,8 +119,8 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
     # The status and the last outputs travel on different partitions: read until the counts are stable.
     prev = None
     while True:
-        examples = await _read_all(bootstrap, "examples", partitions)
-        dead = await _read_all(bootstrap, "deadletter", partitions)
+        examples = await read_topic(bootstrap, "examples", partitions)
+        dead = await read_topic(bootstrap, "deadletter", partitions)
         if prev == (len(examples), len(dead)):
             break
         prev = (len(examples), len(dead))

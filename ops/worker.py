@@ -72,7 +72,8 @@ class WorkerProcess:
     """
 
     def __init__(self, broker_url: str, data_dir: str, partitions: int = 4, app_id: str = "loopline",
-                 web_port: int | None = None, grace_s: float = 10.0, extra: tuple = ()):
+                 web_port: int | None = None, grace_s: float = 10.0, extra: tuple = (),
+                 env: dict | None = None):
         from .broker import free_port
         self.port = web_port or free_port()
         self.grace_s = grace_s
@@ -80,6 +81,7 @@ class WorkerProcess:
                      "--partitions", str(partitions), "--data-dir", data_dir, "--web-port", str(self.port),
                      "--app-id", app_id, "--grace", str(grace_s), *extra]
         self.log_path = data_dir.rstrip("/") + ".log"
+        self.env = {**os.environ, **(env or {})}
         self.proc = None
 
     def start(self) -> "WorkerProcess":
@@ -87,7 +89,7 @@ class WorkerProcess:
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
         return self
 
     def ingest_counts(self) -> dict | None:

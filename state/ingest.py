@@ -113,9 +113,9 @@ class IngestCore:
         meta = self.join.meta
         for k in ("read", "accepted", "redelivered"):
             meta.setdefault(k, 0)
-        meta.setdefault("through", -1)
-        self._durable_through = meta["through"]
         meta.setdefault("deadletter", {})
+        meta.setdefault("through", -1)  # the last offset whose effects are all stored
+        self._durable_through = meta["through"]
 
     def handle(self, raw: bytes, offset: int) -> list[Output]:
         """Process the message at ``offset`` of this partition; return its examples and dead letters.

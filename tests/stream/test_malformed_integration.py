@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from loopline.ops.eventlog import order_records
-from loopline.ops.replay import _read_all, collect_results, replay
+from loopline.ops.replay import read_topic, collect_results, replay
 
 from ..malformed_corpus import CASES, CONV, IMP, with_
 
@@ -44,7 +44,7 @@ def test_every_malformed_line_is_dead_lettered_with_its_reason_and_the_worker_li
     assert got["events"]["accepted"] == len(valid)
     assert got["examples"] == {"total": 300, "positive": 100, "positive_rate": round(100 / 300, 6)}
 
-    dead = [orjson.loads(m.value) for m in asyncio.run(_read_all(broker.bootstrap, "deadletter", 4))]
+    dead = [orjson.loads(m.value) for m in asyncio.run(read_topic(broker.bootstrap, "deadletter", 4))]
     by_raw = {base64.b64decode(d["raw_b64"]): d for d in dead}
     for raw, reason in bad.items():
         assert by_raw[raw]["reason"] == reason, raw[:60]  # the raw bytes come back whole, 1 MB line included
