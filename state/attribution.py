@@ -91,7 +91,8 @@ class Output(NamedTuple):
 class AttributionJoin:
     """One partition's join state machine over ``store``; see the module docstring for the rules."""
 
-    CHUNK = 512  # records per chunk value: bounds the size of one stored value
+    CHUNK = 128  # records per chunk value: a chunk is rewritten whole on every flush that touches it,
+    # so smaller chunks re-serialize each record fewer times (512 measured 6% slower in the benchmark)
 
     def __init__(self, store: MutableMapping, cfg: AttributionConfig = AttributionConfig(), prefix: str = ""):
         self.store = store
