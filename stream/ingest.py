@@ -60,13 +60,11 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
     table = app.Table("attribution", default=None, partitions=cfg.partitions)
     cores: dict[int, IngestCore] = {}  # cached per partition; dropped on every rebalance
 
-    @app.on_partitions_revoked.connect
-    async def _drop_revoked(app, revoked, **kwargs):  # noqa: ANN001 - faust signal signature
+    async def _drop_cores(app, tps, **kwargs):  # noqa: ANN001 - faust signal signature
         cores.clear()
 
-    @app.on_partitions_assigned.connect
-    async def _drop_assigned(app, assigned, **kwargs):  # noqa: ANN001
-        cores.clear()
+    app.on_partitions_revoked.connect(_drop_cores)
+    app.on_partitions_assigned.connect(_drop_cores)
 
     sent = {"sent": 0, "acked": 0, "failed": 0}
 
@@ -87,8 +85,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
     async def send(core: IngestCore, outs) -> None:
         for o in outs:
             topic = topics["examples"] if o.kind == "example" else topics["deadletter"]
-            # force: send now rather than attach to the input's commit (Faust's default in an agent);
-            # the outbox already covers outputs lost in a crash.
+            # sent at once (not attached to the input's commit); the outbox covers a crash
             fut = await topic.send(key=o.key, value=o.value)
             sent["sent"] += 1
             fut.add_done_callback(lambda f, o=o: on_sent(f, core, o))
@@ -131,5 +128,6 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
         for p in range(cfg.partitions):
             meta = table.get(f"{p}|m")
             if meta is not None:
-                out[str(p)] = {k: meta.get(k) for k in ("read", "accepted", "deadletter", "max_ts", "stats")}
+                out[str(p)] = {k: meta.get(k) for k in ("read", "accepted", "deadletter", "redelivered", "through",
+                                                        "max_ts", "stats")}
         return web.json(out)
