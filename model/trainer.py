@@ -99,7 +99,7 @@ class OnlineTrainer:
         for opt in self.optimizers:
             opt.step()
         self.version += 1
-        return float(loss)
+        return float(loss.detach())
 
     def step(self, batch) -> np.ndarray:
         """Progressive validation: predict first (the evaluation), then learn."""
