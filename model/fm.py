@@ -1,0 +1,132 @@
+"""The foundation model (FM): TorchRec embeddings, a Kunlun user-history encoder, an interaction MLP and
+a head; and the LoopFM autoencoder that compresses its activations into the code VMs read.
+
+Public surface: ``FMConfig``, ``FoundationModel``, ``LoopFMAutoencoder``.
+
+Layout of one forward pass (B examples):
+
+    sparse ids --EmbeddingBagCollection (sum)--> 6 x (B, E) --concat--> x_sparse (B, 6E)
+    x_sparse --Linear--> summary (B, S)                      the non-sequence summary Kunlun needs
+    history per event type (ad, campaign, time gap) --embed--> tokens (B, L, D_type)
+    tokens, mask, summary --MultiEventEncoder (Kunlun: GDPA / HSP / sliding window, CompSkip)--> (B, H)
+    [x_sparse, H] --MLP--> a1 (B, h1) --> a2 (B, h2) --head--> logit (B,)
+
+LoopFM (papers.md section 1): the activations of a shallow layer (``a1``) and the history encoder
+output ``H`` are concatenated and compressed by an autoencoder trained beside the FM with a stop-gradient
+(the FM never bends to make its activations easy to compress). The encoder ends in tanh, so the code
+``z`` is in [-1, 1] and quantizes to int8/int4 with a known error bound (``state/codes.py``). With
+``matryoshka`` prefixes, the decoder also learns from ``z`` with all but its first k dimensions zeroed, so
+every such prefix is a usable smaller code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+from loopline.state.errors import ConfigError
+
+from .features import EVENT_TYPES, SPARSE_KEYS, Batch, FeatureConfig
+from .kunlun import KunlunConfig, MultiEventEncoder
+
+__all__ = ["FMConfig", "FoundationModel", "LoopFMAutoencoder"]
+
+
+def _default_seq() -> dict:
+    # event-level personalization (Kunlun): impressions are many and carry the broad interest, clicks
+    # are few and sharp; each type gets its own width, depth and window
+    return {"impression": {"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 8},
+            "click": {"d_model": 16, "n_layers": 1, "n_heads": 1, "window": 4}}
+
+
+@dataclass(frozen=True)
+class FMConfig:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    emb_dim: int = 16  # width of every sparse embedding table
+    summary_dim: int = 32  # the non-sequence summary that personalizes GDPA
+    seq: dict = field(default_factory=_default_seq)  # per event type: KunlunConfig fields
+    hidden: tuple = (128, 64)  # interaction MLP
+    code_dim: int = 16  # LoopFM code width (16-32 in the paper's range)
+    matryoshka: tuple = (4, 8)  # prefix widths also trained to reconstruct; () turns it off
+    ae_hidden: int = 64
+    ae_weight: float = 1.0  # weight of the reconstruction loss in the trainer's total
+
+    def __post_init__(self):
+        if set(self.seq) != set(EVENT_TYPES):
+            raise ConfigError(f"seq: needs one entry per event type {EVENT_TYPES}, got {sorted(self.seq)}")
+        if not self.hidden:
+            raise ConfigError("hidden: needs at least one layer")
+        if any(not 0 < k < self.code_dim for k in self.matryoshka):
+            raise ConfigError(f"matryoshka: prefixes must be in 1..code_dim-1, got {self.matryoshka}")
+
+
+class LoopFMAutoencoder(nn.Module):
+    def __init__(self, in_dim: int, code_dim: int, hidden: int = 64, matryoshka: tuple = ()):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, code_dim), nn.Tanh())
+        self.decoder = nn.Sequential(nn.Linear(code_dim, hidden), nn.ReLU(), nn.Linear(hidden, in_dim))
+        self.code_dim = code_dim
+        self.matryoshka = tuple(matryoshka)
+
+    def encode(self, acts: torch.Tensor) -> torch.Tensor:
+        return self.encoder(acts)  # (B, C) in [-1, 1]
+
+    def loss(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean squared reconstruction error of the full code plus each Matryoshka prefix; and z."""
+        z = self.encode(acts)
+        loss = nn.functional.mse_loss(self.decoder(z), acts)
+        for k in self.matryoshka:
+            prefix = torch.cat([z[:, :k], torch.zeros_like(z[:, k:])], dim=1)
+            loss = loss + nn.functional.mse_loss(self.decoder(prefix), acts)
+        return loss / (1 + len(self.matryoshka)), z
+
+
+class FoundationModel(nn.Module):
+    def __init__(self, cfg: FMConfig = FMConfig()):
+        super().__init__()
+        self.cfg = cfg
+        sizes, E = cfg.features.table_sizes, cfg.emb_dim
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=f"t_{k}", embedding_dim=E, num_embeddings=sizes[k], feature_names=[k])
+                    for k in SPARSE_KEYS], device=torch.device("cpu"))
+        self.summary = nn.Linear(len(SPARSE_KEYS) * E, cfg.summary_dim)
+        kcfgs = {t: KunlunConfig(summary_dim=cfg.summary_dim, **cfg.seq[t]) for t in EVENT_TYPES}
+        self.tok_ad = nn.ModuleDict({t: nn.Embedding(sizes["ad"], kcfgs[t].d_model) for t in EVENT_TYPES})
+        self.tok_campaign = nn.ModuleDict({t: nn.Embedding(sizes["campaign"], kcfgs[t].d_model) for t in EVENT_TYPES})
+        self.tok_gap = nn.ModuleDict({t: nn.Embedding(cfg.features.gap_buckets, kcfgs[t].d_model) for t in EVENT_TYPES})
+        self.encoder = MultiEventEncoder(kcfgs)
+        dims = [len(SPARSE_KEYS) * E + self.encoder.out_dim, *cfg.hidden]
+        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(dims[-1], 1)
+        self.loop_in_dim = cfg.hidden[0] + self.encoder.out_dim
+        self.autoencoder = LoopFMAutoencoder(self.loop_in_dim, cfg.code_dim, cfg.ae_hidden, cfg.matryoshka)
+
+    def _sparse(self, batch: Batch) -> torch.Tensor:
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(SPARSE_KEYS), values=torch.cat([batch.sparse[k][0] for k in SPARSE_KEYS]),
+            lengths=torch.cat([batch.sparse[k][1] for k in SPARSE_KEYS]))
+        pooled = self.ebc(kjt)
+        return torch.cat([pooled[k] for k in SPARSE_KEYS], dim=1)  # (B, 6E)
+
+    def forward(self, batch: Batch) -> dict:
+        x = self._sparse(batch)  # (B, 6E)
+        summary = self.summary(x)  # (B, S)
+        seqs = {}
+        for t in EVENT_TYPES:
+            ad, camp, gap, mask = batch.seq[t]  # each (B, L)
+            tokens = self.tok_ad[t](ad) + self.tok_campaign[t](camp) + self.tok_gap[t](gap)  # (B, L, D_t)
+            seqs[t] = (tokens, mask)
+        h = self.encoder(seqs, summary)  # (B, H)
+        a = torch.cat([x, h], dim=1)
+        acts = []
+        for layer in self.mlp:
+            a = torch.relu(layer(a))
+            acts.append(a)
+        logit = self.head(a).squeeze(-1)  # (B,)
+        # LoopFM: shallow activations + history encoding, stop-gradient into the FM
+        loop_in = torch.cat([acts[0], h], dim=1).detach()  # (B, h1 + H)
+        ae_loss, code = self.autoencoder.loss(loop_in)
+        return {"logit": logit, "code": code, "aux_loss": self.cfg.ae_weight * ae_loss, "ae_loss": ae_loss}

@@ -1,0 +1,101 @@
+"""The foundation model: shapes, the LoopFM autoencoder (stop-gradient, falling reconstruction error,
+Matryoshka prefixes), and snapshot/restore giving identical predictions."""
+
+import numpy as np
+import pytest
+import torch
+
+from loopline.model.features import FeatureConfig, Featurizer
+from loopline.model.fm import FMConfig, FoundationModel, LoopFMAutoencoder
+from loopline.model.kunlun import flops_per_example, param_count
+from loopline.model.trainer import OnlineTrainer, TrainerConfig
+from loopline.state.errors import ConfigError
+
+SMALL = FMConfig(features=FeatureConfig(table_sizes={"user": 200, "ad": 100, "campaign": 20, "vertical": 8,
+                                                     "attrs": 64, "feats": 64}, seq_len=8))
+
+
+def make_batch(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    exs, hists = [], []
+    for i in range(n):
+        ad = f"a{rng.integers(0, 10)}"
+        exs.append({"id": f"i{i}", "user": f"u{rng.integers(0, 30)}", "ad": ad, "campaign": f"c{rng.integers(0, 3)}",
+                    "vertical": "feed", "ts": 1000.0 + i, "attrs": {"age": "25-34"}, "features": {"slot": "1"},
+                    "label": int(ad in ("a1", "a2"))})
+        hists.append([(900.0 + j, f"a{rng.integers(0, 10)}", "c0", rng.choice(["impression", "click"]))
+                      for j in range(int(rng.integers(0, 12)))])
+    return Featurizer(SMALL.features).batch(exs, hists)
+
+
+def test_forward_gives_a_logit_per_example_and_a_bounded_code():
+    torch.manual_seed(0)
+    out = FoundationModel(SMALL)(make_batch())
+    assert out["logit"].shape == (64,) and out["code"].shape == (64, SMALL.code_dim)
+    assert out["code"].abs().max() <= 1.0 and torch.isfinite(out["aux_loss"])
+
+
+def test_autoencoder_loss_does_not_reach_the_fm():
+    torch.manual_seed(0)
+    m = FoundationModel(SMALL)
+    m(make_batch())["aux_loss"].backward()
+    fm_grads = [p.grad for n, p in m.named_parameters() if not n.startswith("autoencoder.") and p.grad is not None]
+    ae_grads = [p.grad for n, p in m.named_parameters() if n.startswith("autoencoder.")]
+    assert fm_grads == [] or all(float(g.abs().sum()) == 0 for g in fm_grads)  # stop-gradient
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in ae_grads)
+
+
+def test_reconstruction_error_falls_while_the_fm_trains():
+    torch.manual_seed(0)
+    t = OnlineTrainer(FoundationModel(SMALL), TrainerConfig(lr_dense=3e-3))
+    batches = [make_batch(seed=s) for s in range(4)]
+    with torch.no_grad():
+        first = [float(t.model(b)["ae_loss"]) for b in batches]
+    for _ in range(40):
+        for b in batches:
+            t.learn_many(b)
+    with torch.no_grad():
+        last = [float(t.model(b)["ae_loss"]) for b in batches]
+    # the target moves too (the FM's activations change as it learns), so the drop is partial
+    assert np.mean(last) < 0.75 * np.mean(first), (first, last)
+
+
+def test_matryoshka_prefixes_are_trained_to_reconstruct():
+    torch.manual_seed(0)
+    ae = LoopFMAutoencoder(12, 8, 32, matryoshka=(2, 4))
+    x = torch.randn(256, 12)
+    opt = torch.optim.Adam(ae.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        ae.loss(x)[0].backward()
+        opt.step()
+    z = ae.encode(x)
+    errs = {k: float(torch.nn.functional.mse_loss(ae.decoder(torch.cat([z[:, :k], torch.zeros_like(z[:, k:])], 1)), x))
+            for k in (2, 4, 8)}
+    assert errs[8] < errs[4] < errs[2] < float(x.var())  # each prefix is a usable, coarser code
+
+
+def test_snapshot_restore_gives_identical_fm_predictions(tmp_path):
+    torch.manual_seed(0)
+    a = OnlineTrainer(FoundationModel(SMALL))
+    for s in range(3):
+        a.step(make_batch(seed=s))
+    path = a.save(str(tmp_path))
+    torch.manual_seed(123)  # a different initialization, overwritten by the restore
+    b = OnlineTrainer(FoundationModel(SMALL))
+    b.restore(path)
+    probe = make_batch(seed=9)
+    assert np.array_equal(a.predict_many(probe), b.predict_many(probe))
+
+
+def test_flops_and_parameters_are_reported():
+    m = FoundationModel(SMALL)
+    flops = flops_per_example(m.encoder, {"impression": 8, "click": 8})
+    assert flops > 0 and param_count(m) > param_count(m.encoder) > 0
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="^seq"):
+        FMConfig(seq={"impression": {}})
+    with pytest.raises(ConfigError, match="^matryoshka"):
+        FMConfig(matryoshka=(40,))
