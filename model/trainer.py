@@ -37,7 +37,7 @@ from torch import nn
 
 from loopline.state.errors import ConfigError
 
-__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot"]
+__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params"]
 
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -58,7 +58,8 @@ class TrainerConfig:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
-def _split_params(model: nn.Module) -> tuple[list, list]:
+def split_params(model: nn.Module) -> tuple[list, list]:
+    """(sparse, dense) parameters: embedding tables by module type, everything else dense."""
     sparse_ids = set()
     for m in model.modules():
         if isinstance(m, _SPARSE_TYPES) or type(m).__name__ in ("EmbeddingBagCollection", "EmbeddingCollection"):
@@ -74,7 +75,7 @@ class OnlineTrainer:
         self.cfg = cfg
         self.model = model
         self.version = 0  # number of training steps taken
-        sparse, dense = _split_params(model)
+        sparse, dense = split_params(model)
         self.optimizers = []
         if sparse:
             self.optimizers.append(torch.optim.Adagrad(sparse, lr=cfg.lr_sparse))

