@@ -96,3 +96,13 @@ def test_worker_stops_within_its_grace_period_on_sigterm(start_worker):
     assert w.stop() == "stopped on SIGTERM"
     assert time.monotonic() - t0 < w.grace_s + 5
     assert w.proc.returncode is not None
+
+
+def test_evaluate_reports_the_fm_beside_the_logistic_baseline(small_log):
+    r = run_cli("evaluate", "--events", small_log, "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    models = json.loads(r.stdout)["models"]
+    assert {"fm", "lr"} <= set(models)  # "das" appears once a snapshot is published (20 steps)
+    for name in ("fm", "lr"):
+        assert set(models[name]) >= {"auc", "logloss", "ne", "calibration", "n"}
+        assert models[name]["n"] == json.loads(r.stdout)["examples"]["total"]
