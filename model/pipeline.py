@@ -19,12 +19,15 @@ and an ``fm`` worker run the same code. Per micro-batch (``step``):
 
 Examples are processed in ``canonical_order`` (label time, then id): the order in which a label becomes
 known, independent of how partitions interleave, so every path that sees the same examples trains the
-same model.
+same model. ``run`` does a finite stream in one call; a streaming caller uses ``feed_events`` /
+``feed_examples`` as messages arrive and ``advance(watermark)``, which releases items in that same order
+(a heap), so it gets the same numbers as ``run`` provided nothing older than a watermark arrives after it.
 """
 
 from __future__ import annotations
 
 import copy
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +78,9 @@ class FMStage:
         self.embedder = None  # (version, model) LoopFM codes come from
         self.publishes = 0
         self.counts = {"examples": 0, "augmented": 0, "embeddings": 0}
+        self._pending: list = []  # heap of (time, 0 event | 1 example, id, item) not yet processed
+        self._events: list = []  # released history events not yet written
+        self._batch: list = []  # released examples of the next micro-batch
 
     def _publish(self) -> None:
         model = copy.deepcopy(self.fm.model).eval()
@@ -124,34 +130,67 @@ class FMStage:
         """Raw events ``(user, ts, ad, campaign, kind, id)`` for the history, at their event time."""
         self.history.append_events(events)
 
-    def run(self, examples: list[dict], progress=None) -> None:
-        """A finite stream in-process: each example's impression (and click) is observed at its event
-        time, and the examples are trained on in canonical order, in micro-batches by count."""
-        timeline = [(e["ts"], 0, e["id"], (e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]))
-                    for e in examples]
-        timeline += [(e["label_ts"], 0, e["id"] + "/click",
-                      (e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click"))
-                     for e in examples if e["label"]]
-        timeline += [(e["label_ts"], 1, e["id"], e) for e in examples]  # a label after events of its time
-        timeline.sort(key=lambda x: x[:3])
-        bs, done, events, batch = self.cfg.trainer.batch_size, 0, [], []
-        for _, is_example, _, item in timeline:
+    # -- streaming: a time-ordered merge of history events and examples ------------------------------
+    def feed_events(self, events) -> None:
+        """History events ``(user, ts, ad, campaign, kind, id)`` as they arrive (any order)."""
+        for ev in events:
+            heapq.heappush(self._pending, (ev[1], 0, ev[5], ev))
+
+    def feed_examples(self, examples) -> None:
+        """Labelled examples as they arrive (any order); a positive also brings its click event."""
+        for e in examples:
+            heapq.heappush(self._pending, (e["label_ts"], 1, e["id"], e))  # after the events of its time
+            if e["label"]:
+                click = (e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click")
+                heapq.heappush(self._pending, (e["label_ts"], 0, click[5], click))
+
+    def advance(self, until: float) -> int:
+        """Process everything fed with time <= ``until`` in (time, kind, id) order; micro-batches are
+        cut by count, so a partial batch waits for the next call (or :meth:`finish`). A caller that
+        only advances to a watermark below which nothing more can arrive gets exactly the numbers of
+        a single pass over the whole stream. Returns the examples trained on."""
+        done = 0
+        while self._pending and self._pending[0][0] <= until:
+            _, is_example, _, item = heapq.heappop(self._pending)
             if not is_example:
-                events.append(item)
+                self._events.append(item)
                 continue
-            batch.append(item)
-            if len(batch) == bs:
-                self.observe(events)  # reads are strictly before each example's ts: later events are unseen
-                self.step(batch)
-                done += len(batch)
-                events, batch = [], []
-                if progress is not None:
-                    progress(done, len(examples))
-        self.observe(events)
-        if batch:
-            self.step(batch)
+            self._batch.append(item)
+            if len(self._batch) == self.cfg.trainer.batch_size:
+                done += self._flush_batch()
+        return done
+
+    def finish(self) -> int:
+        """End of the stream: process everything left, including a last partial batch."""
+        done = self.advance(float("inf"))
+        self.observe(self._events)
+        self._events = []
+        if self._batch:
+            done += self._flush_batch()
+        return done
+
+    def _flush_batch(self) -> int:
+        self.observe(self._events)  # reads are strictly before each example's ts: later events are unseen
+        self._events = []
+        batch, self._batch = self._batch, []
+        self.step(batch)
+        return len(batch)
+
+    def run(self, examples: list[dict], progress=None) -> None:
+        """A finite stream in-process: each example's impression is observed at its event time, and the
+        examples are trained on in canonical order, in micro-batches by count."""
+        self.feed_events((e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]) for e in examples)
+        self.feed_examples(examples)
+        total, done = len(examples), 0
+        times = sorted({e["label_ts"] for e in examples})
+        step = max(1, len(times) // 100)  # report progress about a hundred times
+        for t in times[step - 1::step]:
+            done += self.advance(t)
             if progress is not None:
-                progress(len(examples), len(examples))
+                progress(done, total)
+        done += self.finish()
+        if progress is not None:
+            progress(done, total)
 
     def report(self) -> dict:
         return {name: m.report() for name, m in self.metrics.items() if m.report()["n"]}

@@ -100,3 +100,27 @@ def test_stage_config_errors_name_the_field(field, value):
     from loopline.state.errors import ConfigError
     with pytest.raises(ConfigError, match=f"^{field}"):
         FMStageConfig(**{field: value})
+
+
+def test_streaming_feed_and_advance_gives_the_numbers_of_one_pass(tmp_path):
+    exs = examples(500, seed=4)
+    one = stage(tmp_path, "one")
+    one.run(exs)
+    st = stage(tmp_path, "stream")
+    arrival = sorted(exs, key=lambda e: e["ts"])  # impressions arrive in event time...
+    labelled = sorted(exs, key=lambda e: e["label_ts"])  # ...and labels later
+    rng = random.Random(7)
+    i = j = 0
+    while j < len(labelled):
+        now = labelled[j]["label_ts"] + rng.choice([0, 3, 50])
+        while i < len(arrival) and arrival[i]["ts"] <= now:
+            e = arrival[i]
+            st.feed_events([(e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"])])
+            i += 1
+        chunk = [e for e in labelled[j:] if e["label_ts"] <= now]
+        rng.shuffle(chunk)  # partitions interleave in any order
+        st.feed_examples(chunk)
+        j += len(chunk)
+        st.advance(now - 1)  # a watermark: nothing at or before it is still to come
+    st.finish()
+    assert st.report() == one.report()
