@@ -81,6 +81,7 @@ class FMStage:
         self._pending: list = []  # heap of (time, 0 event | 1 example, id, item) not yet processed
         self._events: list = []  # released history events not yet written
         self._batch: list = []  # released examples of the next micro-batch
+        self.outputs: list = []  # DAS outputs of each step, for a streaming caller to send and clear
 
     def _publish(self) -> None:
         model = copy.deepcopy(self.fm.model).eval()
@@ -124,7 +125,9 @@ class FMStage:
         self.counts["examples"] += len(examples)
         self.counts["augmented"] += len(augmented)
         self.counts["embeddings"] += len(embeddings)
-        return {"augmented": augmented, "embeddings": embeddings}
+        out = {"augmented": augmented, "embeddings": embeddings}
+        self.outputs.append(out)
+        return out
 
     def observe(self, events: list[tuple]) -> None:
         """Raw events ``(user, ts, ad, campaign, kind, id)`` for the history, at their event time."""
@@ -176,6 +179,10 @@ class FMStage:
         self.step(batch)
         return len(batch)
 
+    def drain(self) -> list[dict]:
+        out, self.outputs = self.outputs, []
+        return out
+
     def run(self, examples: list[dict], progress=None) -> None:
         """A finite stream in-process: each example's impression is observed at its event time, and the
         examples are trained on in canonical order, in micro-batches by count."""
@@ -186,9 +193,11 @@ class FMStage:
         step = max(1, len(times) // 100)  # report progress about a hundred times
         for t in times[step - 1::step]:
             done += self.advance(t)
+            self.outputs.clear()  # run() callers read the metrics, not the outputs
             if progress is not None:
                 progress(done, total)
         done += self.finish()
+        self.outputs.clear()  # run() callers read the metrics, not the outputs
         if progress is not None:
             progress(done, total)
 

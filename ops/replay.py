@@ -127,6 +127,8 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
         await asyncio.sleep(0.5)
     seen_ex: dict[str, int] = {}
     for m in examples:
+        if any(k == CONTROL_HEADER for k, _ in m.headers or ()):
+            continue  # watermarks and end-of-log marks for the fm role
         ex = orjson.loads(m.value)
         seen_ex.setdefault(ex["id"], ex["label"])
     seen_dl: dict[tuple, str] = {}
@@ -138,5 +140,6 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
         by_reason[reason] = by_reason.get(reason, 0) + 1
     attribution = {k: sum(s["attribution"].get(k, 0) for s in statuses.values()) for k in STAT_NAMES}
     out = summarize(read, by_reason, len(seen_ex), sum(seen_ex.values()), attribution)
-    out["duplicates_removed"] = {"examples": len(examples) - len(seen_ex), "deadletter": len(dead) - len(seen_dl)}
+    n_examples = sum(1 for m in examples if not any(k == CONTROL_HEADER for k, _ in m.headers or ()))
+    out["duplicates_removed"] = {"examples": n_examples - len(seen_ex), "deadletter": len(dead) - len(seen_dl)}
     return out

@@ -92,15 +92,18 @@ class WorkerProcess:
                                      stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
         return self
 
-    def ingest_counts(self) -> dict | None:
-        """The worker's ``/ingest/`` view, or None while it is not serving."""
+    def view(self, path: str) -> dict | None:
+        """A JSON view of the worker (``/ingest/``, ``/fm/``), or None while it is not serving."""
         import json
         import urllib.request
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ingest/", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
                 return json.loads(r.read())
         except OSError:
             return None
+
+    def ingest_counts(self) -> dict | None:
+        return self.view("/ingest/")
 
     def processed(self) -> int:
         c = self.ingest_counts() or {}

@@ -58,6 +58,8 @@ def output_id(o: Output) -> str:
     letter's source position."""
     if o.kind == "example":
         return "x:" + o.value["id"]
+    if o.kind == "history":
+        return "h:" + o.value[5]
     return "d:" + ":".join(str(x) for x in (o.value["src"] if isinstance(o.value["src"], list) else [o.value["src"]]))
 
 
@@ -100,8 +102,10 @@ class IngestCore:
     """Parse, validate and join the events of one partition; count accepted and dead-lettered events."""
 
     def __init__(self, store: MutableMapping, partition: int = 0,
-                 cfg: AttributionConfig = AttributionConfig(), limits: EventLimits = EventLimits()):
+                 cfg: AttributionConfig = AttributionConfig(), limits: EventLimits = EventLimits(),
+                 history: bool = False):
         self.partition = partition
+        self.history = history  # also output each accepted impression for the FM's history, at event time
         self.limits = limits
         self.store = store
         self.overlay = _Overlay(store)
@@ -183,7 +187,14 @@ class IngestCore:
         if any(o.kind == "deadletter" for o in outs):
             return [self._deadletter(*o.value, raw, src) if o.kind == "deadletter" else o for o in outs]
         meta["accepted"] += 1
+        if self.history and ev.type == "impression":
+            outs.insert(0, Output("history", ev.user, [ev.user, ev.ts, ev.ad, ev.campaign, "impression", ev.id]))
         return outs
+
+    def watermark(self) -> float:
+        """No example this partition emits later has a ``label_ts`` below this, in a time-ordered stream
+        (open windows close in buckets of ``bucket_s`` once the watermark passes them)."""
+        return self.join.watermark - self.join.cfg.bucket_s
 
     def _deadletter(self, reason: str, detail: str, raw: bytes, src: Any) -> Output:
         dl = self.join.meta["deadletter"]

@@ -27,10 +27,15 @@ TOPICS = {
     "examples": "labelled examples (JSON), keyed by user",
     "deadletter": "rejected input: reason, detail, raw bytes (base64), source partition/offset",
     "ingest.status": "per-partition counts, sent when an end-of-log control message is processed",
+    "history.events": "raw events for the FM's user history, at event time, keyed by user",
+    "examples.augmented": "examples with the published FM snapshot's soft label and version (DAS)",
+    "fm.embeddings": "LoopFM codes: user, ts, FM version, code, example id; keyed by user",
 }
-CONTROL_HEADER = "loopline-control"  # value b"end_of_log:<run id>" closes every window of that partition
+CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every window of that partition;
+# to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
+# partition of `examples` and `history.events`
 
-ROLES = ("all", "ingest")
+ROLES = ("all", "ingest", "fm")
 
 
 @dataclass
@@ -39,7 +44,7 @@ class WorkerConfig:
 
     broker: str = "127.0.0.1:9092"  # host:port (``--broker kafka://host:port``)
     app_id: str = "loopline"  # Faust app id = consumer group; tables' changelogs are prefixed with it
-    role: str = "all"  # which agents run: all | ingest
+    role: str = "all"  # which agents run: all | ingest | fm
     partitions: int = 4  # partitions of every Loopline topic (and table changelog)
     data_dir: str = ".loopline-data"  # RocksDB tables live here; one folder per worker
     store: str = "rocksdb://"  # table store; memory:// for quick unit tests
@@ -71,9 +76,10 @@ class OutputTopic:
         self.app = app
         self.name = name
 
-    async def send(self, key: str | None = None, value=None):
+    async def send(self, key: str | None = None, value=None, partition: int | None = None,
+                   headers: list | None = None):
         return await self.app.producer.send(self.name, key.encode() if key is not None else None,
-                                            orjson.dumps(value), None, None, None)
+                                            orjson.dumps(value), partition, None, headers)
 
 
 def build_app(cfg: WorkerConfig) -> faust.App:
@@ -105,9 +111,12 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     app.loopline_topics = {
         "events": app.topic("events", key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw", partitions=cfg.partitions),
-        **{name: OutputTopic(app, name) for name in ("examples", "deadletter", "ingest.status")},
+        **{name: OutputTopic(app, name) for name in TOPICS if name != "events"},
     }
     if cfg.role in ("all", "ingest"):
         from .ingest import register_ingest
         register_ingest(app, cfg)
+    if cfg.role in ("all", "fm"):
+        from .fm import register_fm
+        register_fm(app, cfg)
     return app

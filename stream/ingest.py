@@ -84,11 +84,20 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
 
     async def send(core: IngestCore, outs) -> None:
         for o in outs:
-            topic = topics["examples"] if o.kind == "example" else topics["deadletter"]
+            topic = topics[{"example": "examples", "history": "history.events"}.get(o.kind, "deadletter")]
             # sent at once (not attached to the input's commit); the outbox covers a crash
             fut = await topic.send(key=o.key, value=o.value)
             sent["sent"] += 1
             fut.add_done_callback(lambda f, o=o: on_sent(f, core, o))
+
+    async def tell_fm(core: IngestCore, controls: list[str]) -> None:
+        """After the outputs, this partition's watermark (or end of log) to every fm input partition:
+        the fm role may then process everything of this partition up to it (stream/fm.py)."""
+        marks = [f"end_of_log:{core.partition}"] if controls else [f"watermark:{core.partition}:{core.watermark()!r}"]
+        for mark in marks:
+            for name in ("examples", "history.events"):
+                for q in range(cfg.partitions):
+                    await topics[name].send(value=None, partition=q, headers=[(CONTROL_HEADER, mark.encode())])
 
     @app.agent(topics["events"], name="ingest")
     async def ingest(stream):
@@ -102,7 +111,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     core = cores.get(p)
                     outs, controls = [], []
                     if core is None:  # first batch since (re)assignment: re-send what may be lost
-                        core = cores[p] = IngestCore(table, p, cfg.attribution)
+                        core = cores[p] = IngestCore(table, p, cfg.attribution, history=True)
                         outs.extend(core.unacked())
                     for ev in evs:
                         control = _control(ev.headers)
@@ -121,6 +130,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                 for control in controls:
                     await topics["ingest.status"].send(
                         value={"partition": core.partition, "control": control, "counts": core.counts()})
+                await tell_fm(core, controls)
 
     @app.page("/ingest/")
     async def ingest_view(web, request):

@@ -1,0 +1,35 @@
+"""The fm role through a real worker on the real broker gives the FM numbers of ``loopline evaluate``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from loopline.ops.evaluate import evaluate_records
+from loopline.ops.eventlog import read_log
+from loopline.ops.generate import GenerateConfig, write_log
+from loopline.ops.replay import read_topic, replay
+
+pytestmark = pytest.mark.integration
+
+
+def test_fm_worker_metrics_and_das_outputs_match_evaluate(broker, start_worker, tmp_path):
+    path = tmp_path / "events.jsonl"
+    write_log(GenerateConfig(users=800, days=4, seed=2, malformed=0.01), str(path))
+    records = read_log(str(path))
+    expected = evaluate_records(records, models=True)
+    assert expected["fm_stage"]["augmented"] > 0
+    w = start_worker()
+    asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
+    deadline = time.monotonic() + 300
+    while not (w.view("/fm/") or {}).get("finished"):
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
+        time.sleep(0.5)
+    got = w.view("/fm/")
+    assert got["models"] == expected["models"]
+    augmented = asyncio.run(read_topic(broker.bootstrap, "examples.augmented", 4))
+    embeddings = asyncio.run(read_topic(broker.bootstrap, "fm.embeddings", 4))
+    assert len(augmented) == expected["fm_stage"]["augmented"]
+    assert len(embeddings) == expected["fm_stage"]["embeddings"]
