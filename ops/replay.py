@@ -16,11 +16,11 @@ import time
 import uuid
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from loopline.state.attribution import STAT_NAMES
-from loopline.stream.app import CONTROL_HEADER
+from loopline.stream.app import CONTROL_HEADER, read_topic
 
 from .evaluate import summarize
 from .eventlog import LogRecord, partition_for
@@ -64,37 +64,6 @@ async def replay(bootstrap: str, records: list[LogRecord], partitions: int, end_
     dt = time.perf_counter() - t0
     return {"sent": len(records), "seconds": round(dt, 3), "events_per_s": round(len(records) / dt, 1) if dt else None,
             "run_id": run_id, "end_of_log": end_of_log}
-
-
-async def read_topic(bootstrap: str, topic: str, partitions: int, quiet_ms: int = 400) -> list:
-    """Every message of ``topic`` from the beginning.
-
-    Reads past the reported end offsets until a poll comes back empty: Tansu was seen to report a
-    partition's end offset one short of its last message."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out = []
-
-        async def behind() -> bool:
-            for tp in tps:
-                if await consumer.position(tp) < end[tp]:
-                    return True
-            return False
-
-        while True:
-            batch = await consumer.getmany(timeout_ms=quiet_ms, max_records=10000)
-            for msgs in batch.values():
-                out.extend(msgs)
-            if not batch and not await behind():
-                return out
-    finally:
-        await consumer.stop()
 
 
 async def collect_results(bootstrap: str, partitions: int, run_id: str, read: int,

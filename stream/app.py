@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopline.state.attribution import AttributionConfig
 from loopline.state.errors import ConfigError
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic"]
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
 TOPICS = {
@@ -80,6 +81,37 @@ class OutputTopic:
                    headers: list | None = None):
         return await self.app.producer.send(self.name, key.encode() if key is not None else None,
                                             orjson.dumps(value), partition, None, headers)
+
+
+async def read_topic(bootstrap: str, topic: str, partitions: int, quiet_ms: int = 400) -> list:
+    """Every message of ``topic`` from the beginning.
+
+    Reads past the reported end offsets until a poll comes back empty: Tansu was seen to report a
+    partition's end offset one short of its last message."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out = []
+
+        async def behind() -> bool:
+            for tp in tps:
+                if await consumer.position(tp) < end[tp]:
+                    return True
+            return False
+
+        while True:
+            batch = await consumer.getmany(timeout_ms=quiet_ms, max_records=10000)
+            for msgs in batch.values():
+                out.extend(msgs)
+            if not batch and not await behind():
+                return out
+    finally:
+        await consumer.stop()
 
 
 def build_app(cfg: WorkerConfig) -> faust.App:

@@ -11,6 +11,7 @@ from loopline.ops.evaluate import evaluate_records
 from loopline.ops.eventlog import read_log
 from loopline.ops.generate import GenerateConfig, write_log
 from loopline.ops.replay import read_topic, replay
+from loopline.state.history import EMBEDDING, HistoryStore
 
 pytestmark = pytest.mark.integration
 
@@ -33,3 +34,16 @@ def test_fm_worker_metrics_and_das_outputs_match_evaluate(broker, start_worker, 
     embeddings = asyncio.run(read_topic(broker.bootstrap, "fm.embeddings", 4))
     assert len(augmented) == expected["fm_stage"]["augmented"]
     assert len(embeddings) == expected["fm_stage"]["embeddings"]
+
+    # a worker on another machine (an empty data dir) rebuilds the same history store from the topics
+    assert w.stop() == "stopped on SIGTERM"
+    w2 = start_worker("w2")
+    deadline = time.monotonic() + 120
+    while not (w2.view("/fm/") or {}).get("ready"):
+        assert time.monotonic() < deadline and w2.proc.poll() is None, w2.tail()
+        time.sleep(0.5)
+    assert w2.view("/fm/")["rebuilt"]["embeddings"]["appended"] == expected["fm_stage"]["embeddings"]
+    assert w2.stop() == "stopped on SIGTERM"
+    with HistoryStore(str(tmp_path / "w1" / "fm-history")) as a, HistoryStore(str(tmp_path / "w2" / "fm-history")) as b:
+        assert list(a.raw_items()) == list(b.raw_items())
+        assert len(list(a.raw_items(EMBEDDING))) > 0
