@@ -30,7 +30,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from loopline.state.errors import ConfigError
 
 from .features import EVENT_TYPES, SPARSE_KEYS, Batch, FeatureConfig
-from .kunlun import KunlunConfig, MultiEventEncoder
+from .kunlun import KunlunConfig, MultiEventEncoder, flops_per_example
 
 __all__ = ["FMConfig", "FoundationModel", "LoopFMAutoencoder"]
 
@@ -103,6 +103,15 @@ class FoundationModel(nn.Module):
         self.head = nn.Linear(dims[-1], 1)
         self.loop_in_dim = cfg.hidden[0] + self.encoder.out_dim
         self.autoencoder = LoopFMAutoencoder(self.loop_in_dim, cfg.code_dim, cfg.ae_hidden, cfg.matryoshka)
+
+    def flops_per_example(self) -> int:
+        """Multiply-adds for one example with full histories: the Kunlun encoders (their analytic
+        count) plus every dense layer (the summary, MLP, head and LoopFM autoencoder); embedding
+        look-ups and pooling are not multiplies and are left out."""
+        L = self.cfg.features.seq_len
+        dense = sum(m.in_features * m.out_features for name, m in self.named_modules()
+                    if isinstance(m, nn.Linear) and not name.startswith("encoder."))
+        return flops_per_example(self.encoder, {t: L for t in EVENT_TYPES}) + dense
 
     def _sparse(self, batch: Batch) -> torch.Tensor:
         kjt = KeyedJaggedTensor.from_lengths_sync(

@@ -179,6 +179,35 @@ class FMStage:
         self.step(batch)
         return len(batch)
 
+    # -- snapshots (tensors and plain containers only: they load with weights_only=True) --------------
+    def state_dict(self) -> dict:
+        def model_state(pm):
+            return None if pm is None else [pm[0], pm[1].state_dict()]
+        return {"fm": self.fm.state_dict(), "lr": self.lr.state_dict() if self.lr is not None else None,
+                "metrics": {k: [torch.from_numpy(a.copy()) for a in m.arrays()] for k, m in self.metrics.items()},
+                "published": model_state(self.published), "embedder": model_state(self.embedder),
+                "publishes": self.publishes, "counts": dict(self.counts),
+                "pending": list(self._pending), "events": list(self._events), "batch": list(self._batch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        def model_from(pm):
+            if pm is None:
+                return None
+            m = FoundationModel(self.cfg.fm)
+            m.load_state_dict(pm[1])
+            return (int(pm[0]), m.eval())
+        self.fm.load_state_dict(state["fm"])
+        if self.lr is not None:
+            self.lr.load_state_dict(state["lr"])
+        for k, (p, y) in state["metrics"].items():
+            self.metrics[k] = BinaryMetrics()
+            if len(y):
+                self.metrics[k].update(p.numpy(), y.numpy())
+        self.published, self.embedder = model_from(state["published"]), model_from(state["embedder"])
+        self.publishes, self.counts = state["publishes"], dict(state["counts"])
+        self._pending, self._events, self._batch = list(state["pending"]), list(state["events"]), list(state["batch"])
+        self.outputs = []
+
     def drain(self) -> list[dict]:
         out, self.outputs = self.outputs, []
         return out

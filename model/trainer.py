@@ -37,7 +37,7 @@ from torch import nn
 
 from loopline.state.errors import ConfigError
 
-__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params"]
+__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save"]
 
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -109,29 +109,41 @@ class OnlineTrainer:
         return p
 
     # -- snapshots -----------------------------------------------------------------------------------
-    def save(self, directory: str, meta: dict | None = None) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"snapshot-{self.version:010d}.pt")
-        state = {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
-                 "version": self.version, "config": asdict(self.cfg), "meta": dict(meta or {})}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # atomic: a reader sees the old snapshot or the whole new one
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "version": self.version, "config": asdict(self.cfg)}
 
-    def restore(self, path: str) -> dict:
-        """Load a snapshot written by :meth:`save`; returns its ``meta``."""
-        state = torch.load(path, weights_only=True)
+    def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         for opt, st in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(st)
         self.version = int(state["version"])
+
+    def save(self, directory: str, meta: dict | None = None) -> str:
+        path = os.path.join(directory, f"snapshot-{self.version:010d}.pt")
+        return atomic_save({**self.state_dict(), "meta": dict(meta or {})}, path)
+
+    def restore(self, path: str) -> dict:
+        """Load a snapshot written by :meth:`save`; returns its ``meta``."""
+        state = torch.load(path, weights_only=True)
+        self.load_state_dict(state)
         return state["meta"]
+
+
+def atomic_save(obj, path: str) -> str:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a reader (or a restart after a
+    crash) sees the old file or the whole new one, never a part."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def latest_snapshot(directory: str) -> str | None:

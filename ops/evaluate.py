@@ -107,4 +107,5 @@ def _run_models(examples: list[dict], stage_cfg, progress: bool) -> tuple[dict, 
             stage = FMStage(history, stage_cfg or FMStageConfig())
             stage.run(examples, progress=tick)
             return stage.report(), {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
-                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters())}
+                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters()),
+                                    "fm_flops_per_example": stage.fm.model.flops_per_example()}

@@ -11,9 +11,16 @@ of ``loopline evaluate``. DAS outputs go to ``examples.augmented`` and ``fm.embe
 the progressive metrics.
 
 One fm worker trains the model: two uncoordinated members would each see half the partitions. The
-history store lives under the worker's data dir; a worker that starts with an empty one (another
-machine) rebuilds it from ``history.events``, ``examples`` and ``fm.embeddings`` before it consumes.
-Not yet here: resuming the model from a snapshot with its offsets (see the README).
+history store and the stage's snapshots live under the worker's data dir.
+
+Restarts. Every ``SNAPSHOT_EVERY`` training steps the whole stage (models, optimizers, published
+snapshots, the heap of unprocessed items, metrics) is saved atomically with the offset up to which each
+input partition was fed and the watermarks. A restarted worker loads the newest snapshot and reads its
+inputs again from those offsets with its own consumer (Faust's committed offsets run ahead of any
+snapshot, so they are not trusted here); messages already fed are skipped by offset. The result is the
+same as a run that never stopped; outputs made after the snapshot are sent again (at least once, with
+the same ids). A worker with no snapshot and an empty history store (another machine) first rebuilds
+the store from ``history.events``, ``examples`` and ``fm.embeddings``.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import os
 import faust
 import numpy as np
 import orjson
+import torch
 
 from loopline.model.pipeline import FMStage
+from loopline.model.trainer import atomic_save, latest_snapshot
 from loopline.state.history import HistoryStore
 
 from .app import CONTROL_HEADER, WorkerConfig, read_topic
@@ -33,20 +42,39 @@ __all__ = ["register_fm"]
 
 BATCH = 4000
 BATCH_WITHIN_S = 0.1
+SNAPSHOT_EVERY = 20  # training steps between snapshots of the whole stage
 
 
 def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     topics = app.loopline_topics
     source = app.topic("history.events", "examples", key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=cfg.partitions)
-    state: dict = {"stage": None, "finished": False, "rebuilt": None}
-    marks: dict[tuple, float] = {}  # (topic, partition, ingest partition) -> watermark
+    snapshots = os.path.join(cfg.data_dir, "fm-snapshots")
+    state: dict = {"stage": None, "finished": False, "rebuilt": None, "restored": None, "snapshot_at": 0}
+    marks: dict[str, float] = {}  # "topic/partition/ingest partition" -> watermark
+    fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed to the stage
 
     async def start_stage() -> None:
         history = HistoryStore(os.path.join(cfg.data_dir, "fm-history"))
-        if next(history.raw_items(), None) is None:
+        path = latest_snapshot(snapshots)
+        if path is None and next(history.raw_items(), None) is None:
             state["rebuilt"] = await rebuild(history)
-        state["stage"] = FMStage(history)
+        stage = FMStage(history)
+        if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
+            snap = torch.load(path, weights_only=True)
+            stage.load_state_dict(snap["stage"])
+            marks.update(snap["marks"])
+            fed.update(snap["fed"])
+            state["finished"], state["snapshot_at"] = snap["finished"], stage.fm.version
+            state["restored"] = os.path.basename(path)
+        state["stage"] = stage
+        # catch up on everything after the snapshot (or from the start), whatever Faust has committed:
+        # the stage, not the consumer group, knows what it has seen
+        backlog = []
+        for name in ("history.events", "examples"):
+            for m in await read_topic(cfg.broker, name, cfg.partitions):
+                backlog.append((m.topic, m.partition, m.offset, m.headers, m.value))
+        await handle(backlog)
 
     async def rebuild(history: HistoryStore) -> dict:
         """A worker with an empty store (a new machine) re-creates it from the topics, in the order the
@@ -63,16 +91,48 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         return history.rebuild(rows, events, clear=False)
 
     def watermark() -> float:
-        keys = [(t, q, p) for t in ("history.events", "examples") for q in range(cfg.partitions)
+        keys = [f"{t}/{q}/{p}" for t in ("history.events", "examples") for q in range(cfg.partitions)
                 for p in range(cfg.partitions)]
         return min(marks.get(k, float("-inf")) for k in keys)
+
+    async def handle(messages) -> None:
+        """Feed ``(topic, partition, offset, headers, value)`` messages not fed before, advance, publish,
+        and snapshot every SNAPSHOT_EVERY training steps."""
+        st = state["stage"]
+        history, examples = [], []
+        for topic, partition, offset, headers, value in messages:
+            tp = f"{topic}/{partition}"
+            if offset < fed.get(tp, 0):
+                continue  # already in the stage (before the snapshot, or in the catch-up)
+            fed[tp] = offset + 1
+            control = dict(headers or ()).get(CONTROL_HEADER)
+            if control is not None:
+                kind, p, *rest = (control.decode() if isinstance(control, bytes) else control).split(":")
+                marks[f"{tp}/{int(p)}"] = float("inf") if kind == "end_of_log" else float(rest[0])
+            elif topic == "history.events":
+                history.append(tuple(orjson.loads(value)))
+            else:
+                examples.append(orjson.loads(value))
+        st.feed_events(history)
+        st.feed_examples(examples)
+        wm = watermark()
+        if wm == float("inf") and not state["finished"]:
+            st.finish()
+            state["finished"] = True
+        elif not state["finished"]:
+            st.advance(wm)
+        await publish(st)
+        if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
+            state["snapshot_at"] = st.fm.version
+            await app.producer.flush()  # its outputs are out before a snapshot says they were made
+            atomic_save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
+                         "finished": state["finished"]}, os.path.join(snapshots, f"snapshot-{st.fm.version:010d}.pt"))
 
     async def publish(st: FMStage) -> None:
         label_ts = {}
         for out in st.drain():
             for ex in out["augmented"]:
                 label_ts[ex["id"]] = ex["label_ts"]
-            for ex in out["augmented"]:
                 await topics["examples.augmented"].send(key=ex["user"], value=ex)
             for user, ts, version, code, ident in out["embeddings"]:
                 await topics["fm.embeddings"].send(key=user, value={
@@ -83,31 +143,12 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     async def fm(stream):
         await start_stage()
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            st = state["stage"]
-            history, examples = [], []
-            for ev in events:
-                msg = ev.message
-                control = dict(ev.headers or {}).get(CONTROL_HEADER) if ev.headers else None
-                if control is not None:
-                    kind, p, *rest = (control.decode() if isinstance(control, bytes) else control).split(":")
-                    key = (msg.topic, msg.partition, int(p))
-                    marks[key] = float("inf") if kind == "end_of_log" else float(rest[0])
-                elif msg.topic == "history.events":
-                    history.append(tuple(orjson.loads(ev.value)))
-                else:
-                    examples.append(orjson.loads(ev.value))
-            st.feed_events(history)
-            st.feed_examples(examples)
-            wm = watermark()
-            if wm == float("inf"):
-                st.finish()
-                state["finished"] = True
-            else:
-                st.advance(wm)
-            await publish(st)
+            await handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
+                          for ev in events])
 
     @app.page("/fm/")
     async def fm_view(web, request):
         st = state["stage"]
         return web.json({"finished": state["finished"], "models": st.report() if st else {},
-                         "counts": st.counts if st else {}, "rebuilt": state["rebuilt"], "ready": st is not None})
+                         "counts": st.counts if st else {}, "rebuilt": state["rebuilt"], "restored": state["restored"],
+                         "snapshot_at": state["snapshot_at"], "ready": st is not None})

@@ -92,6 +92,7 @@ def test_flops_and_parameters_are_reported():
     m = FoundationModel(SMALL)
     flops = flops_per_example(m.encoder, {"impression": 8, "click": 8})
     assert flops > 0 and param_count(m) > param_count(m.encoder) > 0
+    assert m.flops_per_example() > flops  # the dense layers come on top of the history encoder
 
 
 def test_config_errors_name_the_field():

@@ -4,9 +4,10 @@ the published snapshots, and the history it writes is read strictly before each 
 import random
 
 import pytest
+import torch
 
 from loopline.model.pipeline import FMStage, FMStageConfig
-from loopline.model.trainer import TrainerConfig
+from loopline.model.trainer import TrainerConfig, atomic_save
 from loopline.state.history import HistoryStore
 
 from .test_fm import SMALL
@@ -124,3 +125,22 @@ def test_streaming_feed_and_advance_gives_the_numbers_of_one_pass(tmp_path):
         st.advance(now - 1)  # a watermark: nothing at or before it is still to come
     st.finish()
     assert st.report() == one.report()
+
+
+def test_a_stage_restored_from_its_snapshot_continues_exactly(tmp_path):
+    exs = sorted(examples(500, seed=5), key=lambda e: e["label_ts"])
+    one = stage(tmp_path, "whole")
+    one.run(exs)
+    first, rest = exs[:260], exs[260:]
+    a = stage(tmp_path, "a")
+    a.feed_events((e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]) for e in exs)
+    a.feed_examples(first)
+    a.advance(first[-1]["label_ts"] - 1)
+    path = atomic_save(a.state_dict(), str(tmp_path / "snap" / "stage.pt"))
+    b = stage(tmp_path, "a2")  # a new process; its history is the same store's contents
+    b.history.close()
+    b.history = a.history
+    b.load_state_dict(torch.load(path, weights_only=True))
+    b.feed_examples(rest)
+    b.finish()
+    assert b.report() == one.report()
