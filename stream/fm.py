@@ -43,6 +43,7 @@ __all__ = ["register_fm"]
 BATCH = 4000
 BATCH_WITHIN_S = 0.1
 SNAPSHOT_EVERY = 20  # training steps between snapshots of the whole stage
+KEEP_SNAPSHOTS = 2  # the newest ones; older ones are deleted
 
 
 def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
@@ -69,7 +70,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             state["restored"] = os.path.basename(path)
         state["stage"] = stage
         # catch up on everything after the snapshot (or from the start), whatever Faust has committed:
-        # the stage, not the consumer group, knows what it has seen
+        # the stage, not the consumer group, knows what it has seen. (This reads the input topics whole,
+        # in memory: fine for replays and the topic sizes here, a seek per partition at larger scale.)
         backlog = []
         for name in ("history.events", "examples"):
             for m in await read_topic(cfg.broker, name, cfg.partitions):
@@ -127,6 +129,9 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
             atomic_save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
                          "finished": state["finished"]}, os.path.join(snapshots, f"snapshot-{st.fm.version:010d}.pt"))
+            for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:  # each is tens of MB
+                if old.startswith("snapshot-"):
+                    os.remove(os.path.join(snapshots, old))
 
     async def publish(st: FMStage) -> None:
         label_ts = {}
