@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from loopline.state.attribution import STAT_NAMES
-from loopline.stream.app import CONTROL_HEADER, read_topic
+from loopline.stream.app import CONTROL_HEADER, control_of, read_topic
 
 from .evaluate import summarize
 from .eventlog import LogRecord, partition_for
@@ -94,10 +94,9 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
             break
         prev = (len(examples), len(dead))
         await asyncio.sleep(0.5)
+    examples = [m for m in examples if control_of(m.headers) is None]  # not the fm role's watermarks
     seen_ex: dict[str, int] = {}
     for m in examples:
-        if any(k == CONTROL_HEADER for k, _ in m.headers or ()):
-            continue  # watermarks and end-of-log marks for the fm role
         ex = orjson.loads(m.value)
         seen_ex.setdefault(ex["id"], ex["label"])
     seen_dl: dict[tuple, str] = {}
@@ -109,6 +108,5 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
         by_reason[reason] = by_reason.get(reason, 0) + 1
     attribution = {k: sum(s["attribution"].get(k, 0) for s in statuses.values()) for k in STAT_NAMES}
     out = summarize(read, by_reason, len(seen_ex), sum(seen_ex.values()), attribution)
-    n_examples = sum(1 for m in examples if not any(k == CONTROL_HEADER for k, _ in m.headers or ()))
-    out["duplicates_removed"] = {"examples": n_examples - len(seen_ex), "deadletter": len(dead) - len(seen_dl)}
+    out["duplicates_removed"] = {"examples": len(examples) - len(seen_ex), "deadletter": len(dead) - len(seen_dl)}
     return out

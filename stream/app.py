@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from loopline.state.attribution import AttributionConfig
 from loopline.state.errors import ConfigError
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic"]
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "control_of"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
 TOPICS = {
@@ -37,6 +37,17 @@ CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every windo
 # partition of `examples` and `history.events`
 
 ROLES = ("all", "ingest", "fm")
+
+
+def control_of(headers) -> str | None:
+    """The control mark a message carries (``CONTROL_HEADER``), or None for a data message. Headers
+    come as a list of pairs (aiokafka) or a mapping (Faust)."""
+    if not headers:
+        return None
+    for k, v in (headers.items() if hasattr(headers, "items") else headers):
+        if k == CONTROL_HEADER:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
 
 
 @dataclass

@@ -36,7 +36,7 @@ from loopline.model.pipeline import FMStage
 from loopline.model.trainer import atomic_save, latest_snapshot
 from loopline.state.history import HistoryStore
 
-from .app import CONTROL_HEADER, WorkerConfig, read_topic
+from .app import WorkerConfig, control_of, read_topic
 
 __all__ = ["register_fm"]
 
@@ -56,10 +56,16 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed to the stage
 
     async def start_stage() -> None:
+        # the inputs, read whole once: for a rebuild and for the catch-up below (in memory: fine for
+        # replays and the topic sizes here; a seek per partition at larger scale)
+        inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in ("history.events", "examples")}
         history = HistoryStore(os.path.join(cfg.data_dir, "fm-history"))
         path = latest_snapshot(snapshots)
-        if path is None and next(history.raw_items(), None) is None:
-            state["rebuilt"] = await rebuild(history)
+        # No snapshot: the stage starts over and its replay of the inputs writes the store again, as it
+        # was. A snapshot but no store (the snapshots came to a new machine): rebuild the store from the
+        # topics, then resume.
+        if path is not None and next(history.raw_items(), None) is None:
+            state["rebuilt"] = await rebuild(history, inputs)
         stage = FMStage(history)
         if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
             snap = torch.load(path, weights_only=True)
@@ -70,22 +76,17 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             state["restored"] = os.path.basename(path)
         state["stage"] = stage
         # catch up on everything after the snapshot (or from the start), whatever Faust has committed:
-        # the stage, not the consumer group, knows what it has seen. (This reads the input topics whole,
-        # in memory: fine for replays and the topic sizes here, a seek per partition at larger scale.)
-        backlog = []
-        for name in ("history.events", "examples"):
-            for m in await read_topic(cfg.broker, name, cfg.partitions):
-                backlog.append((m.topic, m.partition, m.offset, m.headers, m.value))
-        await handle(backlog)
+        # the stage, not the consumer group, knows what it has seen
+        await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for msgs in inputs.values() for m in msgs])
 
-    async def rebuild(history: HistoryStore) -> dict:
+    async def rebuild(history: HistoryStore, inputs: dict) -> dict:
         """A worker with an empty store (a new machine) re-creates it from the topics, in the order the
         stage wrote it: raw events by (time, id), codes by the examples' canonical order."""
         def data(msgs):
-            return [orjson.loads(m.value) for m in msgs if not any(k == CONTROL_HEADER for k, _ in m.headers or ())]
-        events = [tuple(v) for v in data(await read_topic(cfg.broker, "history.events", cfg.partitions))]
+            return [orjson.loads(m.value) for m in msgs if control_of(m.headers) is None]
+        events = [tuple(v) for v in data(inputs["history.events"])]
         events += [(e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click")
-                   for e in data(await read_topic(cfg.broker, "examples", cfg.partitions)) if e["label"]]
+                   for e in data(inputs["examples"]) if e["label"]]
         events.sort(key=lambda r: (r[1], r[5]))
         codes = sorted(data(await read_topic(cfg.broker, "fm.embeddings", cfg.partitions)),
                        key=lambda c: (c["label_ts"], c["id"]))
@@ -107,9 +108,9 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             if offset < fed.get(tp, 0):
                 continue  # already in the stage (before the snapshot, or in the catch-up)
             fed[tp] = offset + 1
-            control = dict(headers or ()).get(CONTROL_HEADER)
+            control = control_of(headers)
             if control is not None:
-                kind, p, *rest = (control.decode() if isinstance(control, bytes) else control).split(":")
+                kind, p, *rest = control.split(":")
                 marks[f"{tp}/{int(p)}"] = float("inf") if kind == "end_of_log" else float(rest[0])
             elif topic == "history.events":
                 history.append(tuple(orjson.loads(value)))

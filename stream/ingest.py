@@ -22,7 +22,7 @@ from faust.streams import _current_event  # the context Faust tables use to pick
 
 from loopline.state.ingest import IngestCore
 
-from .app import CONTROL_HEADER, WorkerConfig
+from .app import CONTROL_HEADER, WorkerConfig, control_of
 
 __all__ = ["register_ingest"]
 
@@ -30,16 +30,6 @@ log = logging.getLogger("loopline.ingest")
 
 BATCH = 2000  # events per batch at most
 BATCH_WITHIN_S = 0.05  # and at most this long a wait for a batch to fill
-
-
-def _control(headers) -> str | None:
-    if not headers:
-        return None
-    items = headers.items() if hasattr(headers, "items") else headers
-    for k, v in items:
-        if k == CONTROL_HEADER:
-            return v.decode() if isinstance(v, bytes) else str(v)
-    return None
 
 
 @contextmanager
@@ -114,7 +104,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                         core = cores[p] = IngestCore(table, p, cfg.attribution, history=True)
                         outs.extend(core.unacked())
                     for ev in evs:
-                        control = _control(ev.headers)
+                        control = control_of(ev.headers)
                         if control is None:
                             outs.extend(core.handle(ev.value, ev.message.offset))
                         elif control.startswith("end_of_log"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import pytest
@@ -35,18 +36,33 @@ def test_fm_worker_metrics_and_das_outputs_match_evaluate(broker, start_worker, 
     assert len(augmented) == expected["fm_stage"]["augmented"]
     assert len(embeddings) == expected["fm_stage"]["embeddings"]
 
-    # a worker on another machine (an empty data dir) rebuilds the same history store from the topics
     assert w.stop() == "stopped on SIGTERM"
+
+    # another machine with nothing: it starts over from the topics and ends with the same store
     w2 = start_worker("w2")
-    deadline = time.monotonic() + 120
-    while not (w2.view("/fm/") or {}).get("ready"):
+    deadline = time.monotonic() + 300
+    while not (w2.view("/fm/") or {}).get("finished"):
         assert time.monotonic() < deadline and w2.proc.poll() is None, w2.tail()
         time.sleep(0.5)
-    assert w2.view("/fm/")["rebuilt"]["embeddings"]["appended"] == expected["fm_stage"]["embeddings"]
+    assert w2.view("/fm/")["models"] == expected["models"]
     assert w2.stop() == "stopped on SIGTERM"
-    with HistoryStore(str(tmp_path / "w1" / "fm-history")) as a, HistoryStore(str(tmp_path / "w2" / "fm-history")) as b:
-        assert list(a.raw_items()) == list(b.raw_items())
-        assert len(list(a.raw_items(EMBEDDING))) > 0
+
+    # another machine with the snapshots but no history store rebuilds the store from the topics
+    shutil.copytree(tmp_path / "w1" / "fm-snapshots", tmp_path / "w3" / "fm-snapshots")
+    w3 = start_worker("w3")
+    deadline = time.monotonic() + 120
+    while not (w3.view("/fm/") or {}).get("ready"):
+        assert time.monotonic() < deadline and w3.proc.poll() is None, w3.tail()
+        time.sleep(0.5)
+    assert w3.view("/fm/")["rebuilt"]["embeddings"]["appended"] == expected["fm_stage"]["embeddings"]
+    assert w3.stop() == "stopped on SIGTERM"
+    stores = [HistoryStore(str(tmp_path / w / "fm-history")) for w in ("w1", "w2", "w3")]
+    try:
+        items = [list(h.raw_items()) for h in stores]
+        assert items[0] == items[1] == items[2] and len(list(stores[0].raw_items(EMBEDDING))) > 0
+    finally:
+        for h in stores:
+            h.close()
 
 
 def test_fm_worker_killed_after_a_snapshot_resumes_to_the_same_numbers(broker, start_worker, tmp_path):
