@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from loopline.state.attribution import AttributionConfig
 from loopline.state.errors import ConfigError
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "control_of"]
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "control_of", "group_id"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
 TOPICS = {
@@ -37,6 +37,16 @@ CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every windo
 # partition of `examples` and `history.events`
 
 ROLES = ("all", "ingest", "fm")
+# Roles whose input topics another role also reads get a consumer group of their own (see group_id).
+OWN_GROUP_ROLES: tuple = ()
+
+
+def group_id(cfg: "WorkerConfig") -> str:
+    """The Faust app id (= Kafka consumer group) of a worker. Members of one group split every topic
+    they subscribe to, so a role that reads a topic another role also reads (vm and monitor both read
+    ``examples.augmented``) runs as ``<app id>-<role>``: it then sees every partition of that topic, and
+    several members of that one role still split the partitions among themselves."""
+    return f"{cfg.app_id}-{cfg.role}" if cfg.role in OWN_GROUP_ROLES else cfg.app_id
 
 
 def control_of(headers) -> str | None:
@@ -129,7 +139,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     """A configured Faust app with Loopline's topics and the role's agents registered."""
     os.makedirs(cfg.data_dir, exist_ok=True)
     app = faust.App(
-        cfg.app_id,
+        group_id(cfg),
         broker=f"kafka://{cfg.broker}",
         store=cfg.store,
         datadir=cfg.data_dir,
