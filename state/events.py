@@ -1,7 +1,8 @@
-"""The event contract: parse and validate one JSONL line into an :class:`Impression` or :class:`Conversion`.
+"""The event contract: parse and validate one JSONL line into an :class:`Impression`, a :class:`Conversion`,
+a :class:`SegmentAssertion` or a :class:`TruthReport`.
 
-Public surface: ``Impression``, ``Conversion``, ``EventLimits``, ``parse_event``, ``event_key``,
-``REASONS``.
+Public surface: ``Impression``, ``Conversion``, ``SegmentAssertion``, ``TruthReport``, ``EventLimits``,
+``parse_event``, ``event_key``, ``REASONS``.
 
 Every rejection raises :class:`~loopline.state.errors.InvalidEvent` with a short ``reason`` code from
 ``REASONS`` (a bounded set, so dead-letter counts stay readable) and a detail that names the field.
@@ -27,7 +28,8 @@ import orjson
 
 from .errors import InvalidEvent
 
-__all__ = ["Impression", "Conversion", "EventLimits", "parse_event", "event_key", "REASONS"]
+__all__ = ["Impression", "Conversion", "SegmentAssertion", "TruthReport", "EventLimits", "parse_event", "event_key",
+           "REASONS"]
 
 # Every reason code an event can be dead-lettered with (ingest adds the two duplicate reasons).
 REASONS = (
@@ -79,6 +81,58 @@ class Conversion:
     def to_dict(self) -> dict:
         return {"type": "conversion", "id": self.id, "ts": self.ts, "impression": self.impression,
                 "kind": self.kind, "value": self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentAssertion:
+    """A data source asserts that a user is in a segment (data-source quality, papers.md section 5)."""
+
+    source: str
+    user: str
+    segment: str
+    ts: float
+
+    type = "segment"
+
+    def to_dict(self) -> dict:
+        return {"type": "segment", "source": self.source, "user": self.user, "segment": self.segment,
+                "ts": self.ts}
+
+
+@dataclass(frozen=True, slots=True)
+class TruthReport:
+    """Aggregate ground truth: ``fraction`` of campaign ``campaign``'s impressions reached users truly in
+    ``segment``, measured on ``impressions`` impressions (the measurement's sample size)."""
+
+    campaign: str
+    segment: str
+    fraction: float
+    impressions: int
+    ts: float
+
+    type = "truth"
+
+    def to_dict(self) -> dict:
+        return {"type": "truth", "campaign": self.campaign, "segment": self.segment,
+                "fraction": self.fraction, "impressions": self.impressions, "ts": self.ts}
+
+
+def _truth(obj: dict, limits: "EventLimits") -> TruthReport:
+    if "fraction" not in obj:
+        raise InvalidEvent("missing_field", "field 'fraction' is required")
+    if "impressions" not in obj:
+        raise InvalidEvent("missing_field", "field 'impressions' is required")
+    f, n = obj["fraction"], obj["impressions"]
+    if isinstance(f, bool) or not isinstance(f, (int, float)):
+        raise InvalidEvent("wrong_type", f"field 'fraction' must be a number, got {type(f).__name__}")
+    if not math.isfinite(f) or not 0 <= f <= 1:
+        raise InvalidEvent("bad_value", f"field 'fraction' must be in [0, 1], got {f!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or (isinstance(n, float) and not n.is_integer()):
+        raise InvalidEvent("wrong_type", f"field 'impressions' must be an integer, got {n!r}")
+    if n < 1:
+        raise InvalidEvent("bad_value", f"field 'impressions' must be >= 1, got {n!r}")
+    return TruthReport(campaign=_str(obj, "campaign", limits), segment=_str(obj, "segment", limits),
+                       fraction=float(f), impressions=int(n), ts=_ts(obj))
 
 
 def _depth_exceeds(raw: bytes, limit: int) -> bool:
@@ -149,7 +203,8 @@ def _str_map(obj: dict, name: str, limits: EventLimits) -> dict:
     return out
 
 
-def parse_event(raw: bytes | str, limits: EventLimits = EventLimits()) -> Impression | Conversion:
+def parse_event(raw: bytes | str, limits: EventLimits = EventLimits()
+                ) -> Impression | Conversion | SegmentAssertion | TruthReport:
     """Parse one line of the event log; raise :class:`InvalidEvent` naming the reason and field."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
@@ -186,9 +241,14 @@ def parse_event(raw: bytes | str, limits: EventLimits = EventLimits()) -> Impres
                                "field 'value' must be a finite number")
         return Conversion(id=_str(obj, "id", limits), ts=_ts(obj), impression=_str(obj, "impression", limits),
                           kind=_str(obj, "kind", limits), value=float(value))
+    if kind == "segment":
+        return SegmentAssertion(source=_str(obj, "source", limits), user=_str(obj, "user", limits),
+                                segment=_str(obj, "segment", limits), ts=_ts(obj))
+    if kind == "truth":
+        return _truth(obj, limits)
     if "type" not in obj:
         raise InvalidEvent("missing_field", "field 'type' is required")
-    raise InvalidEvent("unknown_type", f"field 'type' is {str(kind)[:40]!r}; expected impression or conversion")
+    raise InvalidEvent("unknown_type", f"field 'type' is {str(kind)[:40]!r}; expected impression, conversion, segment or truth")
 
 
 def event_key(raw: bytes) -> tuple[bytes | None, float | None]:

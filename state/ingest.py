@@ -60,6 +60,11 @@ def output_id(o: Output) -> str:
         return "x:" + o.value["id"]
     if o.kind == "history":
         return "h:" + o.value[5]
+    if o.kind == "audience":
+        v = o.value
+        if v["type"] == "impression" and "id" in v:
+            return "a:" + v["id"]
+        return "a:" + ":".join(str(v.get(k)) for k in ("type", "source", "campaign", "user", "segment", "ts"))
     return "d:" + ":".join(str(x) for x in (o.value["src"] if isinstance(o.value["src"], list) else [o.value["src"]]))
 
 
@@ -103,9 +108,12 @@ class IngestCore:
 
     def __init__(self, store: MutableMapping, partition: int = 0,
                  cfg: AttributionConfig = AttributionConfig(), limits: EventLimits = EventLimits(),
-                 history: bool = False):
+                 history: bool = False, audience: bool = False):
         self.partition = partition
         self.history = history  # also output each accepted impression for the FM's history, at event time
+        # also output to the user-keyed `audience` topic (reach and quality): each accepted impression,
+        # segment assertions (keyed by user) and truth reports (keyed by campaign)
+        self.audience = audience
         self.limits = limits
         self.store = store
         self.overlay = _Overlay(store)
@@ -182,6 +190,12 @@ class IngestCore:
         except InvalidEvent as exc:
             meta["read"] += 1
             return [self._deadletter(exc.reason, exc.detail, raw, src)]
+        if ev.type in ("segment", "truth"):  # for the quality fit only: not part of the attribution join
+            meta["read"] += 1
+            meta["accepted"] += 1
+            if not self.audience:
+                return []
+            return [Output("audience", ev.user if ev.type == "segment" else ev.campaign, ev.to_dict())]
         outs = self.join.process(ev, src)
         meta["read"] += 1
         if any(o.kind == "deadletter" for o in outs):
@@ -189,6 +203,10 @@ class IngestCore:
         meta["accepted"] += 1
         if self.history and ev.type == "impression":
             outs.insert(0, Output("history", ev.user, [ev.user, ev.ts, ev.ad, ev.campaign, "impression", ev.id]))
+        if self.audience and ev.type == "impression":
+            outs.insert(0, Output("audience", ev.user, {"type": "impression", "id": ev.id, "user": ev.user,
+                                                        "ts": ev.ts, "campaign": ev.campaign,
+                                                        "attrs": ev.attrs}))
         return outs
 
     def watermark(self) -> float:

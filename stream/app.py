@@ -31,12 +31,14 @@ TOPICS = {
     "history.events": "raw events for the FM's user history, at event time, keyed by user",
     "examples.augmented": "examples with the published FM snapshot's soft label and version (DAS)",
     "fm.embeddings": "LoopFM codes: user, ts, FM version, code, example id; keyed by user",
+    "audience": "for reach and quality (JSON): accepted impressions and segment assertions keyed by user, "
+                "truth reports keyed by campaign",
 }
 CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every window of that partition;
 # to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
 # partition of `examples` and `history.events`
 
-ROLES = ("all", "ingest", "fm")
+ROLES = ("all", "ingest", "fm", "reach")
 # Roles whose input topics another role also reads get a consumer group of their own (see group_id).
 OWN_GROUP_ROLES: tuple = ()
 
@@ -172,4 +174,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     if cfg.role in ("all", "fm"):
         from .fm import register_fm
         register_fm(app, cfg)
+    if cfg.role in ("all", "reach"):
+        from .quality import register_quality
+        register_quality(app, cfg)
     return app

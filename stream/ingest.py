@@ -74,7 +74,8 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
 
     async def send(core: IngestCore, outs) -> None:
         for o in outs:
-            topic = topics[{"example": "examples", "history": "history.events"}.get(o.kind, "deadletter")]
+            topic = topics[{"example": "examples", "history": "history.events",
+                           "audience": "audience"}.get(o.kind, "deadletter")]
             # sent at once (not attached to the input's commit); the outbox covers a crash
             fut = await topic.send(key=o.key, value=o.value)
             sent["sent"] += 1
@@ -101,7 +102,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     core = cores.get(p)
                     outs, controls = [], []
                     if core is None:  # first batch since (re)assignment: re-send what may be lost
-                        core = cores[p] = IngestCore(table, p, cfg.attribution, history=True)
+                        core = cores[p] = IngestCore(table, p, cfg.attribution, history=True, audience=True)
                         outs.extend(core.unacked())
                     for ev in evs:
                         control = control_of(ev.headers)

@@ -29,7 +29,7 @@ def line(**kw):
 
 async def test_agent_labels_dead_letters_and_closes_at_end_of_log(tmp_path):
     app = build_app(WorkerConfig(store="memory://", data_dir=str(tmp_path), partitions=2, role="ingest"))
-    sinks = {name: Recorder() for name in ("examples", "deadletter", "ingest.status", "history.events")}
+    sinks = {name: Recorder() for name in ("examples", "deadletter", "ingest.status", "history.events", "audience")}
     app.loopline_topics.update(sinks)
     agent = app.agents["ingest"]
     async with agent.test_context() as ag:
@@ -42,6 +42,9 @@ async def test_agent_labels_dead_letters_and_closes_at_end_of_log(tmp_path):
     examples = {v[1]["id"]: (v[0], v[1]["label"]) for v in sinks["examples"].sent if v[0] != "control"}
     assert examples == {"i1": ("u1", 1), "i2": ("u2", 0)}
     assert [v["reason"] for _, v in sinks["deadletter"].sent] == ["bad_json"]
+    # reach and quality read every accepted impression from `audience`, keyed by user
+    assert [(k, v["type"], v["campaign"]) for k, v in sinks["audience"].sent] == [("u1", "impression", "c"),
+                                                                                  ("u2", "impression", "c")]
     # the fm role's inputs: impressions at event time, then this partition's end of log on every partition
     history = [v for v in sinks["history.events"].sent if v[0] != "control"]
     assert [(k, v[4], v[5]) for k, v in history] == [("u1", "impression", "i1"), ("u2", "impression", "i2")]

@@ -1,0 +1,387 @@
+"""Data-source quality: how well a source's segment labels match aggregate-only ground truth.
+
+Public surface: ``QualityConfig``, ``fit_ls``, ``bootstrap_ls``, ``fit_em``, ``em_intervals``,
+``campaign_table``, ``assess``, ``adjust_reach``, ``METHODS``, ``VERDICTS``.
+
+The model (papers.md section 5). For a source ``s`` and segment ``g``, campaign ``c`` has a labelled
+fraction ``q_c`` (its impressions whose user ``s`` puts in ``g``; ``state/quality_counts.py``) and a
+truth report: the measured true fraction ``p_c`` from ``n_c`` measured impressions. With
+``a = P(truly in | labelled in)`` and ``b = P(truly in | labelled out)``, constant across campaigns,
+
+    p_c = a q_c + b (1 - q_c),  a, b in [0, 1].
+
+a and b are identifiable only when q_c varies across campaigns. Two fits:
+
+* ``ls``: impression-weighted least squares, min sum_c n_c (p_c - a q_c - b (1 - q_c))^2 over the box
+  [0, 1]^2 (exact: the unconstrained 2x2 solution when inside, else the best of the four edges, each a
+  clipped 1-D solution), with percentile intervals from a bootstrap over campaigns (vectorized: every
+  replicate's weighted sums are one matrix product).
+* ``em``: the binomial likelihood k_c ~ Binomial(n_c, a q_c + b (1 - q_c)) maximized by EM (the latent
+  split of each campaign's measured in/out counts between labelled and unlabelled impressions; every
+  step stays in the box), with Wald intervals from the Fisher information inflated by the Pearson
+  dispersion (>= 1): the reports vary more than binomially when users, not impressions, are the unit.
+
+Similarity figures: Pearson correlation of q_c and p_c (plain and impression-weighted), implied
+precision = a, recall = P(labelled | truly in) = a qbar / (a qbar + b (1 - qbar)) at the
+impression-weighted mean labelled fraction qbar, lift = a / b (null when b = 0), and the gap a - b.
+
+Verdict (from the ``ls`` fit and its bootstrap interval of the gap at ``coverage``): ``good`` (gap's lower
+bound >= ``good_gap``), ``weak`` (gap > 0 but not good), ``uninformative`` (the interval holds 0),
+``adversarial`` (upper bound < 0: the label points away from the segment); and, without a fit,
+``no_truth`` (no usable truth report for the segment), ``too_few_campaigns``, ``labels_nobody``,
+``labels_everyone``, ``no_spread`` (q_c does not vary enough to separate a from b). Sources are ranked
+by the gap (the slope of p on q).
+
+>>> import numpy as np
+>>> q = np.array([0.2, 0.5, 0.8]); p = 0.9 * q + 0.1 * (1 - q)
+>>> a, b = fit_ls(q, p, np.ones(3)); (round(a, 6), round(b, 6))
+(0.9, 0.1)
+>>> a, b, _ = fit_em(q, p, np.full(3, 1000.0)); (round(a, 4), round(b, 4))
+(0.9, 0.1)
+>>> r = adjust_reach(1000, (900, 1100), 0.8, (0.8, 0.8))
+>>> r["users"], r["users_ci"]
+(800.0, [720.0, 880.0])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from loopline.state.errors import ConfigError
+
+__all__ = ["QualityConfig", "fit_ls", "bootstrap_ls", "fit_em", "em_intervals", "campaign_table", "assess",
+           "adjust_reach", "METHODS", "VERDICTS"]
+
+METHODS = ("ls", "em")
+VERDICTS = ("good", "weak", "uninformative", "adversarial", "no_truth", "too_few_campaigns", "labels_nobody",
+            "labels_everyone", "no_spread")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Settings of the quality fit; a bad one raises ConfigError naming the field."""
+
+    coverage: float = 0.95  # of every interval
+    bootstrap: int = 400  # ls bootstrap replicates (percentile intervals)
+    seed: int = 0  # of the bootstrap resampling
+    min_impressions: int = 50  # a campaign needs this many impressions in the log for its q_c to count
+    min_report_impressions: int = 30  # and a truth report measured on at least this many impressions
+    min_campaigns: int = 4  # usable campaigns per (source, segment); two parameters need spare ones
+    min_spread: float = 0.02  # impression-weighted sd of q_c below which a and b cannot be separated
+    good_gap: float = 0.3  # verdict "good" when the gap a - b is at least this with `coverage`
+    em_max_iter: int = 5000
+    em_tol: float = 1e-10  # stop when a and b move less than this in one EM step
+
+    def __post_init__(self):
+        if not (isinstance(self.coverage, (int, float)) and 0.5 <= self.coverage < 1):
+            raise ConfigError(f"coverage: must be in [0.5, 1), got {self.coverage!r}")
+        for name, lo in (("bootstrap", 20), ("min_impressions", 1), ("min_report_impressions", 1),
+                         ("min_campaigns", 3), ("em_max_iter", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name}: must be an integer >= {lo}, got {v!r}")
+        for name in ("min_spread", "good_gap", "em_tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name}: must be a finite number >= 0, got {v!r}")
+
+    @property
+    def z(self) -> float:
+        return NormalDist().inv_cdf((1 + self.coverage) / 2)
+
+
+# -- least squares -----------------------------------------------------------------------------------
+def _check(q, p, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q, p, w = (np.asarray(x, dtype=float) for x in (q, p, w))
+    if not (q.shape == p.shape == w.shape and q.ndim == 1):
+        raise ConfigError(f"q: q, p and weights must be 1-D of one length, got {q.shape}, {p.shape}, {w.shape}")
+    for name, x in (("q", q), ("p", p)):
+        if not np.all(np.isfinite(x)) or np.any(x < 0) or np.any(x > 1):
+            raise ConfigError(f"{name}: fractions must lie in [0, 1]")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ConfigError("weights: must be finite and >= 0")
+    return q, p, w
+
+
+def _box_ls(sqq, sqr, srr, sqp, srp) -> tuple[float, float]:
+    """argmin over [0,1]^2 of a^2 sqq + 2ab sqr + b^2 srr - 2a sqp - 2b srp (the weighted LS objective
+    less its constant), from the weighted sums."""
+    def f(a, b):
+        return a * a * sqq + 2 * a * b * sqr + b * b * srr - 2 * a * sqp - 2 * b * srp
+
+    det = sqq * srr - sqr * sqr
+    if det > 1e-12 * max(sqq * srr, 1e-300):
+        a = (srr * sqp - sqr * srp) / det
+        b = (sqq * srp - sqr * sqp) / det
+        if 0 <= a <= 1 and 0 <= b <= 1:
+            return float(a), float(b)
+    cands = []
+    for a in (0.0, 1.0):
+        cands.append((a, min(1.0, max(0.0, (srp - a * sqr) / srr)) if srr > 0 else 0.0))
+    for b in (0.0, 1.0):
+        cands.append((min(1.0, max(0.0, (sqp - b * sqr) / sqq)) if sqq > 0 else 0.0, b))
+    a, b = min(cands, key=lambda ab: f(*ab))
+    return float(a), float(b)
+
+
+def _sums(q, p, w) -> np.ndarray:
+    """Per campaign, the five terms whose weighted sums define the LS problem: (C, 5)."""
+    r = 1 - q
+    return np.stack([w * q * q, w * q * r, w * r * r, w * q * p, w * r * p], axis=1)
+
+
+def fit_ls(q, p, w) -> tuple[float, float]:
+    """Constrained weighted least squares: (a, b) in [0, 1]^2 minimizing sum w (p - a q - b (1-q))^2."""
+    q, p, w = _check(q, p, w)
+    return _box_ls(*_sums(q, p, w).sum(axis=0))
+
+
+def bootstrap_ls(q, p, w, replicates: int = 400, seed: int = 0) -> np.ndarray:
+    """``(replicates, 2)`` LS fits on campaigns resampled with replacement."""
+    q, p, w = _check(q, p, w)
+    rng = np.random.default_rng(seed)
+    n = q.size
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(float)  # (B, C)
+    s = counts @ _sums(q, p, w)  # (B, 5)
+    sqq, sqr, srr, sqp, srp = s.T
+    det = sqq * srr - sqr * sqr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = (srr * sqp - sqr * srp) / det
+        b = (sqq * srp - sqr * sqp) / det
+    ok = (det > 1e-12 * np.maximum(sqq * srr, 1e-300)) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)
+    out = np.stack([a, b], axis=1)
+    for i in np.flatnonzero(~ok):  # outside the box or singular: the exact constrained solution
+        out[i] = _box_ls(*s[i])
+    return out
+
+
+# -- binomial likelihood by EM -------------------------------------------------------------------------
+def fit_em(q, p, n, max_iter: int = 5000, tol: float = 1e-10) -> tuple[float, float, int]:
+    """Maximum-likelihood (a, b) of k_c = p_c n_c ~ Binomial(n_c, a q_c + b (1 - q_c)) by EM.
+
+    Latent: of the k_c measured-in impressions, x_c were labelled; of the n_c - k_c measured-out, y_c.
+    E-step: x_c = k_c a q_c / (a q_c + b r_c), y_c = (n_c - k_c) (1-a) q_c / ((1-a) q_c + (1-b) r_c);
+    M-step: a = sum x / sum (x + y), b = sum (k - x) / sum (n - x - y). Starts at a = b = the pooled
+    fraction. Returns (a, b, iterations)."""
+    q, p, n = _check(q, p, n)
+    k, r = p * n, 1 - q
+    a = b = float(k.sum() / n.sum()) if n.sum() > 0 else 0.5
+    a, b = min(max(a, 1e-3), 1 - 1e-3), min(max(b, 1e-3), 1 - 1e-3)  # off the boundary, or EM sticks there
+    it = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for it in range(1, max_iter + 1):
+            pin = a * q + b * r
+            pout = (1 - a) * q + (1 - b) * r
+            x = np.where(pin > 0, k * a * q / pin, 0.0)
+            y = np.where(pout > 0, (n - k) * (1 - a) * q / pout, 0.0)
+            lab, unl = (x + y).sum(), (n - x - y).sum()
+            a2 = float(x.sum() / lab) if lab > 0 else a
+            b2 = float((k - x).sum() / unl) if unl > 0 else b
+            done = abs(a2 - a) < tol and abs(b2 - b) < tol
+            a, b = a2, b2
+            if done:
+                break
+    return a, b, it
+
+
+def em_intervals(q, p, n, a: float, b: float, z: float) -> dict:
+    """Wald intervals of a, b and the gap from the binomial Fisher information, the covariance
+    inflated by the Pearson dispersion max(1, chi2 / (C - 2)); intervals clipped to [0, 1]
+    ([-1, 1] for the gap)."""
+    q, p, n = _check(q, p, n)
+    r = 1 - q
+    mu = np.clip(a * q + b * r, 1e-9, 1 - 1e-9)
+    wt = n / (mu * (1 - mu))
+    info = np.array([[np.sum(wt * q * q), np.sum(wt * q * r)], [np.sum(wt * q * r), np.sum(wt * r * r)]])
+    dof = q.size - 2
+    disp = max(1.0, float(np.sum(n * (p - mu) ** 2 / (mu * (1 - mu))) / dof)) if dof > 0 else 1.0
+    try:
+        cov = np.linalg.inv(info) * disp
+    except np.linalg.LinAlgError:
+        return {"a_ci": None, "b_ci": None, "gap_ci": None, "dispersion": disp}
+    sa, sb = math.sqrt(max(cov[0, 0], 0)), math.sqrt(max(cov[1, 1], 0))
+    sg = math.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0))
+    return {"a_ci": [max(0.0, a - z * sa), min(1.0, a + z * sa)],
+            "b_ci": [max(0.0, b - z * sb), min(1.0, b + z * sb)],
+            "gap_ci": [max(-1.0, a - b - z * sg), min(1.0, a - b + z * sg)], "dispersion": disp}
+
+
+# -- from counts to a report -------------------------------------------------------------------------
+def campaign_table(agg: dict, source: str, segment: str, cfg: QualityConfig = QualityConfig()) -> dict:
+    """The campaigns usable for ``(source, segment)``: arrays ``campaigns, q, p, n`` and the reports
+    left out, by reason (``few_impressions``: the campaign has fewer than ``min_impressions`` in the
+    log; ``no_impressions``: none at all; ``small_report``: measured on fewer than
+    ``min_report_impressions``)."""
+    labelled = agg["labelled"].get(source, {}).get(segment, {})
+    camps, q, p, n = [], [], [], []
+    skipped = {"no_impressions": 0, "few_impressions": 0, "small_report": 0}
+    for c in sorted(agg["truth"]):
+        report = agg["truth"][c].get(segment)
+        if report is None:
+            continue
+        fraction, measured, _ = report
+        seen = agg["impressions"].get(c, 0)
+        if seen == 0:
+            skipped["no_impressions"] += 1
+        elif seen < cfg.min_impressions:
+            skipped["few_impressions"] += 1
+        elif measured < cfg.min_report_impressions:
+            skipped["small_report"] += 1
+        else:
+            camps.append(c)
+            q.append(labelled.get(c, 0) / seen)
+            p.append(fraction)
+            n.append(float(measured))
+    return {"campaigns": camps, "q": np.array(q), "p": np.array(p), "n": np.array(n), "skipped": skipped}
+
+
+def _pct(x: np.ndarray, cov: float) -> list[float]:
+    lo, hi = np.quantile(x, [(1 - cov) / 2, (1 + cov) / 2])
+    return [float(lo), float(hi)]
+
+
+def _corr(x, y, w) -> float | None:
+    mx, my = np.average(x, weights=w), np.average(y, weights=w)
+    vx, vy = np.average((x - mx) ** 2, weights=w), np.average((y - my) ** 2, weights=w)
+    if vx <= 0 or vy <= 0:
+        return None
+    return float(np.average((x - mx) * (y - my), weights=w) / math.sqrt(vx * vy))
+
+
+def _recall(a, b, qbar):
+    den = a * qbar + b * (1 - qbar)
+    return np.where(den > 0, a * qbar / np.where(den > 0, den, 1), 0.0)
+
+
+def _verdict(gap_ci: list[float], cfg: QualityConfig) -> str:
+    lo, hi = gap_ci
+    if hi < 0:
+        return "adversarial"
+    if lo <= 0:
+        return "uninformative"
+    return "good" if lo >= cfg.good_gap else "weak"
+
+
+def _r(x, nd=6):
+    return None if x is None else round(float(x), nd)
+
+
+def _assess_one(agg: dict, source: str, segment: str, cfg: QualityConfig, methods: tuple) -> dict:
+    t = campaign_table(agg, source, segment, cfg)
+    q, p, n = t["q"], t["p"], t["n"]
+    out = {"source": source, "segment": segment,
+           "labelled_users": agg["labelled_users"].get(source, {}).get(segment, 0),
+           "campaigns": len(t["campaigns"]), "skipped": t["skipped"], "verdict": None}
+    reports = sum(1 for c in agg["truth"].values() if segment in c)
+    if reports == 0:
+        return {**out, "verdict": "no_truth", "note": f"no truth report for segment {segment!r}"}
+    if len(q) < cfg.min_campaigns:
+        return {**out, "verdict": "too_few_campaigns",
+                "note": f"{len(q)} usable campaigns with truth reports (need {cfg.min_campaigns})"}
+    qbar = float(np.average(q, weights=n))
+    spread = float(math.sqrt(np.average((q - qbar) ** 2, weights=n)))
+    out.update(q_mean=_r(qbar), q_spread=_r(spread), correlation=_r(_corr(q, p, np.ones_like(q))),
+               correlation_weighted=_r(_corr(q, p, n)))
+    pbar = float(np.average(p, weights=n))
+    if qbar == 0:
+        return {**out, "verdict": "labels_nobody", "b": _r(pbar),
+                "note": "the source labels no impression of these campaigns: a is not identifiable; "
+                        "b is the pooled true fraction"}
+    if qbar == 1:
+        return {**out, "verdict": "labels_everyone", "a": _r(pbar),
+                "note": "the source labels every impression of these campaigns: b is not identifiable; "
+                        "a is the pooled true fraction"}
+    if spread < cfg.min_spread:
+        return {**out, "verdict": "no_spread",
+                "note": f"q_c varies too little across campaigns (sd {spread:.4f} < {cfg.min_spread}) "
+                        "to separate a from b"}
+    res = {}
+    if "ls" in methods:
+        t0 = time.perf_counter()
+        a, b = fit_ls(q, p, n)
+        boot = bootstrap_ls(q, p, n, cfg.bootstrap, cfg.seed)
+        ba, bb = boot[:, 0], boot[:, 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lifts = np.where(bb > 0, ba / bb, np.inf)
+        lift_ci = _pct(lifts, cfg.coverage) if np.all(np.isfinite(lifts)) else None
+        res["ls"] = {"a": a, "b": b, "a_ci": _pct(ba, cfg.coverage), "b_ci": _pct(bb, cfg.coverage),
+                     "gap_ci": _pct(ba - bb, cfg.coverage), "lift_ci": lift_ci,
+                     "recall_ci": _pct(_recall(ba, bb, qbar), cfg.coverage),
+                     "seconds": time.perf_counter() - t0}
+    if "em" in methods:
+        t0 = time.perf_counter()
+        a, b, iters = fit_em(q, p, n, cfg.em_max_iter, cfg.em_tol)
+        res["em"] = {"a": a, "b": b, **em_intervals(q, p, n, a, b, cfg.z), "iterations": iters,
+                     "converged": iters < cfg.em_max_iter, "seconds": time.perf_counter() - t0}
+    main = res["ls"] if "ls" in res else res["em"]
+    a, b = main["a"], main["b"]
+    gap_ci = main["gap_ci"] or [a - b, a - b]
+    out.update(method="ls" if "ls" in res else "em", a=_r(a), b=_r(b),
+               a_ci=[_r(x) for x in main["a_ci"]] if main["a_ci"] else None,
+               b_ci=[_r(x) for x in main["b_ci"]] if main["b_ci"] else None,
+               gap=_r(a - b), gap_ci=[_r(x) for x in gap_ci], precision=_r(a),
+               recall=_r(float(_recall(np.float64(a), np.float64(b), qbar))),
+               recall_ci=[_r(x) for x in main["recall_ci"]] if main.get("recall_ci") else None,
+               lift=_r(a / b) if b > 0 else None,
+               lift_ci=[_r(x) for x in main["lift_ci"]] if main.get("lift_ci") else None,
+               verdict=_verdict(gap_ci, cfg),
+               methods={m: {k: (_r(v) if isinstance(v, float) else
+                                [_r(x) for x in v] if isinstance(v, list) else v) for k, v in r.items()}
+                        for m, r in res.items()})
+    return out
+
+
+def assess(agg: dict, cfg: QualityConfig = QualityConfig(), methods: tuple = METHODS) -> dict:
+    """The quality report of every (source, segment) in a merged aggregate
+    (``state/quality_counts.py``), ranked by the gap a - b (sources without a fit last)."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ConfigError(f"methods: must be a non-empty subset of {', '.join(METHODS)}, got {methods!r}")
+    rows = [_assess_one(agg, s, g, cfg, tuple(methods))
+            for s in sorted(agg["labelled"]) for g in sorted(agg["labelled"][s])]
+    rows.sort(key=lambda r: (r.get("gap") is None, -(r.get("gap") or 0.0), r["source"], r["segment"]))
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i if row.get("gap") is not None else None
+    labelled_segments = {g for segs in agg["labelled"].values() for g in segs}
+    truth_segments = {g for segs in agg["truth"].values() for g in segs}
+    return {"sources": rows, "coverage": cfg.coverage,
+            "campaigns": len(agg["impressions"]), "impressions": sum(agg["impressions"].values()),
+            "users": agg["users"],
+            "truth": {"reports": sum(len(s) for s in agg["truth"].values()),
+                      "received": agg["truth_received"], "replaced": agg["truth_replaced"],
+                      "segments_without_source": sorted(truth_segments - labelled_segments)},
+            "segments": {"assertions": agg["segment_events"], "repeated": agg["segment_repeats"]}}
+
+
+# -- quality-adjusted reach --------------------------------------------------------------------------
+def adjust_reach(users: float, users_ci, rate: float, rate_ci, coverage: float = 0.95) -> dict:
+    """Expected truly-in-segment users among a reach answer's ``users`` when each of them is truly in
+    with probability ``rate`` (a source's ``a`` for a rule that requires its label; ``b`` for a rule
+    that excludes it).
+
+    The two uncertainties are taken as independent normals with the intervals' half-widths as
+    ``z`` standard deviations: Var(U R) = R^2 sd_U^2 + U^2 sd_R^2 + sd_U^2 sd_R^2; the interval is
+    U R -/+ z sd, clipped to [0, upper users]. ``users_ci_bounds`` is the conservative product of
+    the bounds. A degenerate rate interval gives the reach interval scaled by the rate."""
+    cfg = QualityConfig(coverage=coverage)
+    vals = [users, rate, *users_ci, *rate_ci]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals):
+        raise ConfigError(f"users: reach and rate figures must be finite numbers, got {vals!r}")
+    u_lo, u_hi = (float(x) for x in users_ci)
+    r_lo, r_hi = (float(x) for x in rate_ci)
+    if not (0 <= u_lo <= users <= u_hi):
+        raise ConfigError(f"users_ci: must satisfy 0 <= lo <= users <= hi, got {users} in [{u_lo}, {u_hi}]")
+    if not (0 <= r_lo <= rate <= r_hi <= 1):
+        raise ConfigError(f"rate_ci: must satisfy 0 <= lo <= rate <= hi <= 1, got {rate} in [{r_lo}, {r_hi}]")
+    z = cfg.z
+    sd_u, sd_r = (u_hi - u_lo) / (2 * z), (r_hi - r_lo) / (2 * z)
+    est = float(users) * float(rate)
+    sd = math.sqrt(rate ** 2 * sd_u ** 2 + users ** 2 * sd_r ** 2 + sd_u ** 2 * sd_r ** 2)
+    return {"users": est, "users_ci": [max(0.0, est - z * sd), min(u_hi, est + z * sd)],
+            "users_ci_bounds": [u_lo * r_lo, u_hi * r_hi], "rate": float(rate), "rate_ci": [r_lo, r_hi],
+            "reach_users": float(users), "reach_users_ci": [u_lo, u_hi], "coverage": coverage}

@@ -1,0 +1,89 @@
+"""The quality half of the ``reach`` role: per-partition q_c counts and truth reports from ``audience``.
+
+Public surface: ``register_quality``.
+
+An agent on the ``audience`` topic (impressions and segment assertions keyed by user, truth reports
+keyed by campaign; ingest writes it) feeds each partition's values to a
+:class:`~loopline.state.quality_counts.QualityCounts` over the ``quality`` table (RocksDB with a
+changelog; keys carry the partition). It takes values in batches and writes each touched key once per
+batch. ``GET /quality`` returns the aggregates of the partitions this worker holds and, unless
+``?fit=0``, the fit over them; ``loopline quality --workers URL,...`` sums every worker's partitions
+and fits (a worker holds only part of the users, so its own fit is partial when there are several).
+
+Delivery is at least once: an impression re-sent after an ingest crash is counted again (segment
+assertions and truth reports are idempotent by construction).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+import orjson
+
+from loopline.model.quality import QualityConfig, assess
+from loopline.state.quality_counts import QualityCounts, merge_aggregates
+
+from .app import WorkerConfig
+from .ingest import _in_partition_of
+
+__all__ = ["register_quality"]
+
+log = logging.getLogger("loopline.quality")
+
+BATCH = 2000
+BATCH_WITHIN_S = 0.1
+
+
+def register_quality(app: faust.App, cfg: WorkerConfig, qcfg: QualityConfig = QualityConfig()) -> None:
+    source = app.topic("audience", key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=cfg.partitions)
+    table = app.Table("quality", default=None, partitions=cfg.partitions)
+    counts: dict[int, QualityCounts] = {}  # per partition; dropped on every rebalance
+    stats = {"values": 0, "bad_values": 0}
+
+    async def _drop(app, tps, **kwargs):  # noqa: ANN001 - faust signal signature
+        counts.clear()
+
+    app.on_partitions_revoked.connect(_drop)
+    app.on_partitions_assigned.connect(_drop)
+
+    @app.agent(source, name="quality")
+    async def quality(stream):
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            by_partition: dict[int, list] = {}
+            for ev in events:
+                by_partition.setdefault(ev.message.partition, []).append(ev)
+            for p, evs in by_partition.items():
+                with _in_partition_of(evs[-1]):
+                    qc = counts.get(p)
+                    if qc is None:
+                        qc = counts[p] = QualityCounts(table, prefix=f"{p}|")
+                    for ev in evs:
+                        stats["values"] += 1
+                        try:
+                            qc.learn_one(orjson.loads(ev.value))
+                        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                            stats["bad_values"] += 1  # counted and logged, never fatal
+                            log.warning("quality: unreadable audience value at %s/%s: %s", p,
+                                        ev.message.offset, exc)
+                    qc.flush()
+
+    def held_partitions() -> list[int]:
+        try:
+            tps = app.assignor.assigned_actives()
+        except Exception:  # noqa: BLE001 - no assignment yet (or outside a running worker)
+            return []
+        return sorted(tp.partition for tp in tps if tp.topic == "audience")
+
+    @app.page("/quality")
+    async def quality_view(web, request):
+        parts = {}
+        for p in held_partitions():
+            agg = table.get(f"{p}|agg")
+            if agg is not None:
+                parts[str(p)] = agg
+        out = {"partitions": parts, "stats": dict(stats)}
+        if request.query.get("fit", "1") != "0":
+            out["fit"] = assess(merge_aggregates(parts.values()), qcfg)
+        return web.json(out)
