@@ -14,7 +14,9 @@ The rule (static, decided once per model version, as LoKA does for inference):
    real rows, and N(0, 1). The worst of the three is the candidate's MERE.
 3. Time the candidate and the high-precision baseline (bfloat16 ``F.linear`` on a GPU, float32 on CPU)
    on the layer's serving batch size (medians of repeated runs, activation quantization included, weight
-   quantization excluded: weights are quantized once, at load).
+   quantization excluded: weights are quantized once, at load). The baseline is timed again right
+   with each candidate and the speedup is that pair's ratio, so load changes on a shared machine
+   affect both sides alike (:func:`interleaved_timer`: alternate runs, median of the per-pair ratios).
 4. Keep candidates with MERE < ``threshold`` (0.2) *and* speedup > ``min_speedup`` (1.05x); pick the
    fastest; if none is left, the layer stays in high precision. The table says why, per layer.
 
@@ -60,7 +62,7 @@ from .probe import Probe, ProbeConfig, mere
 from .quant import QTensor, dequantize, quantize
 
 __all__ = ["DispatchConfig", "Candidate", "CANDIDATES", "DispatchLinear", "dispatch_model", "decide_layer",
-           "apply_table", "save_table", "load_table", "median_timer", "TABLE_KEY", "HIGH_PRECISION",
+           "apply_table", "save_table", "load_table", "median_timer", "interleaved_timer", "TABLE_KEY", "HIGH_PRECISION",
            "device_name", "hp_dtype"]
 
 TABLE_KEY = "fp8_dispatch"  # where the table sits inside a model snapshot dict
@@ -143,6 +145,25 @@ def median_timer(fn, key=None, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def interleaved_timer(base_fn, cand_fn, repeats: int = 20, warmup: int = 3) -> tuple[float, float, float]:
+    """Time two functions alternately (A B A B ...): median seconds of each and the median of the per-pair
+    ratios A/B. On a shared machine both sides then see the same load, and one slow spell moves a few
+    pairs, not the whole figure."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        base_fn(), cand_fn()
+    sync()
+    tb, tc = [], []
+    for _ in range(repeats):
+        for fn, out in ((base_fn, tb), (cand_fn, tc)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return (statistics.median(tb), statistics.median(tc),
+            statistics.median(b / c for b, c in zip(tb, tc) if c > 0))
+
+
 @dataclass(frozen=True)
 class DispatchConfig:
     threshold: float = 0.2  # MERE must be below this ("conservative" in LoKA)
@@ -182,8 +203,7 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
     """One row of the table: MERE and measured speedup per candidate, the choice and why.
 
     ``timer(fn, key) -> seconds`` measures ``fn``; ``key`` is ``(layer name, candidate name or
-    HIGH_PRECISION)``. The default is :func:`median_timer`; tests inject their own to check the rule."""
-    timer = timer or (lambda fn, key: median_timer(fn, key, repeats=cfg.repeats))
+    HIGH_PRECISION)``; tests inject one to check the rule. The default is :func:`interleaved_timer`."""
     dev, dt = _device(), hp_dtype()
     K, N = linear.in_features, linear.out_features
     W32 = linear.weight.detach().float().to(dev)
@@ -194,7 +214,10 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
     src = inputs.get("real", inputs.get("learned", inputs["normal"]))
     x_t = src[torch.arange(rows, device=dev) % len(src)].to(dt)  # (rows, K)
     W_hp, b_hp = W32.to(dt), None if b32 is None else b32.to(dt)
-    base_s = timer(lambda: F.linear(x_t, W_hp, b_hp), (name, HIGH_PRECISION))
+
+    def baseline():
+        return F.linear(x_t, W_hp, b_hp)
+    base_times = []
 
     names = cfg.candidates or tuple(CANDIDATES)
     rows_out = []
@@ -212,11 +235,22 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
             ref = F.linear(x, W32, b32)  # float32 reference
             entry["mere"][src_name] = float(mere(c(x.to(dt), prepared, b32, torch.float32), ref))
         entry["mere_max"] = max(entry["mere"].values())
-        entry["seconds"] = timer(lambda: c(x_t, prepared, b_hp, dt), (name, cname))
-        entry["speedup"] = base_s / entry["seconds"] if entry["seconds"] > 0 else 0.0
+        # paired: the baseline is timed again with each candidate, so a machine whose load
+        # changes (shared CPUs, GPU clocks) compares the two under the same conditions
+        def cand():
+            return c(x_t, prepared, b_hp, dt)
+        if timer is None:
+            b_s, c_s, ratio = interleaved_timer(baseline, cand, cfg.repeats)
+        else:
+            b_s, c_s = timer(baseline, (name, HIGH_PRECISION)), timer(cand, (name, cname))
+            ratio = b_s / c_s if c_s > 0 else 0.0
+        base_times.append(b_s)
+        entry["seconds"], entry["baseline_seconds"], entry["speedup"] = c_s, b_s, ratio
         entry["passes_mere"] = entry["mere_max"] < cfg.threshold
         entry["passes_speedup"] = entry["speedup"] > cfg.min_speedup
 
+    if not base_times:
+        base_times.append(timer(baseline, (name, HIGH_PRECISION)) if timer else median_timer(baseline))
     passing = [e for e in rows_out if e["passes_mere"] and e["passes_speedup"]]
     measured = [e for e in rows_out if e["available"]]
     if passing:
@@ -235,7 +269,7 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
                f"{len(accurate)} of {len(measured)} measured candidate(s) have MERE < {cfg.threshold:g}")
     return {"name": name, "in_features": K, "out_features": N, "rows": rows, "bias": b32 is not None,
             "probe": probe.stats[name].summary() if probe is not None else None,
-            "baseline": {"dtype": str(dt).replace("torch.", ""), "seconds": base_s},
+            "baseline": {"dtype": str(dt).replace("torch.", ""), "seconds": statistics.median(base_times)},
             "candidates": rows_out, "choice": choice, "why": why}
 
 
