@@ -178,8 +178,8 @@ def _merge(a: list, b: list) -> list:
 @dataclass(frozen=True)
 class PageHinkleyConfig:
     delta: float = 0.005  # rises of the mean smaller than this are tolerated (units of x)
-    threshold: float = 50.0  # alarm when the cumulative excess passes this (units of x, summed)
-    memory: int = 2000  # values the fading mean remembers (about); 0: the plain mean since the start
+    threshold: float = 100.0  # alarm when the cumulative excess passes this (units of x, summed)
+    memory: int = 20000  # values the fading mean remembers (about); 0: the plain mean since the start
     min_instances: int = 100  # no alarm before this many values (since the start or the last alarm)
     direction: str = "up"  # up: a rise of the mean; down: a fall; both
 
