@@ -57,7 +57,7 @@ from loopline.state.errors import ConfigError
 __all__ = ["QualityConfig", "fit_ls", "bootstrap_ls", "fit_em", "em_intervals", "campaign_table", "assess",
            "adjust_reach", "METHODS", "VERDICTS"]
 
-METHODS = ("ls", "em")
+METHODS = ("ls", "em", "gls")
 VERDICTS = ("good", "weak", "uninformative", "adversarial", "no_truth", "too_few_campaigns", "labels_nobody",
             "labels_everyone", "no_spread")
 
@@ -237,7 +237,75 @@ def campaign_table(agg: dict, source: str, segment: str, cfg: QualityConfig = Qu
             q.append(labelled.get(c, 0) / seen)
             p.append(fraction)
             n.append(float(measured))
-    return {"campaigns": camps, "q": np.array(q), "p": np.array(p), "n": np.array(n), "skipped": skipped}
+    idx = {c: i for i, c in enumerate(camps)}
+    m_all, m_lab = np.zeros((len(camps), len(camps))), np.zeros((len(camps), len(camps)))
+    lab_pairs = agg.get("labelled_pairs", {}).get(source, {}).get(segment, {})
+    for m, pairs in ((m_all, agg.get("pairs", {})), (m_lab, lab_pairs)):
+        for c1, row in pairs.items():
+            if c1 in idx:
+                for c2, v in row.items():
+                    if c2 in idx:
+                        m[idx[c1], idx[c2]] = m[idx[c2], idx[c1]] = v
+    seen = np.array([float(agg["impressions"][c]) for c in camps])
+    return {"campaigns": camps, "q": np.array(q), "p": np.array(p), "n": np.array(n), "skipped": skipped,
+            "m_all": m_all, "m_lab": m_lab, "seen": seen, "has_pairs": bool(agg.get("pairs"))}
+
+
+def report_covariance(t: dict, a: float, b: float) -> np.ndarray:
+    """(C, C) covariance of the truth reports under the model: shared users (each truly in with
+    probability a if labelled, else b, independently) plus the measurement's binomial noise.
+
+    Cov(p_c, p_c') = [a(1-a) sum_{u labelled} n_uc n_uc' + b(1-b) sum_{u not} n_uc n_uc'] / (N_c N_c')
+    + [c = c'] mu_c (1 - mu_c) / n_c, with N_c the campaign's impressions in the log, n_c the report's
+    measured impressions and mu_c = a q_c + b (1 - q_c). a and b are kept in [0.01, 0.99] here so a
+    boundary fit does not claim zero user variance."""
+    a, b = min(max(a, 0.01), 0.99), min(max(b, 0.01), 0.99)
+    q, n, seen = t["q"], t["n"], t["seen"]
+    mu = a * q + b * (1 - q)
+    users = (a * (1 - a) * t["m_lab"] + b * (1 - b) * (t["m_all"] - t["m_lab"])) / np.outer(seen, seen)
+    return users + np.diag(mu * (1 - mu) / n)
+
+
+def sandwich_ci(t: dict, a: float, b: float, z: float, weights: np.ndarray) -> dict:
+    """Intervals of an estimator whose estimating equations are X' diag(weights) (p - X theta) = 0
+    (LS: weights n_c; binomial ML: n_c / (mu_c (1 - mu_c))), with the reports' covariance
+    :func:`report_covariance`: Var = B^-1 X'W S W X B^-1, B = X'WX."""
+    x = np.stack([t["q"], 1 - t["q"]], axis=1)  # (C, 2)
+    xw = x * weights[:, None]
+    try:
+        binv = np.linalg.inv(x.T @ xw)
+    except np.linalg.LinAlgError:
+        return {"a_ci": None, "b_ci": None, "gap_ci": None}
+    cov = binv @ (xw.T @ report_covariance(t, a, b) @ xw) @ binv
+    return _wald(a, b, cov, z)
+
+
+def _wald(a: float, b: float, cov: np.ndarray, z: float) -> dict:
+    sa, sb = math.sqrt(max(cov[0, 0], 0)), math.sqrt(max(cov[1, 1], 0))
+    sg = math.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0))
+    return {"a_ci": [max(0.0, a - z * sa), min(1.0, a + z * sa)],
+            "b_ci": [max(0.0, b - z * sb), min(1.0, b + z * sb)],
+            "gap_ci": [max(-1.0, a - b - z * sg), min(1.0, a - b + z * sg)]}
+
+
+def fit_gls(t: dict, a0: float, b0: float, z: float, rounds: int = 3) -> dict:
+    """Generalized least squares with the model's report covariance (:func:`report_covariance`, which
+    depends on a and b: refitted ``rounds`` times from (a0, b0)), constrained to [0, 1]^2; intervals
+    from (X' S^-1 X)^-1."""
+    q, p = t["q"], t["p"]
+    x = np.stack([q, 1 - q], axis=1)
+    a, b = a0, b0
+    for _ in range(rounds):
+        si = np.linalg.pinv(report_covariance(t, a, b))
+        g = x.T @ si @ x  # (2, 2)
+        h = x.T @ si @ p  # (2,)
+        a, b = _box_ls(g[0, 0], g[0, 1], g[1, 1], h[0], h[1])
+    si = np.linalg.pinv(report_covariance(t, a, b))
+    try:
+        cov = np.linalg.inv(x.T @ si @ x)
+    except np.linalg.LinAlgError:
+        return {"a": a, "b": b, "a_ci": None, "b_ci": None, "gap_ci": None}
+    return {"a": a, "b": b, **_wald(a, b, cov, z)}
 
 
 def _pct(x: np.ndarray, cov: float) -> list[float]:
@@ -271,6 +339,16 @@ def _r(x, nd=6):
     return None if x is None else round(float(x), nd)
 
 
+def _rounded(x):
+    if isinstance(x, float):
+        return _r(x)
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    return x
+
+
 def _assess_one(agg: dict, source: str, segment: str, cfg: QualityConfig, methods: tuple) -> dict:
     t = campaign_table(agg, source, segment, cfg)
     q, p, n = t["q"], t["p"], t["n"]
@@ -301,38 +379,56 @@ def _assess_one(agg: dict, source: str, segment: str, cfg: QualityConfig, method
                 "note": f"q_c varies too little across campaigns (sd {spread:.4f} < {cfg.min_spread}) "
                         "to separate a from b"}
     res = {}
+    z = cfg.z
+    users_ok = t["has_pairs"] and bool(np.all(t["seen"] > 0))
     if "ls" in methods:
         t0 = time.perf_counter()
         a, b = fit_ls(q, p, n)
         boot = bootstrap_ls(q, p, n, cfg.bootstrap, cfg.seed)
-        ba, bb = boot[:, 0], boot[:, 1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lifts = np.where(bb > 0, ba / bb, np.inf)
-        lift_ci = _pct(lifts, cfg.coverage) if np.all(np.isfinite(lifts)) else None
-        res["ls"] = {"a": a, "b": b, "a_ci": _pct(ba, cfg.coverage), "b_ci": _pct(bb, cfg.coverage),
-                     "gap_ci": _pct(ba - bb, cfg.coverage), "lift_ci": lift_ci,
-                     "recall_ci": _pct(_recall(ba, bb, qbar), cfg.coverage),
-                     "seconds": time.perf_counter() - t0}
+        kinds = {"bootstrap": {"a_ci": _pct(boot[:, 0], cfg.coverage), "b_ci": _pct(boot[:, 1], cfg.coverage),
+                               "gap_ci": _pct(boot[:, 0] - boot[:, 1], cfg.coverage)}}
+        if users_ok:
+            kinds["users"] = sandwich_ci(t, a, b, z, n)
+        res["ls"] = {"a": a, "b": b, "intervals": kinds}
+        res["ls"]["seconds"] = time.perf_counter() - t0
     if "em" in methods:
         t0 = time.perf_counter()
         a, b, iters = fit_em(q, p, n, cfg.em_max_iter, cfg.em_tol)
-        res["em"] = {"a": a, "b": b, **em_intervals(q, p, n, a, b, cfg.z), "iterations": iters,
+        wald = em_intervals(q, p, n, a, b, z)
+        kinds = {"wald": {k: wald[k] for k in ("a_ci", "b_ci", "gap_ci")}}
+        if users_ok:
+            mu = np.clip(a * q + b * (1 - q), 1e-6, 1 - 1e-6)
+            kinds["users"] = sandwich_ci(t, a, b, z, n / (mu * (1 - mu)))
+        res["em"] = {"a": a, "b": b, "intervals": kinds, "dispersion": wald["dispersion"], "iterations": iters,
                      "converged": iters < cfg.em_max_iter, "seconds": time.perf_counter() - t0}
-    main = res["ls"] if "ls" in res else res["em"]
+    if "gls" in methods and users_ok:
+        t0 = time.perf_counter()
+        a0, b0 = (res["ls"]["a"], res["ls"]["b"]) if "ls" in res else fit_ls(q, p, n)
+        g = fit_gls(t, a0, b0, z)
+        res["gls"] = {"a": g["a"], "b": g["b"], "intervals": {"gls": {k: g[k] for k in ("a_ci", "b_ci", "gap_ci")}},
+                      "seconds": time.perf_counter() - t0}
+    for r in res.values():  # the method's own interval: the shared-users one where the counts allow
+        kind = "users" if "users" in r["intervals"] else next(iter(r["intervals"]))
+        r.update(r["intervals"][kind], interval=kind)
+    name = next(m for m in ("ls", "em", "gls") if m in res) if res else None
+    if name is None:
+        return {**out, "verdict": "no_spread", "note": "gls needs the shared-user counts; none in these counts"}
+    main = res[name]
     a, b = main["a"], main["b"]
     gap_ci = main["gap_ci"] or [a - b, a - b]
-    out.update(method="ls" if "ls" in res else "em", a=_r(a), b=_r(b),
-               a_ci=[_r(x) for x in main["a_ci"]] if main["a_ci"] else None,
-               b_ci=[_r(x) for x in main["b_ci"]] if main["b_ci"] else None,
-               gap=_r(a - b), gap_ci=[_r(x) for x in gap_ci], precision=_r(a),
-               recall=_r(float(_recall(np.float64(a), np.float64(b), qbar))),
-               recall_ci=[_r(x) for x in main["recall_ci"]] if main.get("recall_ci") else None,
+    a_ci, b_ci = main["a_ci"], main["b_ci"]
+    recall = float(_recall(np.float64(a), np.float64(b), qbar))
+    bounds = a_ci is not None and b_ci is not None
+    out.update(method=name, interval=main["interval"], a=_r(a), b=_r(b),
+               a_ci=[_r(x) for x in a_ci] if a_ci else None, b_ci=[_r(x) for x in b_ci] if b_ci else None,
+               gap=_r(a - b), gap_ci=[_r(x) for x in gap_ci], precision=_r(a), recall=_r(recall),
+               # lift and recall move monotonically with a and b: their intervals from the corners
+               recall_ci=[_r(float(_recall(np.float64(a_ci[0]), np.float64(b_ci[1]), qbar))),
+                          _r(float(_recall(np.float64(a_ci[1]), np.float64(b_ci[0]), qbar)))] if bounds else None,
                lift=_r(a / b) if b > 0 else None,
-               lift_ci=[_r(x) for x in main["lift_ci"]] if main.get("lift_ci") else None,
-               verdict=_verdict(gap_ci, cfg),
-               methods={m: {k: (_r(v) if isinstance(v, float) else
-                                [_r(x) for x in v] if isinstance(v, list) else v) for k, v in r.items()}
-                        for m, r in res.items()})
+               lift_ci=[_r(a_ci[0] / b_ci[1]) if b_ci[1] > 0 else None,
+                        _r(a_ci[1] / b_ci[0]) if b_ci[0] > 0 else None] if bounds else None,
+               verdict=_verdict(gap_ci, cfg), methods={m: _rounded(r) for m, r in res.items()})
     return out
 
 

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(p)
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--no-models", action="store_true", help="counts only: skip the FM stage")
+    p.add_argument("--variants", default=None,
+                   help="VM variants trained side by side, comma-separated, or 'none' (default: the table's seven)")
+    p.add_argument("--split-ts", type=float, default=None,
+                   help="event time splitting the before/after windows (default: the middle)")
+    p.add_argument("--scores", metavar="FILE", default=None, help="also write every example's score row (JSONL)")
     _attribution_args(p)
     p.add_argument("--json", action="store_true")
 
@@ -116,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malformed", type=float, default=0.0, metavar="FRACTION")
+    p.add_argument("--quality", action="store_true",
+                   help="add segment assertions of three sources of known quality and truth reports")
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--json", action="store_true")
 
@@ -124,10 +131,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=float, default=3.0)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("quality", help="score targeting data sources against aggregate truth reports")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--events", metavar="FILE", help="offline: a JSONL event log")
+    g.add_argument("--workers", metavar="URL,...", help="running reach workers' HTTP addresses (host:port)")
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--methods", default="ls,em,gls",
+                   help="fits: ls (weighted least squares), em (binomial likelihood), gls (shared-user covariance)")
+    p.add_argument("--coverage", type=float, default=0.95, help="of every interval")
+    p.add_argument("--bootstrap", type=int, default=400, help="ls bootstrap replicates")
+    p.add_argument("--min-impressions", type=int, default=50, help="a campaign's impressions needed for its q_c")
+    p.add_argument("--min-campaigns", type=int, default=4, help="usable campaigns needed for a fit")
+    p.add_argument("--adjust-reach", metavar="SOURCE:SEGMENT", default=None,
+                   help="quality-adjusted reach for a rule using this source's segment")
+    p.add_argument("--reach-json", metavar="FILE", help="the reach answer to adjust (loopline reach --json)")
+    p.add_argument("--users", type=float, default=None, help="or the reach answer's users ...")
+    p.add_argument("--users-ci", type=float, nargs=2, metavar=("LO", "HI"), default=None, help="... and interval")
+    p.add_argument("--exclude", action="store_true", help="the rule excludes the segment (uses b, not a)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("fp8", help="LoKA FP8: probe and dispatch a model, print the per-layer decision table")
+    p.add_argument("action", choices=["report"])
+    p.add_argument("--snapshot", metavar="FILE", help="print the table saved with this snapshot instead")
+    p.add_argument("--save", metavar="FILE", help="also save the measured table (torch.save of plain data)")
+    p.add_argument("--threshold", type=float, default=0.2, help="MERE a candidate must stay below")
+    p.add_argument("--min-speedup", type=float, default=1.05, help="speedup over high precision it must beat")
+    p.add_argument("--rows", type=int, default=None, help="rows per timed GEMM (default: the calibration batch)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
-    p.add_argument("what", choices=["ingest", "history", "fm"])
+    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality"])
     p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=20, help="quality: generated logs to fit")
     p.add_argument("--out", default=None, help="JSON file (default bench-WHAT.json)")
     p.add_argument("--profile", action="store_true", help="also profile the ingest path in-process")
     p.add_argument("--json", action="store_true")
@@ -147,10 +183,21 @@ def _run(a) -> int:
         run_worker(cfg, grace_s=a.grace)
         return 0
     if a.cmd == "evaluate":
-        from .evaluate import evaluate_records
+        from .evaluate import evaluate_records, format_table
+        vm_cfg = None
+        if a.variants != "none" and not a.no_models:
+            from loopline.model.verticals import VMStageConfig, parse_variants
+            vm_cfg = VMStageConfig(variants=parse_variants(a.variants)) if a.variants else VMStageConfig()
         out = evaluate_records(_records(a), a.partitions, _attribution_cfg(a), progress=True,
-                               models=not a.no_models)
-        _emit(out, a.json, "loopline evaluate")
+                               models=not a.no_models, vm_cfg=vm_cfg, scores=bool(a.scores), split_ts=a.split_ts)
+        if a.scores:
+            with open(a.scores, "wb") as f:
+                f.writelines(orjson.dumps(r) + b"\n" for r in out.pop("scores"))
+        if a.json:
+            _emit(out, True)
+        else:
+            _emit({k: v for k, v in out.items() if k not in ("models", "windows")}, False, "loopline evaluate")
+            print(format_table(out))
         return 0
     if a.cmd == "replay":
         from .broker import create_topics
@@ -171,7 +218,9 @@ def _run(a) -> int:
         return 0
     if a.cmd == "generate":
         from .generate import GenerateConfig, write_log
-        summary = write_log(GenerateConfig(users=a.users, days=a.days, seed=a.seed, malformed=a.malformed), a.out)
+        from .generate import QUALITY_SOURCES
+        summary = write_log(GenerateConfig(users=a.users, days=a.days, seed=a.seed, malformed=a.malformed,
+                                           quality_sources=QUALITY_SOURCES if a.quality else ()), a.out)
         _emit(summary, a.json, f"loopline generate: wrote {a.out}")
         return 0
     if a.cmd == "demo":
@@ -179,14 +228,31 @@ def _run(a) -> int:
         out = run_demo(users=a.users, days=a.days, progress=not a.json)
         _emit(out, a.json, "loopline demo")
         return 0
+    if a.cmd == "quality":
+        from .quality import format_quality, run_quality
+        out = run_quality(a)
+        if a.json:
+            _emit(out, True)
+        else:
+            print(format_quality(out))
+        return 0
+    if a.cmd == "fp8":
+        from .fp8 import run_fp8_report
+        return run_fp8_report(a)
     if a.cmd == "bench":
         path = a.out or f"bench-{a.what}.json"
         if a.what == "ingest":
             from .bench import bench_ingest
             out = bench_ingest(n_events=a.events, repeats=a.repeats, out_path=path, profile=a.profile)
+        elif a.what == "quality":
+            from .bench_quality import bench_quality
+            out = bench_quality(seeds=a.seeds, out_path=path, progress=not a.json)
         elif a.what == "history":
             from .bench_history import bench_history
             out = bench_history(repeats=a.repeats, out_path=path)
+        elif a.what == "fp8":
+            from .bench_fp8 import bench_fp8
+            out = bench_fp8(repeats=a.repeats, out_path=path)
         else:
             from .bench_fm import bench_fm
             out = bench_fm(repeats=a.repeats, out_path=path)

@@ -37,6 +37,13 @@ impression first), unless ``disorder_s > 0`` lets lines arrive up to that many s
 Ids increase with event time. ``ts`` is rounded to milliseconds; a conversion is always strictly after
 its impression.
 
+Data-source quality (``quality_sources``, off by default): segment assertions
+``{"type":"segment","source","user","segment","ts"}`` from sources of known ``a = P(truly in |
+labelled)`` and ``b = P(truly in | not labelled)`` (:data:`QUALITY_SOURCES`: a good, a poor and an
+adversarial one), and per campaign and segment a truth report ``{"type":"truth","campaign","segment",
+"fraction","impressions","ts"}`` with binomial sampling noise; the summary's ``quality`` gives each
+source's a, b (and their realized values) so a fit can be checked (see ``_quality``).
+
 Malformed lines (``malformed > 0``): ``round(malformed * valid_lines)`` extra lines at random positions,
 cycling through :data:`MALFORMED_KINDS` (each with the reason code ``parse_event`` actually gives, or a
 duplicate reason that the attribution join gives; ``NaN`` / ``1e400`` timestamps are ``bad_ts`` because
@@ -66,7 +73,7 @@ import orjson
 
 from loopline.state.errors import ConfigError
 
-__all__ = ["GenerateConfig", "generate", "generate_labelled", "write_log", "MALFORMED_KINDS"]
+__all__ = ["GenerateConfig", "generate", "generate_labelled", "write_log", "MALFORMED_KINDS", "QUALITY_SOURCES"]
 
 # -- the value lists of the targeting attributes (rank order: first = most common) -------------------
 AGES = ("25-34", "18-24", "35-44", "45-54", "55-64", "65+", "13-17")
@@ -126,6 +133,10 @@ class GenerateConfig:
     activity_sigma: float = 1.0  # sigma of the lognormal per-user activity rate
     shift_strength: float = 0.6  # how much affinities change at the shift (0: not at all, 1: redrawn)
     disorder_s: float = 0.0  # lines may be written up to this many seconds out of event-time order
+    # -- data-source quality (off by default: the log is then byte-identical to one without it) ------
+    quality_sources: tuple = ()  # (source, segment, a, b) each: a = P(truly in | labelled), b = P(in | not)
+    quality_panel: float = 0.3  # fraction of a campaign's impressions its truth report is measured on
+    quality_report_delay_s: float = 3600.0  # a truth report arrives this long after the campaign's last impression
 
     def __post_init__(self):
         def integer(name, lo):
@@ -176,6 +187,7 @@ class GenerateConfig:
         number("activity_sigma", 0, 5)
         number("shift_strength", 0, 1)
         number("disorder_s", 0)
+        _check_quality(self)
         if self.start_ts + self.days * 86400.0 > 1e11:
             _fail("days", "start_ts + days must stay below epoch 1e11", self.days)
 
@@ -228,6 +240,7 @@ class _World:
         user_vec = centroids[attr_idx["interest"]] + rng.normal(0, _USER_NOISE * sd, (n_users, d))
         activity = rng.lognormal(0.0, cfg.activity_sigma, n_users) * math.exp(-cfg.activity_sigma ** 2 / 2)
         vert_pref = np.cumsum(rng.dirichlet(np.ones(n_vert), n_users), axis=1)
+        self.vert_prob = np.diff(vert_pref, axis=1, prepend=0.0)  # (users, verticals): quality labels lean on it
 
         # campaigns and ads; which campaigns run before / after the shift
         n_c, n_a = cfg.campaigns, cfg.ads_per_campaign
@@ -337,6 +350,7 @@ class _World:
         key = all_ts + (rng.random(all_ts.size) * cfg.disorder_s if cfg.disorder_s > 0 else 0.0)
         om = np.lexsort((idx, is_conv, key))
         self.order_conv, self.order_idx = is_conv[om], idx[om]
+        self.write_ts = key[om]  # the (jittered) time each valid line is written at, ascending
         self.rng = rng  # the malformed lines continue from here
 
     @staticmethod
@@ -507,6 +521,92 @@ def _malformed(world: _World, n_valid: int) -> list[tuple[int, bytes, str]]:
     return [out[i] for i in order]
 
 
+# -- data-source quality: segment assertions and truth reports ----------------------------------------
+#: Three sources with known quality, for ``loopline generate --quality``: (source, segment, a, b).
+QUALITY_SOURCES = (("s_good", "auto_intender", 0.85, 0.10), ("s_poor", "sports_fan", 0.45, 0.30),
+                   ("s_adversarial", "new_parent", 0.15, 0.60))
+
+
+def _check_quality(cfg: GenerateConfig) -> None:
+    qs = cfg.quality_sources
+    if isinstance(qs, (str, bytes)) or not isinstance(qs, (tuple, list)):
+        _fail("quality_sources", "must be a tuple of (source, segment, a, b)", qs)
+    seen = set()
+    for src in qs:
+        if not isinstance(src, (tuple, list)) or len(src) != 4:
+            _fail("quality_sources", "every entry must be (source, segment, a, b)", src)
+        name, seg, a, b = src
+        if not all(isinstance(x, str) and 0 < len(x) <= 64 for x in (name, seg)):
+            _fail("quality_sources", "source and segment must be non-empty strings of at most 64 characters", src)
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1 for x in (a, b)):
+            _fail("quality_sources", "a and b must be numbers in [0, 1]", src)
+        if seg in seen:  # the truth of a segment is drawn from its one source's labels (see _quality)
+            _fail("quality_sources", "each segment can have one source", src)
+        seen.add(seg)
+    object.__setattr__(cfg, "quality_sources", tuple(tuple(x) for x in qs))
+    if isinstance(cfg.quality_panel, bool) or not isinstance(cfg.quality_panel, (int, float)) \
+            or not 0 < cfg.quality_panel <= 1:
+        _fail("quality_panel", "must be a number in (0, 1]", cfg.quality_panel)
+    d = cfg.quality_report_delay_s
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+        _fail("quality_report_delay_s", "must be a finite number >= 0", d)
+
+
+def _quality(world: _World) -> tuple[list[tuple[int, bytes]], dict]:
+    """Segment assertions and truth reports for ``cfg.quality_sources``, with their write positions.
+
+    Source ``i`` labels user ``u`` with probability ``0.05 + 1.2 P_u(vertical i)`` (capped at 0.95):
+    labels lean on the user's preferred surface, so a campaign's labelled fraction q_c depends on its
+    vertical and a and b can be told apart. The segment's truth is then drawn from the label
+    (``a`` if labelled, else ``b``): a and b hold in every campaign, as the model assumes. (One source
+    per segment: two sources' labels cannot both have campaign-independent a and b for one truth.)
+    Assertions are spread uniformly over the log's span (the rule counts them whenever they come).
+    Each campaign gets a report per segment ``quality_report_delay_s`` after its last impression: the
+    fraction of ``round(quality_panel * impressions)`` measured impressions truly in the segment,
+    drawn Binomial(measured, the campaign's realized true fraction). Randomness comes from a generator
+    of its own, so impressions, conversions and malformed lines are those of the same log without it."""
+    cfg = world.cfg
+    rng = np.random.default_rng([cfg.seed, 0x9A11])
+    n_users, n_vert = cfg.users, world.vert_prob.shape[1]
+    camp, users_of = world.imp_camp, world.imp_user
+    n_camp = np.bincount(camp, minlength=cfg.campaigns)
+    last_ts = np.full(cfg.campaigns, -np.inf)
+    np.maximum.at(last_ts, camp, world.imp_ts)
+    lines: list[tuple[float, int, bytes]] = []  # (ts, order, line)
+    sources = []
+    for i, (name, seg, a, b) in enumerate(cfg.quality_sources):
+        rate = np.minimum(0.95, 0.05 + 1.2 * world.vert_prob[:, i % n_vert])
+        labelled = rng.random(n_users) < rate
+        truly = rng.random(n_users) < np.where(labelled, a, b)
+        ts = np.round(world.start_ts + rng.random(n_users) * (world.end_ts - world.start_ts), 3)
+        for u in np.flatnonzero(labelled).tolist():
+            lines.append((float(ts[u]), len(lines), orjson.dumps(
+                {"type": "segment", "source": name, "user": f"u{u + 1}", "segment": seg, "ts": float(ts[u])})))
+        imp_lab, imp_true = labelled[users_of], truly[users_of]
+        true_frac = np.bincount(camp, weights=imp_true, minlength=cfg.campaigns) / np.maximum(n_camp, 1)
+        reports = 0
+        for c in np.flatnonzero(n_camp).tolist():
+            measured = max(1, int(round(cfg.quality_panel * n_camp[c])))
+            fraction = int(rng.binomial(measured, true_frac[c])) / measured
+            t = round(float(last_ts[c]) + cfg.quality_report_delay_s, 3)
+            lines.append((t, len(lines), orjson.dumps({"type": "truth", "campaign": f"c{c + 1}", "segment": seg,
+                                                       "fraction": fraction, "impressions": measured, "ts": t})))
+            reports += 1
+        n_lab = int(imp_lab.sum())
+        sources.append({"source": name, "segment": seg, "a": float(a), "b": float(b),
+                        # the realized P(truly in | labelled in / out) over every impression of the log
+                        "a_realized": float(imp_true[imp_lab].mean()) if n_lab else None,
+                        "b_realized": float(imp_true[~imp_lab].mean()) if n_lab < imp_lab.size else None,
+                        "labelled_users": int(labelled.sum()), "truly_in_users": int(truly.sum()),
+                        "labelled_impressions": n_lab, "truth_reports": reports})
+    lines.sort()
+    pos = np.searchsorted(world.write_ts, np.array([t for t, _, _ in lines]), side="right")
+    extra = [(int(p), line) for p, (_, _, line) in zip(pos.tolist(), lines)]
+    summary = {"sources": sources, "segments": sum(s["labelled_users"] for s in sources),
+               "truth_reports": sum(s["truth_reports"] for s in sources), "panel": cfg.quality_panel}
+    return extra, summary
+
+
 class _Log:
     def __init__(self, cfg: GenerateConfig):
         if not isinstance(cfg, GenerateConfig):
@@ -514,13 +614,20 @@ class _Log:
         self.world = _World(cfg)
         self.n_valid = self.world.n_imp + self.world.n_conv
         self.bad = _malformed(self.world, self.n_valid)
+        self.extra, self.quality = _quality(self.world) if cfg.quality_sources else ([], None)
 
     def lines(self) -> Iterator[tuple[bytes, str | None]]:
         bad, nb, b = self.bad, len(self.bad), 0
+        extra, ne, e = self.extra, len(self.extra), 0  # quality lines: (before valid position, line)
         for pos, (_, line) in enumerate(self.world.valid_lines()):
+            while e < ne and extra[e][0] == pos:
+                yield extra[e][1], None
+                e += 1
             while b < nb and bad[b][0] == pos:
                 yield bad[b][1], bad[b][2]
                 b += 1
+            yield line, None
+        for _, line in extra[e:]:
             yield line, None
         while b < nb:
             yield bad[b][1], bad[b][2]
@@ -531,7 +638,8 @@ class _Log:
         by_reason: dict[str, int] = {}
         for _, _, r in self.bad:
             by_reason[r] = by_reason.get(r, 0) + 1
-        return {"lines": self.n_valid + len(self.bad), "valid": self.n_valid, "impressions": w.n_imp,
+        out = {"lines": self.n_valid + len(self.extra) + len(self.bad), "valid": self.n_valid + len(self.extra),
+                "impressions": w.n_imp,
                 "conversions": w.n_conv, "clicks": w.n_clicks, "purchases": w.n_purchases,
                 "after_window": w.n_after_window, "malformed_total": len(self.bad),
                 "malformed": dict(sorted(by_reason.items())), "users": w.cfg.users,
@@ -539,6 +647,9 @@ class _Log:
                 "expected_ctr": float(w.p_click.mean()) if w.n_imp else 0.0,
                 "stopped_campaigns": [f"c{c}" for c in w.stopped],
                 "started_campaigns": [f"c{c}" for c in w.started]}
+        if self.quality is not None:
+            out["quality"] = self.quality
+        return out
 
 
 # -- public ------------------------------------------------------------------------------------------

@@ -18,6 +18,13 @@ a user never asserted by ``s`` is *labelled out* for every segment of ``s``.
 more impressions, then the larger fraction), so the result is again order independent and a
 re-delivered report changes nothing. Replaced reports are counted (``truth_replaced``), never silent.
 
+**Shared users.** A campaign's true fraction is a sum over its users, and campaigns share users, so
+the truth reports are correlated. The aggregate keeps, for every campaign pair, ``sum_u n_uc n_uc'``
+over all users (``pairs``) and over each (source, segment)'s labelled users (``labelled_pairs``;
+``n_uc`` = user u's impressions of campaign c): with them the fit computes the reports' covariance under
+the model (each user truly in with probability a or b) and intervals that account for it. Pairs are
+stored once, the smaller campaign name first. Memory grows with the campaign pairs that share a user.
+
 The state lives in a key-value store (a ``dict`` offline, a RocksDB-backed Faust table keyed by user in
 the ``reach`` worker role): ``u:<user>`` holds ``{"l": [[source, segment], ...], "c": {campaign: n}}``;
 the partition's aggregate (the only thing a query reads) sits under ``agg``. Writes are buffered and
@@ -49,11 +56,21 @@ def empty_aggregate() -> dict:
     """The aggregate of no events. Fields:
 
     ``impressions`` {campaign: n}; ``labelled`` {source: {segment: {campaign: n}}} (impressions whose
-    user the source labels in the segment); ``labelled_users`` {source: {segment: n}}; ``truth``
+    user the source labels in the segment); ``labelled_users`` {source: {segment: n}};
+    ``pairs`` {c1: {c2: sum_u n_uc1 n_uc2}} (c1 <= c2); ``labelled_pairs`` {source: {segment: pairs
+    over the labelled users}}; ``truth``
     {campaign: {segment: [fraction, impressions, ts]}}; ``users`` (distinct users seen); and the
     counters in ``COUNTERS``."""
-    return {"impressions": {}, "labelled": {}, "labelled_users": {}, "truth": {}, "users": 0,
+    return {"impressions": {}, "labelled": {}, "labelled_users": {}, "pairs": {}, "labelled_pairs": {},
+            "truth": {}, "users": 0,
             **{k: 0 for k in COUNTERS}}
+
+
+def _add_pair(pairs: dict, c1: str, c2: str, n: int) -> None:
+    if c2 < c1:
+        c1, c2 = c2, c1
+    row = pairs.setdefault(c1, {})
+    row[c2] = row.get(c2, 0) + n
 
 
 def _report_key(r: list) -> tuple:
@@ -119,7 +136,16 @@ class QualityCounts:
         a["impression_events"] += 1
         a["impressions"][campaign] = a["impressions"].get(campaign, 0) + 1
         rec = self._user(user)
-        rec["c"][campaign] = rec["c"].get(campaign, 0) + 1
+        seen = rec["c"]
+        # n_uc goes up by one: sum_u n_uc n_uc' grows by n_uc' (c' != c) and n_uc^2 by 2 n_uc + 1
+        deltas = [(c2, n if c2 != campaign else 2 * n + 1) for c2, n in seen.items()]
+        if campaign not in seen:
+            deltas.append((campaign, 1))
+        seen[campaign] = seen.get(campaign, 0) + 1
+        targets = [a["pairs"]] + [a["labelled_pairs"][s][g] for s, g in rec["l"]]
+        for pairs in targets:
+            for c2, d in deltas:
+                _add_pair(pairs, campaign, c2, d)
         for source, segment in rec["l"]:
             per = a["labelled"][source][segment]
             per[campaign] = per.get(campaign, 0) + 1
@@ -137,6 +163,11 @@ class QualityCounts:
         users[segment] = users.get(segment, 0) + 1
         for campaign, n in rec["c"].items():
             per[campaign] = per.get(campaign, 0) + n
+        pairs = a["labelled_pairs"].setdefault(source, {}).setdefault(segment, {})
+        items = list(rec["c"].items())
+        for i, (c1, n1) in enumerate(items):
+            for c2, n2 in items[i:]:
+                _add_pair(pairs, c1, c2, n1 * n2)
 
     # -- storage -------------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -167,6 +198,15 @@ def merge_aggregates(aggs: Iterable[dict]) -> dict:
                 dst = out["labelled"].setdefault(s, {}).setdefault(g, {})
                 for c, n in per.items():
                     dst[c] = dst.get(c, 0) + n
+        for c1, row in agg.get("pairs", {}).items():
+            for c2, n in row.items():
+                _add_pair(out["pairs"], c1, c2, n)
+        for s, segs in agg.get("labelled_pairs", {}).items():
+            for g, pairs in segs.items():
+                dst = out["labelled_pairs"].setdefault(s, {}).setdefault(g, {})
+                for c1, row in pairs.items():
+                    for c2, n in row.items():
+                        _add_pair(dst, c1, c2, n)
         for s, segs in agg["labelled_users"].items():
             for g, n in segs.items():
                 dst = out["labelled_users"].setdefault(s, {})

@@ -1,0 +1,181 @@
+"""``loopline quality``: data-source quality from an event log (offline) or from running ``reach`` workers.
+
+Public surface: ``quality_counts_from_records``, ``gather_worker_counts``, ``quality_report``,
+``adjusted_reach``, ``format_quality``, ``run_quality``.
+
+Offline, the log goes through the same code the workers run: each partition's
+:class:`~loopline.state.ingest.IngestCore` (so invalid lines are dead-lettered with their reasons and
+duplicate impressions rejected), its ``audience`` outputs into
+:class:`~loopline.state.quality_counts.QualityCounts`. The counts do not depend on the order or the
+partitioning of the values, so the offline report equals the one from workers that consumed the same
+log. From workers, ``GET /quality?fit=0`` on each gives its partitions' aggregates; they are summed and
+fitted here, with every truth report seen so far.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import orjson
+
+from loopline.model.quality import METHODS, QualityConfig, adjust_reach, assess
+from loopline.state.attribution import AttributionConfig
+from loopline.state.errors import ConfigError
+from loopline.state.ingest import IngestCore
+from loopline.state.quality_counts import QualityCounts, merge_aggregates
+
+from .eventlog import LogRecord, partition_for
+
+__all__ = ["quality_counts_from_records", "gather_worker_counts", "quality_report", "adjusted_reach",
+           "format_quality", "run_quality"]
+
+
+def quality_counts_from_records(records: list[LogRecord], partitions: int = 4,
+                                progress: bool = False) -> tuple[dict, dict]:
+    """(merged quality aggregate, event counts ``{"read", "accepted", "deadletter", "by_reason"}``)."""
+    cores = [IngestCore({}, p, AttributionConfig(), audience=True) for p in range(partitions)]
+    offsets = [0] * partitions
+    qc = QualityCounts({})
+    dead: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for n, rec in enumerate(records, 1):
+        p = partition_for(rec.key, rec.raw, partitions)
+        outs = cores[p].handle(rec.raw, offsets[p])
+        cores[p].acked(outs)
+        offsets[p] += 1
+        for o in outs:
+            if o.kind == "audience":
+                qc.learn_one(o.value)
+            elif o.kind == "deadletter":
+                dead[o.value["reason"]] = dead.get(o.value["reason"], 0) + 1
+        if n % 5000 == 0:
+            for core in cores:
+                core.flush()
+        if progress and n % 100_000 == 0:
+            rate = n / (time.perf_counter() - t0)
+            print(f"quality: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
+                  file=sys.stderr, flush=True)
+    nd = sum(dead.values())
+    events = {"read": len(records), "accepted": len(records) - nd, "deadletter": nd,
+              "by_reason": dict(sorted(dead.items()))}
+    return qc.aggregate(), events
+
+
+def gather_worker_counts(urls: list[str], partitions: int | None = None, timeout: float = 10.0) -> tuple[dict, dict]:
+    """Sum the ``/quality`` aggregates of running workers: (aggregate, ``{"workers", "partitions",
+    "missing_partitions", "duplicate_partitions"}``). A partition reported by two workers (during a
+    rebalance) counts once."""
+    parts: dict[str, dict] = {}
+    dup = []
+    for url in urls:
+        u = url.rstrip("/")
+        if not u.startswith(("http://", "https://")):
+            u = "http://" + u
+        try:
+            with urllib.request.urlopen(f"{u}/quality?fit=0", timeout=timeout) as r:
+                body = orjson.loads(r.read())
+        except (urllib.error.URLError, OSError, orjson.JSONDecodeError) as exc:
+            raise ConfigError(f"workers: cannot read {u}/quality: {exc}") from None
+        for p, agg in body.get("partitions", {}).items():
+            if p in parts:
+                dup.append(int(p))
+                continue
+            parts[p] = agg
+    held = sorted(int(p) for p in parts)
+    missing = sorted(set(range(partitions)) - set(held)) if partitions else []
+    return merge_aggregates(parts.values()), {"workers": len(urls), "partitions": held,
+                                              "missing_partitions": missing, "duplicate_partitions": sorted(dup)}
+
+
+def quality_report(agg: dict, cfg: QualityConfig = QualityConfig(), methods: tuple = METHODS) -> dict:
+    """The fit (``loopline.model.quality.assess``) of a merged aggregate."""
+    return assess(agg, cfg, methods)
+
+
+def adjusted_reach(report: dict, source: str, segment: str, users: float, users_ci, exclude: bool = False) -> dict:
+    """Quality-adjusted reach for a rule that requires (``exclude``: excludes) ``source``'s
+    ``segment`` label: expected truly-in-segment users out of a reach answer's ``users``, from the
+    report's a (b) and its interval."""
+    row = next((r for r in report["sources"] if r["source"] == source and r["segment"] == segment), None)
+    if row is None:
+        known = ", ".join(f"{r['source']}:{r['segment']}" for r in report["sources"]) or "none"
+        raise ConfigError(f"adjust_reach: no source {source!r} with segment {segment!r} (known: {known})")
+    key = "b" if exclude else "a"
+    if row.get(key) is None or row.get(f"{key}_ci") is None:
+        raise ConfigError(f"adjust_reach: {source}:{segment} has no fitted {key} with an interval "
+                          f"(verdict {row['verdict']}: {row.get('note', '')})")
+    out = adjust_reach(users, users_ci, row[key], row[f"{key}_ci"], report["coverage"])
+    return {"source": source, "segment": segment, "labelled": not exclude, "verdict": row["verdict"], **out}
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, list):
+        return "[" + ", ".join(_fmt(v, nd) for v in x) + "]"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def format_quality(out: dict) -> str:
+    """A readable table of the report (the JSON has every figure)."""
+    rows = [("rank", "source", "segment", "verdict", "camp", "a [ci]", "b [ci]", "lift", "precision", "recall",
+             "corr")]
+    for r in out["report"]["sources"]:
+        rows.append((_fmt(r.get("rank")), r["source"], r["segment"], r["verdict"], str(r["campaigns"]),
+                     f"{_fmt(r.get('a'))} {_fmt(r.get('a_ci'))}", f"{_fmt(r.get('b'))} {_fmt(r.get('b_ci'))}",
+                     _fmt(r.get("lift"), 2), _fmt(r.get("precision")), _fmt(r.get("recall")),
+                     _fmt(r.get("correlation"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    for r in out["report"]["sources"]:
+        if r.get("note"):
+            lines.append(f"note {r['source']}:{r['segment']}: {r['note']}")
+    if "adjusted_reach" in out:
+        ar = out["adjusted_reach"]
+        lines.append(f"quality-adjusted reach ({ar['source']}:{ar['segment']}): {ar['users']:.0f} users truly in, "
+                     f"interval {_fmt(ar['users_ci'], 0)} (reach {ar['reach_users']:.0f} {_fmt(ar['reach_users_ci'], 0)})")
+    return "\n".join(lines)
+
+
+def run_quality(a) -> dict:
+    """The ``loopline quality`` command from its parsed arguments."""
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    cfg = QualityConfig(coverage=a.coverage, bootstrap=a.bootstrap, min_impressions=a.min_impressions,
+                        min_campaigns=a.min_campaigns)
+    if a.events:
+        from .eventlog import read_log
+        try:
+            records = read_log(a.events)
+        except OSError as exc:
+            raise ConfigError(f"events: cannot read {a.events!r}: {exc.strerror}") from None
+        agg, events = quality_counts_from_records(records, a.partitions, progress=not a.json)
+        out = {"events": events}
+    else:
+        urls = [u for u in a.workers.split(",") if u.strip()]
+        if not urls:
+            raise ConfigError("workers: give at least one worker URL (host:port)")
+        agg, info = gather_worker_counts(urls, a.partitions)
+        out = {"workers": info}
+    out["report"] = quality_report(agg, cfg, methods)
+    if a.adjust_reach:
+        source, sep, segment = a.adjust_reach.partition(":")
+        if not sep or not source or not segment:
+            raise ConfigError(f"adjust_reach: expected SOURCE:SEGMENT, got {a.adjust_reach!r}")
+        if a.reach_json:
+            try:
+                with open(a.reach_json, "rb") as f:
+                    reach = orjson.loads(f.read())
+            except (OSError, orjson.JSONDecodeError) as exc:
+                raise ConfigError(f"reach_json: cannot read {a.reach_json!r}: {exc}") from None
+            if not isinstance(reach, dict) or "users" not in reach or "users_ci" not in reach:
+                raise ConfigError("reach_json: expected a reach answer with 'users' and 'users_ci'")
+            users, users_ci = reach["users"], reach["users_ci"]
+        elif a.users is not None and a.users_ci is not None:
+            users, users_ci = a.users, a.users_ci
+        else:
+            raise ConfigError("adjust_reach: needs --reach-json FILE or --users N --users-ci LO HI")
+        out["adjusted_reach"] = adjusted_reach(out["report"], source, segment, users, users_ci, a.exclude)
+    return out
