@@ -32,6 +32,7 @@ The table is plain data (str, int, float, bool, None, lists, dicts): JSON-able, 
 load into the dispatched model unchanged.
 
 >>> import torch
+>>> _ = torch.manual_seed(0)
 >>> m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 >>> fake = lambda fn, key: 1.0 if key[1] == HIGH_PRECISION else 0.5  # every FP8 candidate "2x faster"
 >>> cfg = DispatchConfig(candidates=("emulated:row",))
@@ -230,10 +231,14 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
         rows_out.append(entry)
         if not ok:
             continue
-        prepared = c.prepare(W32 if c.library != "emulated" else W32.to(dt))
-        for src_name, x in inputs.items():
-            ref = F.linear(x, W32, b32)  # float32 reference
-            entry["mere"][src_name] = float(mere(c(x.to(dt), prepared, b32, torch.float32), ref))
+        try:
+            prepared = c.prepare(W32 if c.library != "emulated" else W32.to(dt))
+            for src_name, x in inputs.items():
+                ref = F.linear(x, W32, b32)  # float32 reference
+                entry["mere"][src_name] = float(mere(c(x.to(dt), prepared, b32, torch.float32), ref))
+        except (RuntimeError, ValueError) as exc:  # e.g. _scaled_mm refuses an N that is not a multiple of 16
+            entry.update(available=False, reason=f"failed on this shape: {exc}"[:300], mere={})
+            continue
         entry["mere_max"] = max(entry["mere"].values())
         # paired: the baseline is timed again with each candidate, so a machine whose load
         # changes (shared CPUs, GPU clocks) compares the two under the same conditions
