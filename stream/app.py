@@ -38,9 +38,9 @@ CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every windo
 # to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
 # partition of `examples` and `history.events`
 
-ROLES = ("all", "ingest", "fm", "reach")
+ROLES = ("all", "ingest", "fm", "reach", "monitor")
 # Roles whose input topics another role also reads get a consumer group of their own (see group_id).
-OWN_GROUP_ROLES: tuple = ()
+OWN_GROUP_ROLES: tuple = ("monitor",)
 
 
 def group_id(cfg: "WorkerConfig") -> str:
@@ -177,4 +177,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     if cfg.role in ("all", "reach"):
         from .quality import register_quality
         register_quality(app, cfg)
+    if cfg.role == "monitor":  # not in "all": a role of its own, in a consumer group of its own
+        from .monitor import register_monitor
+        register_monitor(app, cfg)
     return app

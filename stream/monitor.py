@@ -1,0 +1,165 @@
+"""The monitor role: drift and model health from the stream, served as Prometheus metrics and JSON.
+
+Public surface: ``register_monitor``, ``MonitorCollector``.
+
+One agent consumes ``examples.augmented`` (the examples with their DAS soft label: feature and label
+drift) and ``model.scores`` (one score row per example and producing stage: per-model health) and
+feeds them to :class:`~loopline.model.monitor.Monitor`. It runs in a consumer group of its own
+(``OWN_GROUP_ROLES`` in ``stream/app.py``), so it sees every partition of ``examples.augmented``
+beside the vm role. Two views, on 127.0.0.1 like every view:
+
+* ``/metrics``: the Prometheus text format, from a per-app ``CollectorRegistry`` whose one collector
+  (:class:`MonitorCollector`) reads the monitor's summary at scrape time;
+* ``/drift``: the monitor's whole report as JSON (what ``loopline drift --json`` prints).
+
+On start the agent reads both topics from the beginning with its own consumer (as the fm role
+does) and skips what it has already fed by offset, so a restarted monitor ends with the figures of
+one that never stopped, as long as the topics still hold the history. Detectors see rows in arrival
+order (partitions interleave), not ``evaluate``'s label-time order, so their alarms can differ from a
+replay's by a few rows; the windowed figures do not depend on the order.
+
+Metrics (all gauges unless named ``_total``; ``model`` and ``feature`` labels are whatever the
+stream carries):
+
+    loopline_monitor_examples_total, loopline_monitor_score_rows_total, loopline_monitor_event_time_seconds
+    loopline_feature_psi{feature}, loopline_feature_js{feature}      newest window vs its reference
+    loopline_label_rate{window="current"|"reference"}, loopline_label_rate_z
+    loopline_model_auc{model}                                         newest window with figures
+    loopline_model_logloss{model,scope}, loopline_model_ne{model,scope}, loopline_model_calibration{model,scope}
+                                                                      scope: window | total
+    loopline_model_examples_total{model}
+    loopline_transfer_ratio{model}                                    vm:X against vm:base and fm
+    loopline_drift_alarms_total{model,detector}
+"""
+
+from __future__ import annotations
+
+import faust
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from loopline.model.monitor import Monitor, MonitorConfig
+
+from .app import WorkerConfig, control_of, read_topic
+
+__all__ = ["register_monitor", "MonitorCollector"]
+
+INPUTS = ("examples.augmented", "model.scores")
+BATCH = 2000
+BATCH_WITHIN_S = 0.2
+CONTENT_TYPE = "text/plain; version=0.0.4"  # the Prometheus text format (charset is utf-8)
+
+
+class MonitorCollector:
+    """A prometheus-client collector over a :class:`Monitor`: the figures are read at scrape time."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def collect(self):
+        s = self.monitor.summary()
+
+        def gauge(name, doc, labels=()):
+            return GaugeMetricFamily(name, doc, labels=list(labels))
+
+        c = CounterMetricFamily("loopline_monitor_examples", "examples the monitor has read")
+        c.add_metric([], s["examples"])
+        yield c
+        c = CounterMetricFamily("loopline_monitor_score_rows", "score rows the monitor has read")
+        c.add_metric([], s["score_rows"])
+        yield c
+        g = gauge("loopline_monitor_event_time_seconds", "newest event time seen (epoch seconds)")
+        if s["event_time"] is not None:
+            g.add_metric([], s["event_time"])
+        yield g
+
+        psi = gauge("loopline_feature_psi", "PSI of the newest window against its reference", ["feature"])
+        js = gauge("loopline_feature_js", "Jensen-Shannon divergence (bits), categorical features", ["feature"])
+        for name, f in sorted(s["features"].items()):
+            psi.add_metric([name], f["psi"])
+            if "js" in f:
+                js.add_metric([name], f["js"])
+        yield psi
+        yield js
+        rate = gauge("loopline_label_rate", "positive rate of the newest window and its reference", ["window"])
+        z = gauge("loopline_label_rate_z", "two-proportion z score of the label-rate change")
+        label = s["label"] or {}
+        if label.get("rate") is not None:
+            rate.add_metric(["current"], label["rate"])
+        if "rate_ref" in label:
+            rate.add_metric(["reference"], label["rate_ref"])
+            z.add_metric([], label["z"])
+        yield rate
+        yield z
+
+        auc = gauge("loopline_model_auc", "AUC in the model's newest window with figures", ["model"])
+        fams = {k: gauge(f"loopline_model_{k}", doc, ["model", "scope"]) for k, doc in (
+            ("logloss", "log loss"), ("ne", "normalized entropy (1.0: the base rate)"),
+            ("calibration", "sum of predictions / sum of labels"))}
+        n = CounterMetricFamily("loopline_model_examples", "examples scored per model", labels=["model"])
+        alarms = CounterMetricFamily("loopline_drift_alarms", "loss-change alarms", labels=["model", "detector"])
+        for model, m in sorted(s["models"].items()):
+            n.add_metric([model], m["overall"]["n"])
+            for scope, figs in (("total", m["overall"]), ("window", m["window"] or {})):
+                for k, fam in fams.items():
+                    if figs.get(k) is not None:
+                        fam.add_metric([model, scope], figs[k])
+            if m["window"] and m["window"].get("auc") is not None:
+                auc.add_metric([model], m["window"]["auc"])
+            for det, count in sorted(m["alarms"].items()):
+                alarms.add_metric([model, det], count)
+        yield auc
+        yield from fams.values()
+        yield n
+        yield alarms
+        tr = gauge("loopline_transfer_ratio", "(NE(vm:base) - NE(vm:X)) / (NE(vm:base) - NE(fm))", ["model"])
+        for model, t in sorted(s["transfer"].items()):
+            if t.get("tr") is not None:
+                tr.add_metric([model], t["tr"])
+        yield tr
+
+
+def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConfig = MonitorConfig()) -> None:
+    monitor = Monitor(monitor_cfg)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MonitorCollector(monitor))
+    source = app.topic(*INPUTS, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=cfg.partitions)
+    fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed
+    state = {"ready": False}
+
+    def handle(messages) -> None:
+        examples, rows = [], []
+        for topic, partition, offset, headers, value in messages:
+            tp = f"{topic}/{partition}"
+            if offset < fed.get(tp, 0):
+                continue
+            fed[tp] = offset + 1
+            if control_of(headers) is not None:
+                continue
+            try:
+                item = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue  # not ours to judge: these topics are written by Loopline's own stages
+            (examples if topic == "examples.augmented" else rows).append(item)
+        monitor.observe_examples(examples)
+        monitor.observe_scores(rows)
+
+    @app.agent(source, name="monitor")
+    async def monitor_agent(stream):
+        for topic in INPUTS:  # catch up from the beginning, whatever the group has committed
+            msgs = await read_topic(cfg.broker, topic, cfg.partitions)
+            handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
+        state["ready"] = True
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
+                    for ev in events])
+
+    @app.page("/metrics")
+    async def metrics_view(web, request):
+        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE)
+
+    @app.page("/drift")
+    async def drift_view(web, request):
+        return web.json({"ready": state["ready"], **monitor.report()})
