@@ -1,6 +1,6 @@
 """The FM stage: labelled examples -> progressive metrics, DAS soft labels, LoopFM codes, history.
 
-Public surface: ``FMStageConfig``, ``FMStage``, ``canonical_order``.
+Public surface: ``FMStageConfig``, ``FMStage``, ``canonical_order``, ``score_row``.
 
 Plain Python and torch over a :class:`~loopline.state.history.HistoryStore`, so ``loopline evaluate``
 and an ``fm`` worker run the same code. Per micro-batch (``step``):
@@ -41,7 +41,19 @@ from .fm import FMConfig, FoundationModel
 from .metrics import BinaryMetrics
 from .trainer import OnlineTrainer, TrainerConfig
 
-__all__ = ["FMStageConfig", "FMStage", "canonical_order"]
+__all__ = ["FMStageConfig", "FMStage", "canonical_order", "score_row"]
+
+
+def score_row(ex: dict, scores: dict) -> dict:
+    """One labelled example's predictions by the models of one stage: the contract between the models
+    and monitoring (topic ``model.scores``; ``evaluate --json``'s score log).
+
+    >>> score_row({"id": "i1", "user": "u1", "ts": 1.0, "label_ts": 5.0, "vertical": "feed", "label": 1,
+    ...            "ad": "a1"}, {"fm": 0.25})
+    {'id': 'i1', 'user': 'u1', 'ts': 1.0, 'label_ts': 5.0, 'vertical': 'feed', 'label': 1, 'scores': {'fm': 0.25}}
+    """
+    return {"id": ex["id"], "user": ex["user"], "ts": ex["ts"], "label_ts": ex["label_ts"],
+            "vertical": ex.get("vertical"), "label": int(ex["label"]), "scores": scores}
 
 
 def canonical_order(examples: list[dict]) -> list[dict]:
@@ -106,14 +118,21 @@ class FMStage:
         batch = self.featurizer.batch(examples, hist)
         soft, code = self._das(batch)
         y = batch.labels.numpy()
-        self.metrics["fm"].update(self.fm.step(batch), y)
+        step = self.fm.version  # this micro-batch's index: the VMs' consumers order by it
+        p_fm = self.fm.step(batch)
+        self.metrics["fm"].update(p_fm, y)
+        preds = {"fm": p_fm}
         if self.lr is not None:
-            self.metrics["lr"].update(self.lr.step(batch), y)
-        augmented = []
+            preds["lr"] = self.lr.step(batch)
+            self.metrics["lr"].update(preds["lr"], y)
         if soft is not None:
             self.metrics["das"].update(soft, y)
-            version = self.published[0]
-            augmented = [dict(e, soft_label=float(s), fm_version=version) for e, s in zip(examples, soft)]
+            preds["das"] = soft
+        # every example goes on; before the first published snapshot DAS has no soft label (null)
+        version = self.published[0] if soft is not None else None
+        augmented = [dict(e, soft_label=None if soft is None else float(soft[i]), fm_version=version, fm_step=step)
+                     for i, e in enumerate(examples)]
+        scores = [score_row(e, {k: float(v[i]) for k, v in preds.items()}) for i, e in enumerate(examples)]
         embeddings = []
         if code is not None:
             version = self.embedder[0]
@@ -125,7 +144,7 @@ class FMStage:
         self.counts["examples"] += len(examples)
         self.counts["augmented"] += len(augmented)
         self.counts["embeddings"] += len(embeddings)
-        out = {"augmented": augmented, "embeddings": embeddings}
+        out = {"step": step, "augmented": augmented, "embeddings": embeddings, "scores": scores}
         self.outputs.append(out)
         return out
 
@@ -212,9 +231,10 @@ class FMStage:
         out, self.outputs = self.outputs, []
         return out
 
-    def run(self, examples: list[dict], progress=None) -> None:
+    def run(self, examples: list[dict], progress=None, on_step=None) -> None:
         """A finite stream in-process: each example's impression is observed at its event time, and the
-        examples are trained on in canonical order, in micro-batches by count."""
+        examples are trained on in canonical order, in micro-batches by count. ``on_step(out)`` gets
+        each step's outputs in order (the VM stage hangs off it); without it they are dropped."""
         self.feed_events((e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]) for e in examples)
         self.feed_examples(examples)
         total, done = len(examples), 0
@@ -222,13 +242,18 @@ class FMStage:
         step = max(1, len(times) // 100)  # report progress about a hundred times
         for t in times[step - 1::step]:
             done += self.advance(t)
-            self.outputs.clear()  # run() callers read the metrics, not the outputs
+            self._hand_over(on_step)
             if progress is not None:
                 progress(done, total)
         done += self.finish()
-        self.outputs.clear()  # run() callers read the metrics, not the outputs
+        self._hand_over(on_step)
         if progress is not None:
             progress(done, total)
+
+    def _hand_over(self, on_step) -> None:
+        for out in self.drain():
+            if on_step is not None:
+                on_step(out)
 
     def report(self) -> dict:
         return {name: m.report() for name, m in self.metrics.items() if m.report()["n"]}

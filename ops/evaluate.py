@@ -1,6 +1,6 @@
 """``loopline evaluate``: the in-process replay through the same code the workers run.
 
-Public surface: ``evaluate_records``, ``summarize``.
+Public surface: ``evaluate_records``, ``summarize``, ``format_table``.
 
 Events are routed to partitions exactly as ``loopline replay`` sends them (``ops/eventlog.py``), each
 partition's :class:`~loopline.state.ingest.IngestCore` runs over a dict, and at the end of the log every
@@ -17,7 +17,7 @@ from loopline.state.ingest import IngestCore
 
 from .eventlog import LogRecord, partition_for
 
-__all__ = ["evaluate_records", "summarize"]
+__all__ = ["evaluate_records", "summarize", "format_table"]
 
 
 def summarize(read: int, deadletters: dict[str, int], examples: int, positives: int,
@@ -38,9 +38,14 @@ def summarize(read: int, deadletters: dict[str, int], examples: int, positives: 
 
 def evaluate_records(records: list[LogRecord], partitions: int = 4,
                      cfg: AttributionConfig = AttributionConfig(), progress: bool = False,
-                     models: bool = False, stage_cfg=None) -> dict:
+                     models: bool = False, stage_cfg=None, vm_cfg=None, scores: bool = False,
+                     split_ts: float | None = None) -> dict:
     """Ingest and attribution in-process; with ``models``, then the FM stage (FM, logistic baseline,
-    DAS) over the examples, with its progressive metrics under ``models``."""
+    DAS) and, with ``vm_cfg`` (a :class:`~loopline.model.verticals.VMStageConfig`), the VM variants
+    side by side on each FM step's augmented examples, in one pass. Progressive metrics go under
+    ``models`` (each VM variant with its transfer ratio ``tr``), the same before and after ``split_ts``
+    (default: the middle of the examples' event time) under ``windows``; ``scores`` also returns every
+    example's score row."""
     stores: list[dict] = [{} for _ in range(partitions)]
     cores = [IngestCore(stores[p], p, cfg) for p in range(partitions)]
     offsets = [0] * partitions
@@ -81,14 +86,25 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
     out = summarize(len(records), dead, examples, positives, attribution)
     if models:
-        out["models"], out["fm_stage"] = _run_models(emitted, stage_cfg, progress)
+        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts))
     return out
 
 
-def _run_models(examples: list[dict], stage_cfg, progress: bool) -> tuple[dict, dict]:
+def _with_tr(models: dict) -> dict:
+    from loopline.model.verticals import transfer_ratio
+    base, fm = models.get("vm:base"), models.get("fm")
+    for name, r in models.items():
+        if name.startswith("vm:") and base and fm:
+            r["tr"] = transfer_ratio(base["ne"], r["ne"], fm["ne"])
+    return models
+
+
+def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_scores: bool,
+                split_ts: float | None) -> dict:
     import tempfile
 
     from loopline.model.pipeline import FMStage, FMStageConfig
+    from loopline.model.verticals import VMStage, windowed_report
     from loopline.state.history import HistoryStore
 
     t0 = time.perf_counter()
@@ -105,7 +121,64 @@ def _run_models(examples: list[dict], stage_cfg, progress: bool) -> tuple[dict, 
     with tempfile.TemporaryDirectory(prefix="loopline-history-") as tmp:
         with HistoryStore(tmp) as history:
             stage = FMStage(history, stage_cfg or FMStageConfig())
-            stage.run(examples, progress=tick)
-            return stage.report(), {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
-                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters()),
-                                    "fm_flops_per_example": stage.fm.model.flops_per_example()}
+            vms = VMStage(history, vm_cfg) if vm_cfg is not None else None
+            rows: dict[str, dict] = {}
+
+            def on_step(out: dict) -> None:
+                for r in out["scores"]:
+                    rows[r["id"]] = r
+                if vms is not None:  # after the FM step wrote its codes, as a vm worker sees them
+                    for r in vms.step(out["augmented"]):
+                        rows[r["id"]]["scores"].update(r["scores"])
+
+            stage.run(examples, progress=tick, on_step=on_step)
+            report = {**stage.report(), **(vms.report() if vms is not None else {})}
+            result = {"models": _with_tr(report),
+                      "fm_stage": {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
+                                   "fm_params": sum(p.numel() for p in stage.fm.model.parameters()),
+                                   "fm_flops_per_example": stage.fm.model.flops_per_example()}}
+            if vms is not None:
+                result["vm_stage"] = {"variants": list(vms.cfg.variants), "steps": vms.steps,
+                                      "verticals": sorted({vt for vt, _ in vms.learners}),
+                                      "params": {v: sum(p.numel() for p in vms.learners[k].model.parameters())
+                                                 for k in sorted(vms.learners) for v in [k[1]]}}
+            if rows:
+                ts = sorted(r["ts"] for r in rows.values())
+                split = split_ts if split_ts is not None else (ts[0] + ts[-1]) / 2
+                windows = windowed_report(list(rows.values()), [ts[0], split, ts[-1] + 1e-6])
+                for w, name in zip(windows, ("before", "after")):
+                    w["window"] = name
+                    _with_tr(w["models"])
+                result["windows"] = windows
+            if keep_scores:
+                result["scores"] = list(rows.values())
+            return result
+
+
+def format_table(out: dict) -> str:
+    """The evaluation table: one row per model, overall and before/after the split.
+
+    >>> print(format_table({"models": {"fm": {"auc": 0.7, "ne": 0.9, "logloss": 0.3, "calibration": 1.0,
+    ...                                         "n": 10}}}))
+    model                   n     AUC      NE  logloss   calib      TR
+    fm                     10  0.7000  0.9000   0.3000   1.000       -
+    """
+    cols = ["model", "n", "AUC", "NE", "logloss", "calib", "TR"]
+    windows = out.get("windows", [])
+    head = f"{cols[0]:<18}{cols[1]:>7}{cols[2]:>8}{cols[3]:>8}{cols[4]:>9}{cols[5]:>8}{cols[6]:>8}"
+    for w in windows:
+        head += f"{'AUC ' + w['window']:>13}{'NE ' + w['window']:>12}{'TR ' + w['window']:>11}"
+    lines = [head]
+
+    def num(v, width, fmt):
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+
+    for name, r in out.get("models", {}).items():
+        line = (f"{name:<18}{r['n']:>7}{num(r['auc'], 8, '.4f')}{num(r['ne'], 8, '.4f')}"
+                f"{num(r['logloss'], 9, '.4f')}{num(r['calibration'], 8, '.3f')}{num(r.get('tr'), 8, '.3f')}")
+        for w in windows:
+            m = w["models"].get(name)
+            line += (num(m and m["auc"], 13, ".4f") + num(m and m["ne"], 12, ".4f") +
+                     num(m and m.get("tr"), 11, ".3f"))
+        lines.append(line)
+    return "\n".join(lines)

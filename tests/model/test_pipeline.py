@@ -44,8 +44,12 @@ def test_the_stage_is_deterministic_whatever_order_examples_arrive_in(tmp_path):
 def test_das_scores_with_published_snapshots_and_codes_come_from_one_fixed_snapshot(tmp_path):
     s = stage(tmp_path, "das")
     outs = [s.step(exs) for exs in (examples()[i:i + 64] for i in range(0, 600, 64))]
-    assert outs[0]["augmented"] == [] and outs[0]["embeddings"] == []  # nothing published yet
-    aug = [a for o in outs for a in o["augmented"]]
+    assert outs[0]["embeddings"] == []  # nothing published yet: no codes, and null soft labels
+    assert outs[0]["augmented"] and all(a["soft_label"] is None for a in outs[0]["augmented"])
+    assert [o["step"] for o in outs] == list(range(len(outs)))
+    assert all(a["fm_step"] == o["step"] for o in outs for a in o["augmented"])
+    assert all({"fm", "lr"} <= set(r["scores"]) for o in outs for r in o["scores"])
+    aug = [a for o in outs for a in o["augmented"] if a["soft_label"] is not None]
     assert aug and all(0 < a["soft_label"] < 1 for a in aug)
     assert len({a["fm_version"] for a in aug}) > 1  # soft labels follow the newest snapshot
     versions = {e[2] for o in outs for e in o["embeddings"]}

@@ -1,0 +1,187 @@
+"""The VM stage: one vertical model per (vertical, variant), trained continuously on the augmented examples.
+
+Public surface: ``VARIANTS``, ``DEFAULT_VARIANTS``, ``VMStageConfig``, ``VMStage``, ``parse_variants``,
+``transfer_ratio``, ``windowed_report``.
+
+Each augmented example (``examples.augmented``: an example, DAS's soft label or null, the FM step that
+produced it) goes to the VMs of its own vertical. Per micro-batch (one FM step's examples of a vertical):
+read each user's LoopFM codes and raw events strictly before the example's time from the history
+store (once, shared by every variant), then for every variant predict (progressive validation, the
+serving head) and learn. Variants are named recipes over :class:`~loopline.model.vm.VMConfig`; the
+evaluation table trains them side by side in one pass over the same stream order.
+
+The transfer ratio (LoopFM, ``shared/papers.md`` section 1) is the fraction of the FM's improvement over
+the base VM that a variant captures: ``TR = (NE(base) - NE(variant)) / (NE(base) - NE(FM))``.
+
+>>> transfer_ratio(ne_base=0.95, ne_variant=0.93, ne_fm=0.90)
+0.4
+>>> parse_variants("base, loopfm+kd")
+('base', 'loopfm+kd')
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from loopline.state.errors import ConfigError
+
+from .metrics import BinaryMetrics
+from .pipeline import score_row
+from .vm import VMConfig, VMFeaturizer, VMLearner
+
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "VMStageConfig", "VMStage", "parse_variants", "transfer_ratio",
+           "windowed_report"]
+
+_LOOP = {"history": "attention", "sequence": "fm"}
+VARIANTS = {
+    "base": {},
+    "kd": {"distill": "kd"},
+    "loopfm": _LOOP,
+    "loopfm+kd": {**_LOOP, "distill": "kd"},
+    "ah": {"distill": "ah"},
+    "ah+sa": {"distill": "ah", "adapter": True},
+    "kd+sa": {"distill": "kd", "adapter": True},
+    "loopfm+ah+sa": {**_LOOP, "distill": "ah", "adapter": True},
+    # the gain decomposition: raw history alone, the FM sequence alone (loopfm), both
+    "raw": {"history": "attention", "sequence": "raw"},
+    "raw+loopfm": {"history": "attention", "sequence": "both"},
+    # the sequence encoders
+    "loopfm-mean": {"history": "mean", "sequence": "fm"},
+    "loopfm-sum": {"history": "sum", "sequence": "fm"},
+}
+DEFAULT_VARIANTS = ("base", "kd", "loopfm", "loopfm+kd", "ah", "ah+sa", "loopfm+ah+sa")
+
+
+def parse_variants(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown:
+        raise ConfigError(f"variants: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def transfer_ratio(ne_base: float, ne_variant: float, ne_fm: float) -> float | None:
+    """None when the FM is no better than the base VM (the ratio has no meaning then)."""
+    gap = ne_base - ne_fm
+    if not gap > 0:
+        return None
+    return round((ne_base - ne_variant) / gap, 4)
+
+
+@dataclass(frozen=True)
+class VMStageConfig:
+    variants: tuple = DEFAULT_VARIANTS
+    vm: VMConfig = field(default_factory=VMConfig)  # the shared base every variant's recipe modifies
+    seed: int = 0
+
+    def __post_init__(self):
+        parse_variants(",".join(self.variants))
+
+    def config_of(self, variant: str) -> VMConfig:
+        return replace(self.vm, **VARIANTS[variant])
+
+
+class VMStage:
+    def __init__(self, history, cfg: VMStageConfig = VMStageConfig()):
+        self.cfg = cfg
+        self.history = history
+        self.configs = {v: cfg.config_of(v) for v in cfg.variants}
+        self.featurizers = {v: VMFeaturizer(c) for v, c in self.configs.items()}
+        self.learners: dict[tuple[str, str], VMLearner] = {}  # (vertical, variant) -> learner
+        self.metrics = {v: BinaryMetrics() for v in cfg.variants}
+        self.steps = 0
+        self.examples = 0
+        L = max(c.seq_len for c in self.configs.values())
+        self._reads = ({"fm" if "fm" in c.uses else None for c in self.configs.values()} |
+                       {"raw" if "raw" in c.uses else None for c in self.configs.values()}) - {None}
+        self._L = L
+
+    def learner(self, vertical: str, variant: str) -> VMLearner:
+        key = (vertical, variant)
+        if key not in self.learners:  # seeded by name: the same models whatever the arrival order
+            seed = zlib.crc32(f"{self.cfg.seed}/{vertical}/{variant}".encode())
+            self.learners[key] = VMLearner(self.configs[variant], seed=seed)
+        return self.learners[key]
+
+    def sequences(self, examples: list[dict]) -> tuple[list | None, list | None]:
+        """Each example's LoopFM codes and raw events strictly before its ts (history store reads)."""
+        codes = raw = None
+        if "fm" in self._reads:
+            codes = [self.history.last_embeddings(e["user"], e["ts"], self._L)["codes"] for e in examples]
+        if "raw" in self._reads:
+            raw = [self.history.last_events(e["user"], e["ts"], self._L) for e in examples]
+        return codes, raw
+
+    def step(self, augmented: list[dict]) -> list[dict]:
+        """One FM step's augmented examples (in their order); returns their score rows, one per example,
+        with every variant's serving prediction (``vm:<variant>``)."""
+        by_vertical: dict[str, list[int]] = {}
+        for i, e in enumerate(augmented):
+            by_vertical.setdefault(e.get("vertical") or "", []).append(i)
+        preds = [dict() for _ in augmented]
+        for vertical in sorted(by_vertical):
+            idx = by_vertical[vertical]
+            exs = [augmented[i] for i in idx]
+            codes, raw = self.sequences(exs)
+            y = np.array([float(e["label"]) for e in exs])
+            for variant in self.cfg.variants:
+                learner = self.learner(vertical, variant)
+                b = self.featurizers[variant].batch(exs, codes, raw)
+                p = learner.predict_many(b)
+                learner.learn_many(b)
+                self.metrics[variant].update(p, y)
+                for i, pi in zip(idx, p):
+                    preds[i][f"vm:{variant}"] = float(pi)
+        self.steps += 1
+        self.examples += len(augmented)
+        return [score_row(e, s) for e, s in zip(augmented, preds)]
+
+    def report(self) -> dict:
+        return {f"vm:{v}": m.report() for v, m in self.metrics.items() if m.report()["n"]}
+
+    def state_dict(self) -> dict:
+        return {"learners": {f"{vt}\x1f{va}": l.state_dict() for (vt, va), l in self.learners.items()},
+                "metrics": {k: [np.asarray(a).copy() for a in m.arrays()] for k, m in self.metrics.items()},
+                "steps": self.steps, "examples": self.examples}
+
+    def load_state_dict(self, state: dict) -> None:
+        import torch
+        for key, st in state["learners"].items():
+            vertical, variant = key.split("\x1f")
+            self.learner(vertical, variant).load_state_dict(st)
+        for k, (p, y) in state["metrics"].items():
+            self.metrics[k] = BinaryMetrics()
+            p, y = (a.numpy() if isinstance(a, torch.Tensor) else a for a in (p, y))
+            if len(y):
+                self.metrics[k].update(p, y)
+        self.steps, self.examples = int(state["steps"]), int(state["examples"])
+
+
+def windowed_report(rows: list[dict], edges: list[float], key: str = "ts") -> list[dict]:
+    """Per event-time window ``[edges[i], edges[i+1])``: each model's AUC/NE/... over the rows whose
+    ``key`` falls in it (rows: ``score_row`` dicts, one model or several per row).
+
+    >>> rows = [{"ts": t, "label": t % 2, "scores": {"m": 0.8 if t % 2 else 0.3}} for t in range(8)]
+    >>> [w["models"]["m"]["auc"] for w in windowed_report(rows, [0, 4, 8])]
+    [1.0, 1.0]
+    """
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        per: dict[str, tuple[list, list]] = {}
+        for r in rows:
+            if lo <= r[key] < hi:
+                for m, p in r["scores"].items():
+                    ps, ys = per.setdefault(m, ([], []))
+                    ps.append(p)
+                    ys.append(r["label"])
+        models = {}
+        for m, (ps, ys) in sorted(per.items()):
+            bm = BinaryMetrics()
+            bm.update(np.asarray(ps), np.asarray(ys))
+            models[m] = bm.report()
+        out.append({"from": lo, "to": hi, "models": models})
+    return out

@@ -1,0 +1,348 @@
+"""A vertical model (VM): a small DeepFM that serves one vertical, optionally fed the LoopFM sequence and
+distilled from the FM (KD, Auxiliary Head, Student Adapter).
+
+Public surface: ``VMConfig``, ``VMBatch``, ``VMFeaturizer``, ``VerticalModel``, ``VMLearner``.
+
+``shared/papers.md`` sections 1-2. The VM sees its own small feature subset (hashed ids of ad, campaign,
+user attrs and extra features, 8-wide embeddings; no user id), and, with ``history`` set, the user's
+sequence strictly before the example's time:
+
+* ``sequence="fm"``: the LoopFM codes the FM wrote for the user's earlier examples (the wide channel);
+* ``sequence="raw"``: the user's raw earlier events (ad, campaign) with the VM's own embeddings, for the
+  gain decomposition (what history alone gives, without the FM);
+* ``sequence="both"``: both encoders side by side.
+
+The history encoder pools the sequence (``mean`` or ``sum``) or attends to it with the target ad and
+campaign as the query (``attention``: LoopFM's best). Each pooled sequence becomes one more field of the
+factorization machine and one more input of the MLP.
+
+Distillation (``distill``): ``kd`` adds ``kd_weight * BCE(y_S, y_F)`` on the serving head; ``ah`` adds
+the Auxiliary Head (``model/distill.py``). ``adapter=True`` trains a Student Adapter on the FM's logit
+first and adds its stop-gradient output as a second target of the distilling head.
+
+>>> cfg = VMConfig(history="attention", distill="ah", adapter=True)
+>>> ex = {"ad": "a1", "campaign": "c1", "attrs": {"age": "25-34"}, "features": {"slot": "1"}, "label": 1,
+...       "soft_label": 0.3}
+>>> b = VMFeaturizer(cfg).batch([ex], codes=[np.ones((2, cfg.code_dim), np.float32)], raw=[[]])
+>>> learner = VMLearner(cfg, seed=0)
+>>> p = learner.predict_many(b); 0.0 < float(p[0]) < 1.0
+True
+>>> sorted(learner.learn_many(b))
+['adapter', 'distill', 'loss', 'serving']
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopline.state.errors import ConfigError
+
+from .distill import StudentAdapter, aux_target, grad_scale, soft_bce
+from .features import hash_id
+from .trainer import split_params
+
+__all__ = ["VMConfig", "VMBatch", "VMFeaturizer", "VerticalModel", "VMLearner"]
+
+HISTORY = ("none", "mean", "sum", "attention")
+SEQUENCES = ("fm", "raw", "both")
+DISTILL = ("none", "kd", "ah")
+FIELDS = ("ad", "campaign", "attrs", "feats")
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    fields: tuple = FIELDS  # the VM's own features: a subset of the FM's, no user id (a small model)
+    table_size: int = 4096  # hashed rows per field
+    emb_dim: int = 8  # small embeddings (the FM's are 16)
+    hidden: tuple = (64, 32)  # the MLP; its last width is the backbone output both heads read
+    history: str = "none"  # none | mean | sum | attention: the encoder over the user's sequence
+    sequence: str = "fm"  # fm (LoopFM codes) | raw (raw events) | both
+    seq_len: int = 20  # newest entries read, strictly before the example's time
+    code_dim: int = 16  # LoopFM code width (FMConfig.code_dim)
+    distill: str = "none"  # none | kd | ah
+    kd_weight: float = 0.5  # lambda of plain KD
+    ah_alpha: float = 1.0  # distillation-head target min(1, alpha * y_F)
+    ah_beta: float = 0.5  # scale of the distillation head's gradient into the backbone
+    ah_weight: float = 1.0  # w: weight of the distillation head's loss
+    adapter: bool = False  # Student Adapter (its output: a second distillation target)
+    adapter_hidden: int = 8
+    adapter_weight: float = 1.0
+    adapter_lr: float = 1e-2
+    act: str = "relu"  # MLP activation (model/mods.py's choices where available)
+    lr_dense: float = 1e-3  # Adam on dense layers
+    lr_sparse: float = 0.05  # Adagrad on embedding rows
+
+    def __post_init__(self):
+        for name, allowed in (("history", HISTORY), ("sequence", SEQUENCES), ("distill", DISTILL)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.fields or any(f not in FIELDS for f in self.fields):
+            raise ConfigError(f"fields: must be a non-empty subset of {FIELDS}, got {self.fields}")
+        for name in ("table_size", "emb_dim", "seq_len", "code_dim", "adapter_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden: must be positive widths, got {self.hidden}")
+        for name in ("kd_weight", "ah_alpha", "ah_beta", "ah_weight", "adapter_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.adapter and self.distill == "none":
+            raise ConfigError("adapter: needs distill = kd or ah (its output is a distillation target)")
+
+    @property
+    def uses(self) -> set:
+        """Which sequences the model reads: a subset of {"fm", "raw"}."""
+        if self.history == "none":
+            return set()
+        return {"fm", "raw"} if self.sequence == "both" else {self.sequence}
+
+
+@dataclass
+class VMBatch:
+    """One micro-batch for a VM. ``ids``: field -> (values (N,), offsets (B,)) for an EmbeddingBag;
+    ``codes`` (B, L, C) and ``code_mask`` (B, L); ``raw_ad``/``raw_campaign`` (B, L) with ``raw_mask``;
+    ``labels`` (B,); ``soft`` (B,) with NaN where DAS had no soft label."""
+
+    ids: dict
+    codes: torch.Tensor
+    code_mask: torch.Tensor
+    raw_ad: torch.Tensor
+    raw_campaign: torch.Tensor
+    raw_mask: torch.Tensor
+    labels: torch.Tensor
+    soft: torch.Tensor
+    size: int = field(default=0)
+
+
+class VMFeaturizer:
+    def __init__(self, cfg: VMConfig = VMConfig()):
+        self.cfg = cfg
+
+    def field_ids(self, ex: dict) -> dict[str, list[int]]:
+        n = self.cfg.table_size
+        out = {}
+        for f in self.cfg.fields:
+            if f in ("ad", "campaign"):
+                out[f] = [hash_id(f, ex[f], n)]
+            else:
+                src = ex.get("attrs" if f == "attrs" else "features") or {}
+                out[f] = [hash_id(f, f"{k}={v}", n) for k, v in sorted(src.items())]
+        return out
+
+    def batch(self, examples: list[dict], codes: list | None = None, raw: list | None = None) -> VMBatch:
+        """``codes[i]``: float (n_i, C) LoopFM codes of the i-th example's user before its ts, oldest
+        first; ``raw[i]``: raw events ``(ts, ad, campaign, kind)`` before its ts. Either may be None
+        when the model does not read it."""
+        B, L, C, n = len(examples), self.cfg.seq_len, self.cfg.code_dim, self.cfg.table_size
+        rows = [self.field_ids(ex) for ex in examples]
+        ids = {}
+        for f in self.cfg.fields:
+            flat = [v for r in rows for v in r[f]]
+            lens = [len(r[f]) for r in rows]
+            ids[f] = (torch.tensor(flat, dtype=torch.int64),
+                      torch.tensor(np.concatenate([[0], np.cumsum(lens)[:-1]]) if B else [], dtype=torch.int64))
+        cz = np.zeros((B, L, C), np.float32)
+        cm = np.zeros((B, L), bool)
+        if codes is not None:
+            for i, c in enumerate(codes):
+                c = np.asarray(c, np.float32)[-L:]
+                if len(c):
+                    assert c.shape[1] == C, f"code width {c.shape[1]} != code_dim {C}"
+                    cz[i, L - len(c):] = c  # left-pad: the newest at L-1
+                    cm[i, L - len(c):] = True
+        ra = np.zeros((B, L), np.int64)
+        rc = np.zeros((B, L), np.int64)
+        rm = np.zeros((B, L), bool)
+        if raw is not None:
+            for i, evs in enumerate(raw):
+                evs = evs[-L:]
+                off = L - len(evs)
+                for j, (_, a, c, kind) in enumerate(evs):
+                    ra[i, off + j] = hash_id("raw-ad", f"{kind}:{a}", n)
+                    rc[i, off + j] = hash_id("raw-campaign", f"{kind}:{c}", n)
+                    rm[i, off + j] = True
+        soft = [ex.get("soft_label") for ex in examples]
+        return VMBatch(ids=ids, codes=torch.from_numpy(cz), code_mask=torch.from_numpy(cm),
+                       raw_ad=torch.from_numpy(ra), raw_campaign=torch.from_numpy(rc), raw_mask=torch.from_numpy(rm),
+                       labels=torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32),
+                       soft=torch.tensor([math.nan if s is None else float(s) for s in soft], dtype=torch.float32),
+                       size=B)
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        from .mods import activation  # the LoKA Mods, when present
+        return activation(name)
+    except ImportError:
+        return {"relu": nn.ReLU(), "hardswish": nn.Hardswish(), "silu": nn.SiLU()}[name]
+
+
+class _SeqEncoder(nn.Module):
+    """Pools a (B, L, D) sequence into (B, d): masked mean or sum, or target attention."""
+
+    def __init__(self, in_dim: int, d: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(in_dim, d)
+        if kind == "attention":
+            self.query = nn.Linear(2 * d, d)
+
+    def forward(self, seq, mask, target):  # (B, L, D), (B, L), (B, 2d) -> (B, d)
+        keys = self.proj(seq)  # (B, L, d)
+        m = mask.unsqueeze(-1).to(keys.dtype)
+        if self.kind == "sum":
+            return (keys * m).sum(1)
+        if self.kind == "mean":
+            return (keys * m).sum(1) / m.sum(1).clamp_min(1.0)
+        q = self.query(target).unsqueeze(1)  # (B, 1, d)
+        scores = (q * keys).sum(-1) / math.sqrt(keys.shape[-1])  # (B, L)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        att = torch.softmax(scores, dim=1).nan_to_num(0.0)  # an empty history attends to nothing
+        return (att.unsqueeze(-1) * keys).sum(1)
+
+
+class VerticalModel(nn.Module):
+    """DeepFM core: first-order terms + pairwise factorization-machine interactions + an MLP, over the
+    field embeddings and the pooled sequences. ``forward`` returns the serving logit, and the
+    distillation head's logit when ``distill == "ah"``."""
+
+    def __init__(self, cfg: VMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.emb_dim, cfg.table_size
+        self.bags = nn.ModuleDict({f: nn.EmbeddingBag(n, d, mode="mean") for f in cfg.fields})
+        self.first = nn.ModuleDict({f: nn.EmbeddingBag(n, 1, mode="mean") for f in cfg.fields})
+        self.encoders = nn.ModuleDict()
+        if "fm" in cfg.uses:
+            self.encoders["fm"] = _SeqEncoder(cfg.code_dim, d, cfg.history)
+        if "raw" in cfg.uses:
+            self.raw_ad = nn.Embedding(n, d)
+            self.raw_campaign = nn.Embedding(n, d)
+            self.encoders["raw"] = _SeqEncoder(d, d, cfg.history)
+        n_fields = len(cfg.fields) + len(self.encoders)
+        layers, width = [], n_fields * d
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), _activation(cfg.act)]
+            width = h
+        self.mlp = nn.Sequential(*layers)
+        self.serving = nn.Linear(width, 1)
+        self.distilling = nn.Linear(width, 1) if cfg.distill == "ah" else None
+        self.bias = nn.Parameter(torch.zeros(1))
+        # small initial embeddings: with N(0, 1) rows the pairwise term alone would have a standard
+        # deviation of about sqrt(pairs * d) logits and the untrained model would be far off the base rate
+        for bag in self.bags.values():
+            nn.init.normal_(bag.weight, std=0.01)
+        for bag in self.first.values():
+            nn.init.zeros_(bag.weight)
+        if "raw" in cfg.uses:
+            nn.init.normal_(self.raw_ad.weight, std=0.01)
+            nn.init.normal_(self.raw_campaign.weight, std=0.01)
+
+    def target(self, b: VMBatch) -> torch.Tensor:  # (B, 2d): the attention query's input
+        parts = [self.bags[f](*b.ids[f]) if f in self.bags else None for f in ("ad", "campaign")]
+        parts = [p if p is not None else torch.zeros(b.size, self.cfg.emb_dim) for p in parts]
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, b: VMBatch) -> dict:
+        embs = [self.bags[f](*b.ids[f]) for f in self.cfg.fields]  # each (B, d)
+        first = sum(self.first[f](*b.ids[f]) for f in self.cfg.fields).squeeze(-1)  # (B,)
+        if self.encoders:
+            tgt = self.target(b)
+            if "fm" in self.encoders:
+                embs.append(self.encoders["fm"](b.codes, b.code_mask, tgt))
+            if "raw" in self.encoders:
+                seq = self.raw_ad(b.raw_ad) + self.raw_campaign(b.raw_campaign)  # (B, L, d)
+                embs.append(self.encoders["raw"](seq, b.raw_mask, tgt))
+        e = torch.stack(embs, dim=1)  # (B, F, d)
+        pairwise = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(-1)  # (B,): sum over i<j of <e_i, e_j>
+        z = self.mlp(e.flatten(1))  # (B, h): the backbone output
+        out = {"logit": self.serving(z).squeeze(-1) + pairwise + first + self.bias}
+        if self.distilling is not None:
+            out["distill_logit"] = self.distilling(grad_scale(z, self.cfg.ah_beta)).squeeze(-1)
+        return out
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class VMLearner:
+    """One VM (and its Student Adapter): progressive validation with ``predict_many`` then
+    ``learn_many``, snapshots through ``state_dict`` (tensors and plain values only)."""
+
+    def __init__(self, cfg: VMConfig, seed: int = 0):
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.model = VerticalModel(cfg)
+        sparse, dense = split_params(self.model)
+        self.optimizers = [torch.optim.Adagrad(sparse, lr=cfg.lr_sparse), torch.optim.Adam(dense, lr=cfg.lr_dense)]
+        self.adapter = StudentAdapter(cfg.adapter_hidden) if cfg.adapter else None
+        self.adapter_opt = torch.optim.Adam(self.adapter.parameters(), lr=cfg.adapter_lr) if self.adapter else None
+        self.version = 0
+
+    @torch.no_grad()
+    def predict_many(self, b: VMBatch) -> np.ndarray:
+        """Serving predictions (the serving head only)."""
+        self.model.eval()
+        return torch.sigmoid(self.model(b)["logit"]).numpy().astype(np.float64)
+
+    def learn_many(self, b: VMBatch) -> dict:
+        """One step: the adapter first (on fresh labels), then the VM. Returns the loss terms."""
+        has_soft = ~torch.isnan(b.soft)
+        soft = torch.nan_to_num(b.soft, nan=0.0)
+        losses = {}
+        sa_target = None
+        if self.adapter is not None and bool(has_soft.any()):
+            self.adapter.train()
+            sa_loss = soft_bce(self.adapter(_logit(soft)), b.labels, has_soft)
+            self.adapter_opt.zero_grad(set_to_none=True)
+            sa_loss.backward()
+            self.adapter_opt.step()
+            losses["adapter"] = float(sa_loss.detach())
+            with torch.no_grad():  # stop-gradient: a target, not a path into the adapter
+                sa_target = torch.sigmoid(self.adapter(_logit(soft)))
+        self.model.train()
+        out = self.model(b)
+        serving = F.binary_cross_entropy_with_logits(out["logit"], b.labels)
+        loss, distill = serving, torch.zeros(())
+        if self.cfg.distill == "kd":
+            distill = self.cfg.kd_weight * soft_bce(out["logit"], soft, has_soft)
+            if sa_target is not None:
+                distill = distill + self.cfg.adapter_weight * soft_bce(out["logit"], sa_target, has_soft)
+        elif self.cfg.distill == "ah":
+            distill = self.cfg.ah_weight * soft_bce(out["distill_logit"], aux_target(soft, self.cfg.ah_alpha), has_soft)
+            if sa_target is not None:
+                distill = distill + self.cfg.adapter_weight * soft_bce(out["distill_logit"], sa_target, has_soft)
+        loss = serving + distill
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        self.version += 1
+        losses.update(loss=float(loss.detach()), serving=float(serving.detach()),
+                      distill=float(distill.detach()) if self.cfg.distill != "none" else 0.0)
+        return losses
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "adapter": self.adapter.state_dict() if self.adapter else None,
+                "adapter_opt": self.adapter_opt.state_dict() if self.adapter_opt else None,
+                "version": self.version, "config": {k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in asdict(self.cfg).items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for opt, st in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(st)
+        if self.adapter is not None:
+            self.adapter.load_state_dict(state["adapter"])
+            self.adapter_opt.load_state_dict(state["adapter_opt"])
+        self.version = int(state["version"])
