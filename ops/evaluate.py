@@ -39,13 +39,14 @@ def summarize(read: int, deadletters: dict[str, int], examples: int, positives: 
 def evaluate_records(records: list[LogRecord], partitions: int = 4,
                      cfg: AttributionConfig = AttributionConfig(), progress: bool = False,
                      models: bool = False, stage_cfg=None, vm_cfg=None, scores: bool = False,
-                     split_ts: float | None = None) -> dict:
+                     split_ts: float | None = None, keep_examples: bool = False) -> dict:
     """Ingest and attribution in-process; with ``models``, then the FM stage (FM, logistic baseline,
     DAS) and, with ``vm_cfg`` (a :class:`~loopline.model.verticals.VMStageConfig`), the VM variants
     side by side on each FM step's augmented examples, in one pass. Progressive metrics go under
     ``models`` (each VM variant with its transfer ratio ``tr``), the same before and after ``split_ts``
     (default: the middle of the examples' event time) under ``windows``; ``scores`` also returns every
-    example's score row."""
+    example's score row; ``keep_examples`` returns the labelled examples as ``examples_list`` (in the
+    order attribution emitted them: the monitor's feature drift reads them)."""
     stores: list[dict] = [{} for _ in range(partitions)]
     cores = [IngestCore(stores[p], p, cfg) for p in range(partitions)]
     offsets = [0] * partitions
@@ -60,7 +61,7 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
             if o.kind == "example":
                 examples += 1
                 positives += o.value["label"]
-                if models:
+                if models or keep_examples:
                     emitted.append(o.value)
             else:
                 dead[o.value["reason"]] = dead.get(o.value["reason"], 0) + 1
@@ -87,6 +88,8 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
     out = summarize(len(records), dead, examples, positives, attribution)
     if models:
         out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts))
+    if keep_examples:
+        out["examples_list"] = emitted
     return out
 
 
