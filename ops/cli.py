@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=20.0, help="seconds to stop before the exit is forced")
     p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
     _attribution_args(p)
+    p.add_argument("--reach-sample-users", type=int, default=20000, help="reach: sampled users per partition and epoch")
+    p.add_argument("--reach-epoch", type=float, default=86400.0, help="reach: epoch, seconds of event time")
+    p.add_argument("--reach-horizon", type=int, default=7, help="reach: epochs in the horizon")
 
     p = sub.add_parser("replay", help="send an event log to the broker in event-time order")
     _source_args(p)
@@ -159,8 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=None, help="rows per timed GEMM (default: the calibration batch)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("drift", help="current drift and model-health figures of a monitor worker")
+    p.add_argument("--worker", default="http://127.0.0.1:6066", help="the monitor worker's base URL")
+    p.add_argument("--json", action="store_true", help="the whole /drift report, not the summary")
+
+    p = sub.add_parser("report", help="an HTML report with plots: drift, model health, alarms, transfer ratio")
+    _source_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for index.html and the PNGs")
+    p.add_argument("--every", type=float, default=86400.0, help="event-time window of the figures, seconds")
+    p.add_argument("--variants", default=None, help="VM variants as for evaluate, or 'none'")
+    p.add_argument("--partitions", type=int, default=4)
+    _attribution_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reach", help="audience reach of a targeting query, with 95% intervals")
+    from .reach import reach_args
+    reach_args(p)
+
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
-    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality"])
+    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach"])
     p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=20, help="quality: generated logs to fit")
@@ -175,11 +195,13 @@ def _run(a) -> int:
         from .broker import run_forever
         return run_forever(a.port)
     if a.cmd == "worker":
+        from loopline.state.reach import ReachConfig
         from loopline.stream.app import WorkerConfig
         from .worker import run_worker
         cfg = WorkerConfig(broker=_broker(a), role=a.role, partitions=a.partitions, data_dir=a.data_dir,
                            web_port=a.web_port, app_id=a.app_id, attribution=_attribution_cfg(a),
-                           loglevel=a.loglevel)
+                           loglevel=a.loglevel, reach=ReachConfig(sample_users=a.reach_sample_users,
+                                                                  epoch_s=a.reach_epoch, horizon_epochs=a.reach_horizon))
         run_worker(cfg, grace_s=a.grace)
         return 0
     if a.cmd == "evaluate":
@@ -228,6 +250,15 @@ def _run(a) -> int:
         out = run_demo(users=a.users, days=a.days, progress=not a.json)
         _emit(out, a.json, "loopline demo")
         return 0
+    if a.cmd == "reach":
+        from .reach import run_reach
+        one, many = run_reach(a)
+        if many is not None:
+            for o in many:
+                sys.stdout.write(orjson.dumps(o).decode() + "\n")
+        else:
+            _emit(one, a.json, "loopline reach")
+        return 0
     if a.cmd == "quality":
         from .quality import format_quality, run_quality
         out = run_quality(a)
@@ -239,17 +270,38 @@ def _run(a) -> int:
     if a.cmd == "fp8":
         from .fp8 import run_fp8_report
         return run_fp8_report(a)
+    if a.cmd == "drift":
+        from .drift import drift_summary, fetch_drift
+        out = fetch_drift(a.worker)
+        _emit(out if a.json else drift_summary(out), a.json, f"loopline drift ({a.worker})")
+        return 0
+    if a.cmd == "report":
+        from .report import ReportConfig, run_report
+        vm_cfg = None
+        if a.variants != "none":
+            from loopline.model.verticals import VMStageConfig, parse_variants
+            vm_cfg = VMStageConfig(variants=parse_variants(a.variants)) if a.variants else VMStageConfig()
+        out = run_report(_records(a), _attribution_cfg(a), a.out, ReportConfig(window_s=a.every),
+                         title=f"Loopline report: {a.events or a.dataset}", progress=True, vm_cfg=vm_cfg)
+        _emit(out, a.json, "loopline report")
+        return 0
     if a.cmd == "bench":
         path = a.out or f"bench-{a.what}.json"
         if a.what == "ingest":
             from .bench import bench_ingest
             out = bench_ingest(n_events=a.events, repeats=a.repeats, out_path=path, profile=a.profile)
+        elif a.what == "reach":
+            from .bench_reach import bench_reach
+            out = bench_reach(repeats=a.repeats, out_path=path)
         elif a.what == "quality":
             from .bench_quality import bench_quality
             out = bench_quality(seeds=a.seeds, out_path=path, progress=not a.json)
         elif a.what == "history":
             from .bench_history import bench_history
             out = bench_history(repeats=a.repeats, out_path=path)
+        elif a.what == "drift":  # --repeats: generated logs (seeds 1..N)
+            from .bench_drift import bench_drift
+            out = bench_drift(repeats=a.repeats, out_path=path, progress=not a.json)
         elif a.what == "fp8":
             from .bench_fp8 import bench_fp8
             out = bench_fp8(repeats=a.repeats, out_path=path)
