@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopline.state.attribution import AttributionConfig
 from loopline.state.errors import ConfigError
+from loopline.state.reach import ReachConfig
 
 __all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "control_of", "group_id"]
 
@@ -33,6 +34,7 @@ TOPICS = {
     "fm.embeddings": "LoopFM codes: user, ts, FM version, code, example id; keyed by user",
     "audience": "for reach and quality (JSON): accepted impressions and segment assertions keyed by user, "
                 "truth reports keyed by campaign",
+    "reach.queries": "reach queries {id, q} (JSON), one copy to every partition; answers: table reach.answers",
 }
 CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every window of that partition;
 # to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
@@ -40,7 +42,7 @@ CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every windo
 
 ROLES = ("all", "ingest", "fm", "reach", "monitor")
 # Roles whose input topics another role also reads get a consumer group of their own (see group_id).
-OWN_GROUP_ROLES: tuple = ("monitor",)
+OWN_GROUP_ROLES: tuple = ("monitor", "reach")
 
 
 def group_id(cfg: "WorkerConfig") -> str:
@@ -76,6 +78,7 @@ class WorkerConfig:
     web_host: str = "127.0.0.1"
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     session_timeout_s: float = 10.0  # short, so a killed member's partitions move quickly
+    reach: ReachConfig = field(default_factory=ReachConfig)  # the reach sampler (``--reach-*`` flags)
     loglevel: str = "warn"
 
     def __post_init__(self):
@@ -177,6 +180,8 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     if cfg.role in ("all", "reach"):
         from .quality import register_quality
         register_quality(app, cfg)
+        from .reach import register_reach
+        register_reach(app, cfg)
     if cfg.role == "monitor":  # not in "all": a role of its own, in a consumer group of its own
         from .monitor import register_monitor
         register_monitor(app, cfg)

@@ -1,0 +1,242 @@
+"""Reach benchmark: accuracy of the stratified sample with fall-back against uniform, proportional and
+theta-sketch baselines of the same memory, and query latency.
+
+Public surface: ``bench_reach``, ``population``, ``random_queries``.
+
+* **Population** (in-process, numpy): ``users`` users (1M by default) with Zipf attributes over the
+  generator's value lists (``ops/generate.py``: age, gender, geo, device, interest; exponent 1.1), the
+  device distribution depending on the geo (so attributes are not independent), and a heavy-tailed
+  number of impressions per user (1 + Poisson of a lognormal rate).
+* **Past data**: the strata are learned from a uniform 5% sample of a *second*, independent draw of
+  the population (the previous period), weighted by 1/0.05; workload: every value and pair of values.
+* **Samples of the same memory**: ours (learned strata, Neyman allocation with the floor
+  ``min_per_stratum``, fall-back) with ``sample_share`` of the users (2%); uniform (one stratum, same
+  number of users); proportional (our strata, ``n_h`` proportional to ``N_h``, no fall-back); theta
+  sketches sized to our sample's bytes. All built from the same hashes.
+* **Queries**: random conjunctions of 1 to 3 predicates (``=``, ``in``, ``not``, ``!=``) on distinct
+  attributes, values drawn uniformly from each attribute's values (so rare values are frequent), and
+  some ``or`` of two; each is bucketed by its true share (>= 10%, 1-10%, 0.1-1%, < 0.1%; at least 20
+  users) and up to ``per_bucket`` per bucket are kept.
+* **Figures** per bucket and method: the median and p90 relative error of the users estimate (and of
+  impressions for the sampling methods) and the share of queries whose 95% interval holds the truth;
+  and the ratio of ours to uniform's median error.
+* **Latency**: ``answer`` on a sample of ``latency_users`` users (100k), in-process: p50/p99 over the
+  query set, repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from loopline.state.errors import ConfigError
+from loopline.state.reach import ThetaBaseline, answer, build_sample, exact_answer
+from loopline.state.reach_query import evaluate, parse_query
+from loopline.state.reach_strata import Strata, allocate, learn_strata, probe_scores
+
+from .generate import AGES, DEVICES, GENDER_WEIGHTS, GENDERS, GEOS, INTERESTS
+
+__all__ = ["bench_reach", "population", "random_queries"]
+
+BUCKETS = (("10%+", 0.10, 1.01), ("1-10%", 0.01, 0.10), ("0.1-1%", 0.001, 0.01), ("<0.1%", 0.0, 0.001))
+VALUES = {"age": list(AGES), "gender": list(GENDERS), "geo": list(GEOS), "device": list(DEVICES),
+          "interest": list(INTERESTS)}
+
+
+def _zipf(n: int, s: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** s
+    return p / p.sum()
+
+
+def population(users: int, seed: int, zipf_s: float = 1.1) -> tuple[dict, np.ndarray]:
+    """Attribute codes (``VALUES`` order) and impressions per user."""
+    rng = np.random.default_rng(seed)
+    cols = {
+        "age": rng.choice(len(AGES), users, p=_zipf(len(AGES), zipf_s)),
+        "gender": rng.choice(len(GENDERS), users, p=np.array(GENDER_WEIGHTS) / sum(GENDER_WEIGHTS)),
+        "geo": rng.choice(len(GEOS), users, p=_zipf(len(GEOS), zipf_s)),
+        "interest": rng.choice(len(INTERESTS), users, p=_zipf(len(INTERESTS), zipf_s)),
+    }
+    # device depends on geo: each geo rotates the Zipf order of devices by its rank mod 5
+    base = rng.choice(len(DEVICES), users, p=_zipf(len(DEVICES), zipf_s))
+    cols["device"] = (base + cols["geo"] % len(DEVICES)) % len(DEVICES)
+    cols = {a: c.astype(np.int32) for a, c in cols.items()}
+    rate = np.exp(rng.normal(0.5, 1.0, users))
+    imps = (1 + rng.poisson(rate)).astype(np.float64)
+    return cols, imps
+
+
+def random_queries(n: int, seed: int) -> list[str]:
+    """``n`` random query texts (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    attrs = list(VALUES)
+
+    def predicate(a: str) -> str:
+        vals = VALUES[a]
+        kind = rng.random()
+        if kind < 0.65:
+            return f"{a} = {vals[rng.integers(len(vals))]}"
+        if kind < 0.85:
+            k = int(rng.integers(2, min(4, len(vals)) + 1))
+            pick = rng.choice(len(vals), k, replace=False)
+            return f"{a} in ({', '.join(vals[i] for i in pick)})"
+        if kind < 0.93:
+            return f"not {a} = {vals[rng.integers(len(vals))]}"
+        return f"{a} != {vals[rng.integers(len(vals))]}"
+
+    def conj() -> str:
+        k = int(rng.integers(1, 4))
+        return " and ".join(predicate(a) for a in rng.choice(attrs, k, replace=False))
+
+    out = []
+    for _ in range(n):
+        out.append(f"({conj()}) or ({conj()})" if rng.random() < 0.1 else conj())
+    return out
+
+
+def _pct(xs, q) -> float | None:
+    return round(float(np.percentile(xs, q)), 4) if len(xs) else None
+
+
+def _progress(msg: str) -> None:
+    print(f"bench reach: {msg}", file=sys.stderr, flush=True)
+
+
+def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: int = 60, candidates: int = 4000,
+                min_per_stratum: int = 30, max_strata: int = 64, latency_users: int = 100_000, repeats: int = 3,
+                seed: int = 0, out_path: str | None = "bench-reach.json") -> dict:
+    """Run the benchmark; write and return its JSON."""
+    if users < 1000:
+        raise ConfigError(f"users: at least 1000, got {users}")
+    if not 0 < sample_share <= 0.5:
+        raise ConfigError(f"sample_share: must be in (0, 0.5], got {sample_share}")
+    t_start = time.perf_counter()
+    _progress(f"population of {users:,} users")
+    cols, imps = population(users, seed)
+    rng = np.random.default_rng(seed + 1)
+    hashes = rng.random(users)
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in VALUES.items()}
+
+    _progress("learning strata from past data (5% of an independent draw)")
+    t0 = time.perf_counter()
+    past_cols, _ = population(users, seed + 100)
+    keep = np.random.default_rng(seed + 2).random(users) < 0.05
+    past_cols = {a: c[keep] for a, c in past_cols.items()}
+    w = np.full(int(keep.sum()), 1 / 0.05)
+    r = probe_scores(past_cols, VALUES, w)
+    strata = learn_strata(past_cols, VALUES, w, r, max_strata=max_strata,
+                          min_leaf=max(2.0 * min_per_stratum, 5e-4 * users))
+    learn_s = time.perf_counter() - t0
+    n = int(round(users * sample_share))
+    caps = allocate(np.array(strata.n), np.array(strata.s), n, min_per_stratum)
+    caps = np.maximum(caps, min_per_stratum)
+    ours = build_sample(cols, VALUES, hashes, imps, strata, caps)
+    uniform = build_sample(cols, VALUES, hashes, imps, Strata.root(), [ours.n])
+    prop_caps = allocate(np.array(strata.n), np.ones(len(strata)), ours.n, 0)
+    proportional = build_sample(cols, VALUES, hashes, imps, strata, prop_caps)
+    _progress(f"samples: ours {ours.n:,} users in {len(strata)} strata ({ours.nbytes:,} bytes), uniform {uniform.n:,}, "
+              f"proportional {proportional.n:,}; building theta sketches of the same bytes")
+    theta = ThetaBaseline(cols, VALUES, ours.nbytes)
+
+    _progress(f"{candidates} candidate queries, bucketed by true size")
+    qrng = np.random.default_rng(seed + 3)
+    texts = random_queries(candidates, seed + 4)
+    by_bucket: dict[str, list] = {b[0]: [] for b in BUCKETS}
+    for i, text in enumerate(texts):
+        q = parse_query(text)
+        size = int(evaluate(q.tree, cols, vocab).sum())
+        share = size / users
+        if size < 20:
+            continue
+        for name, lo, hi in BUCKETS:
+            if lo <= share < hi:
+                by_bucket[name].append(q)
+        if (i + 1) % 1000 == 0:
+            _progress(f"  {i + 1}/{candidates} candidates evaluated")
+    chosen = {}
+    for name, qs in by_bucket.items():
+        uniq = list({q.text: q for q in qs}.values())
+        idx = qrng.permutation(len(uniq))[:per_bucket]
+        chosen[name] = [uniq[i] for i in sorted(idx)]
+
+    methods = {
+        "ours": lambda q: answer(ours, q, min_per_stratum),
+        "uniform": lambda q: answer(uniform, q, 0),
+        "proportional": lambda q: answer(proportional, q, 0),
+        "theta": theta.answer,
+    }
+    results: dict = {}
+    examples = []
+    done = 0
+    total_q = sum(len(v) for v in chosen.values())
+    t0 = time.perf_counter()
+    for name, qs in chosen.items():
+        per: dict = {m: {"err": [], "cover": [], "ierr": [], "icover": []} for m in methods}
+        fallbacks = 0
+        for q in qs:
+            truth = exact_answer(cols, VALUES, imps, q)
+            for m, fn in methods.items():
+                a = fn(q)
+                p = per[m]
+                p["err"].append(abs(a["users"] - truth["users"]) / truth["users"])
+                p["cover"].append(a["users_ci"][0] <= truth["users"] <= a["users_ci"][1])
+                if "impressions" in a:
+                    p["ierr"].append(abs(a["impressions"] - truth["impressions"]) / truth["impressions"])
+                    p["icover"].append(a["impressions_ci"][0] <= truth["impressions"] <= a["impressions_ci"][1])
+                if m == "ours":
+                    fallbacks += a["fallback"]
+                    if len(examples) < 8 and len(qs) and q is qs[0]:
+                        examples.append({"bucket": name, "truth": truth, "ours": a})
+            done += 1
+            if done % 50 == 0:
+                rate = done / (time.perf_counter() - t0)
+                _progress(f"  answered {done}/{total_q} queries x 4 methods, {rate:.0f}/s, "
+                          f"ETA {(total_q - done) / rate:.0f}s")
+        results[name] = {"queries": len(qs), "ours_fallback_share": round(fallbacks / len(qs), 3) if qs else None}
+        for m, p in per.items():
+            results[name][m] = {
+                "users_median_rel_err": _pct(p["err"], 50), "users_p90_rel_err": _pct(p["err"], 90),
+                "users_coverage": round(float(np.mean(p["cover"])), 3) if p["cover"] else None,
+            }
+            if p["ierr"]:
+                results[name][m].update({
+                    "impressions_median_rel_err": _pct(p["ierr"], 50),
+                    "impressions_p90_rel_err": _pct(p["ierr"], 90),
+                    "impressions_coverage": round(float(np.mean(p["icover"])), 3)})
+        u, o = results[name]["uniform"]["users_median_rel_err"], results[name]["ours"]["users_median_rel_err"]
+        results[name]["ours_over_uniform_median_err"] = round(o / u, 3) if u else None
+
+    _progress(f"latency on a {latency_users:,}-user sample")
+    lat_caps = allocate(np.array(strata.n), np.array(strata.s), latency_users, min_per_stratum)
+    big = build_sample(cols, VALUES, hashes, imps, strata, np.maximum(lat_caps, min_per_stratum))
+    all_q = [q for qs in chosen.values() for q in qs]
+    times = []
+    for _ in range(repeats):
+        for q in all_q:
+            t = time.perf_counter()
+            answer(big, q.text, min_per_stratum)  # parse included, as a server does
+            times.append(time.perf_counter() - t)
+    times_ms = np.array(times) * 1000
+    out = {
+        "population": {"users": users, "impressions": int(imps.sum()), "attributes": {a: len(v) for a, v in VALUES.items()},
+                       "zipf_s": 1.1},
+        "sample": {"share": sample_share, "ours": ours.describe(), "uniform_users": uniform.n,
+                   "proportional_users": proportional.n, "theta_lg_k": theta.lg_k, "theta_bytes": theta.nbytes,
+                   "min_per_stratum": min_per_stratum, "max_strata": max_strata, "strata_learn_s": round(learn_s, 2)},
+        "buckets": results,
+        "latency_in_process_ms": {"sample_users": big.n, "strata": len(big.keys), "queries": len(times),
+                                  "p50": round(float(np.percentile(times_ms, 50)), 3),
+                                  "p99": round(float(np.percentile(times_ms, 99)), 3)},
+        "examples": examples,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return out

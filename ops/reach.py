@@ -1,0 +1,252 @@
+"""``loopline reach``: reach estimates from running workers, the stream table, a sample file or an
+event log.
+
+Public surface: ``reach_args``, ``run_reach``, ``ask_workers``, ``ask_stream``, ``samples_from_log``.
+
+* ``loopline reach QUERY --workers http://127.0.0.1:P1,http://127.0.0.1:P2`` asks every worker's
+  ``GET /reach`` at once, each within ``--timeout`` seconds, and merges their per-stratum sums. A worker
+  that does not answer in time (down, or hung) makes the answer partial: ``partial: true``, the worker
+  under ``workers`` with the reason, and the partitions nobody answered for under
+  ``missing_partitions``; the estimate then covers only the answered partitions. Never a hang.
+* ``loopline reach QUERY --broker kafka://...`` uses the stream-table interface: it sends the query to
+  every partition of ``reach.queries`` and reads the partitions' shares from the ``reach.answers``
+  table's changelog, partial after ``--timeout`` as above.
+* ``loopline reach QUERY --events FILE`` builds the samples in one pass over a log, offline, through the
+  same ingest code and partitioning as the workers (``--save-sample FILE`` keeps them);
+  ``--sample FILE`` answers from a saved sample. ``--queries FILE`` (one query per line; blank lines
+  and ``#`` comments skipped) answers each line from the one sample and prints one JSON object per
+  line, with the query text (a bad query gives an object with ``error``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+
+import orjson
+
+from loopline.state.errors import ConfigError
+
+__all__ = ["reach_args", "run_reach", "ask_workers", "ask_stream", "samples_from_log"]
+
+
+def reach_args(p: argparse.ArgumentParser) -> None:
+    """The ``loopline reach`` flags."""
+    from loopline.state.reach import ReachConfig
+    d = ReachConfig()
+    p.add_argument("query", nargs="?", default=None, help="e.g. \"gender = F and age in (18-24, 25-34)\"")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--workers", metavar="URL,...", help="running reach workers (http://127.0.0.1:PORT,...)")
+    g.add_argument("--broker", metavar="URL", help="ask through reach.queries / reach.answers (kafka://host:port)")
+    g.add_argument("--events", metavar="FILE", help="build the sample offline from an event log")
+    g.add_argument("--sample", metavar="FILE", help="a sample file written by --save-sample")
+    p.add_argument("--queries", metavar="FILE", help="one query per line; prints one JSON object per line")
+    p.add_argument("--save-sample", metavar="FILE", help="with --events: write the sample file")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers (then: partial)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the audience topic")
+    p.add_argument("--app-id", default="loopline", help="with --broker: the workers' app id")
+    p.add_argument("--sample-users", type=int, default=d.sample_users, help="per partition and epoch")
+    p.add_argument("--epoch", type=float, default=d.epoch_s, help="epoch length, seconds of event time")
+    p.add_argument("--horizon", type=int, default=d.horizon_epochs, help="epochs in the horizon")
+    p.add_argument("--min-per-stratum", type=int, default=d.min_per_stratum)
+    p.add_argument("--json", action="store_true")
+
+
+def _cfg(a):
+    from loopline.state.reach import ReachConfig
+    return ReachConfig(sample_users=a.sample_users, epoch_s=a.epoch, horizon_epochs=a.horizon,
+                       min_per_stratum=a.min_per_stratum)
+
+
+def samples_from_log(path: str, partitions: int, cfg, progress: bool = False) -> list:
+    """Per-partition samples of a log: ingest as the workers do (validation, de-duplication), then
+    each accepted impression to the sampler of its user's ``audience`` partition."""
+    from loopline.state.ingest import IngestCore
+    from loopline.state.reach import ReachSampler
+
+    from .eventlog import partition_for, read_log
+    try:
+        records = read_log(path)
+    except OSError as exc:
+        raise ConfigError(f"events: cannot read {path!r}: {exc.strerror}") from None
+    cores = [IngestCore({}, p, audience=True) for p in range(partitions)]
+    offsets = [0] * partitions
+    samplers = [ReachSampler(cfg, q) for q in range(partitions)]
+    t0 = time.perf_counter()
+    for n, rec in enumerate(records, 1):
+        p = partition_for(rec.key, rec.raw, partitions)
+        outs = cores[p].handle(rec.raw, offsets[p])
+        cores[p].acked(outs)
+        offsets[p] += 1
+        for o in outs:
+            if o.kind == "audience" and o.value.get("type") == "impression":
+                v = o.value
+                samplers[partition_for(v["user"].encode(), b"", partitions)].observe(v["user"], v["ts"], v["attrs"])
+        if n % 1000 == 0:
+            for c in cores:
+                c.flush()
+        if progress and n % 100_000 == 0:
+            rate = n / (time.perf_counter() - t0)
+            print(f"reach: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
+                  file=sys.stderr, flush=True)
+    return [s.snapshot() for s in samplers]
+
+
+def ask_workers(urls: list[str], query: str, timeout: float = 2.0, n_min: int = 30) -> dict:
+    """Fan a query out to every worker's ``/reach`` and merge; partial (and saying so) when a worker
+    does not answer within ``timeout`` seconds."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loopline.state.reach import finish, merge_stats
+    from loopline.state.reach_query import parse_query
+
+    q = parse_query(query)  # a bad query fails here, once, before any worker is asked
+
+    def one(url: str):
+        full = f"{url.rstrip('/')}/reach?q={urllib.parse.quote(q.text)}"
+        try:
+            with urllib.request.urlopen(full, timeout=timeout) as r:
+                return url, orjson.loads(r.read()), None
+        except urllib.error.HTTPError as exc:
+            return url, None, f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            return url, None, f"no answer ({getattr(exc, 'reason', exc)})"
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
+        results = list(pool.map(one, urls))
+    workers, parts, answered, total = {}, [], set(), 0
+    for url, body, err in results:
+        if err is not None or body is None or "stats" not in body:
+            workers[url] = err or "bad answer"
+            continue
+        workers[url] = "ok"
+        parts.append(body["stats"])
+        answered.update(body["partitions"])
+        total = max(total, int(body.get("partitions_total", 0)))
+    merged = merge_stats(parts) if parts else {"strata": {}, "borrow": {}, "n_min": n_min}
+    missing = sorted(set(range(total)) - answered) if total else []
+    down = [u for u, s in workers.items() if s != "ok"]
+    out = finish(merged, q.text)
+    out.update({"partial": bool(down or missing or not parts), "workers": workers,
+                "partitions": sorted(answered), "missing_partitions": missing,
+                "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)})
+    return out
+
+
+async def ask_stream(bootstrap: str, query: str, partitions: int, app_id: str = "loopline",
+                     timeout: float = 10.0) -> dict:
+    """Send ``query`` to every partition of ``reach.queries``; merge the partitions' shares read from
+    the ``reach.answers`` table's changelog; partial after ``timeout`` seconds."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from loopline.state.reach import finish, merge_stats
+    from loopline.state.reach_query import parse_query
+    from loopline.stream.app import WorkerConfig
+    from loopline.stream.reach import changelog_topic
+
+    q = parse_query(query)
+    topic = changelog_topic(WorkerConfig(broker=bootstrap, app_id=app_id, role="reach", partitions=partitions))
+    qid = uuid.uuid4().hex
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    await producer.start()
+    shares: dict[int, dict] = {}
+    t0 = time.perf_counter()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the end positions before the query goes out
+            await consumer.position(tp)
+        value = orjson.dumps({"id": qid, "q": q.text})
+        for p in range(partitions):
+            await producer.send_and_wait("reach.queries", value, key=qid.encode(), partition=p)
+        while len(shares) < partitions and time.perf_counter() - t0 < timeout:
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                for m in msgs:
+                    try:
+                        v = orjson.loads(m.value)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(v, dict) and v.get("id") == qid:
+                        shares[int(v["partition"])] = v
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    errors = [s["error"] for s in shares.values() if "error" in s]
+    if errors:
+        raise ConfigError(errors[0])
+    merged = merge_stats([s["stats"] for s in shares.values()]) if shares else {"strata": {}, "borrow": {}, "n_min": 30}
+    out = finish(merged, q.text)
+    out.update({"partial": len(shares) < partitions, "query_id": qid, "partitions": sorted(shares),
+                "missing_partitions": sorted(set(range(partitions)) - set(shares)),
+                "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)})
+    return out
+
+
+def _query_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as exc:
+        raise ConfigError(f"queries: cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"queries: {path!r} is not UTF-8 text") from None
+
+
+def run_reach(a) -> tuple[dict | None, list[dict] | None]:
+    """Run ``loopline reach``: one answer, or (with ``--queries``) one answer per line."""
+    from loopline.state.reach import Sample, answer
+    if a.query is None and a.queries is None:
+        raise ConfigError("query: give a query, or --queries FILE")
+    if a.query is not None and a.queries is not None:
+        raise ConfigError("queries: give either a query or --queries FILE, not both")
+    texts = _query_lines(a.queries) if a.queries else [a.query]
+    cfg = _cfg(a)
+    if a.workers or a.broker:
+        if a.workers:
+            urls = [u.strip() for u in a.workers.split(",") if u.strip()]
+            if not urls:
+                raise ConfigError("workers: give at least one URL")
+            urls = [u if "://" in u else f"http://{u}" for u in urls]
+            ask = lambda t: ask_workers(urls, t, a.timeout, cfg.min_per_stratum)  # noqa: E731
+        else:
+            import asyncio
+
+            from .broker import parse_broker_url
+            bootstrap = parse_broker_url(a.broker)
+            ask = lambda t: asyncio.run(ask_stream(bootstrap, t, a.partitions, a.app_id, a.timeout))  # noqa: E731
+        outs = [_safe(ask, t) for t in texts] if a.queries else [ask(texts[0])]
+    else:
+        if a.events:
+            samples = samples_from_log(a.events, a.partitions, cfg, progress=not a.json)
+            sample = Sample.merge(samples)
+            if a.save_sample:
+                with open(a.save_sample, "wb") as f:
+                    f.write(sample.to_bytes())
+        else:
+            try:
+                with open(a.sample, "rb") as f:
+                    sample = Sample.from_bytes(f.read())
+            except OSError as exc:
+                raise ConfigError(f"sample: cannot read {a.sample!r}: {exc.strerror}") from None
+        if a.queries:
+            outs = [_safe(lambda t: answer(sample, t, cfg.min_per_stratum), t) for t in texts]
+        else:
+            outs = [{**answer(sample, texts[0], cfg.min_per_stratum), "sample": sample.describe()}]
+    return (None, outs) if a.queries else (outs[0], None)
+
+
+def _safe(fn, text: str) -> dict:
+    try:
+        return fn(text)
+    except ConfigError as exc:
+        return {"query": text, "error": str(exc)}

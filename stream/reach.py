@@ -1,0 +1,218 @@
+"""The reach half of the ``reach`` role: per-partition stratified samples of the audience, answered over
+HTTP and through a stream table.
+
+Public surface: ``register_reach``, ``changelog_topic``.
+
+* An agent on ``audience`` (user-keyed; ingest writes accepted impressions there) feeds each
+  partition's impressions to a :class:`~loopline.state.reach.ReachSampler`; other message types
+  (segment assertions, truth reports: the quality agent's) are ignored.
+* **Rebuild.** The samples live in memory. When a worker is assigned a partition it does not hold (at
+  start, after a restart, or when it takes over a dead member's partitions) it rebuilds that
+  partition's sample by replaying the partition from its first offset with its own consumer, then
+  goes on with the stream, skipping offsets already applied. Faust's committed offsets are not
+  trusted for this (they run ahead of a sample that died with its process). Rebuilding needs the
+  ``audience`` topic to keep at least the horizon (retention), which the embedded broker does.
+* ``GET /reach?q=QUERY`` answers for the partitions this worker holds: the answer plus the additive
+  per-stratum sums (``stats``) that ``loopline reach --workers`` merges across workers, and the
+  partitions it covered. Without ``q``: a summary of each partition's sample (users, bytes per user,
+  strata, epochs). A bad query gives HTTP 400 and ``{"error": "query: ..."}``. Each partition's frozen
+  sample is rebuilt at most every ``REFRESH_S`` seconds while the stream changes it.
+* **Stream table.** A query ``{"id", "q"}`` sent to every partition of ``reach.queries`` is answered,
+  on each partition by the worker holding it, into the table ``reach.answers`` keyed by the query id:
+  the value of that key in partition ``p`` is partition ``p``'s share (its sums), so a reader of the
+  table's changelog (:func:`changelog_topic`) merges the shares of all partitions
+  (``loopline reach --broker``). Faust assigns the same partition numbers of ``audience`` and
+  ``reach.queries`` to the same worker (co-partitioned topics), so each share comes from the sample
+  of its own partition.
+
+Delivery is at least once: an impression re-sent after an ingest crash counts twice in its user's
+impressions (users are not affected: the sample keys on the user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import faust
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from loopline.state.errors import ConfigError
+from loopline.state.reach import ReachSampler, Sample, finish, merge_stats, query_stats
+from loopline.state.reach_query import parse_query
+
+from .app import WorkerConfig, group_id
+
+__all__ = ["register_reach", "changelog_topic"]
+
+log = logging.getLogger("loopline.reach")
+
+BATCH = 2000
+BATCH_WITHIN_S = 0.1
+REFRESH_S = 1.0  # a partition's frozen sample is at most this much older than its stream
+ANSWERS = "reach.answers"
+
+
+def changelog_topic(cfg: WorkerConfig) -> str:
+    """The changelog topic of the ``reach.answers`` table (Faust names it after the app id)."""
+    return f"{group_id(cfg)}-{ANSWERS}-changelog"
+
+
+def _apply(sampler: ReachSampler, value: bytes) -> bool:
+    v = orjson.loads(value)
+    if not isinstance(v, dict) or v.get("type") != "impression":
+        return False
+    attrs = v.get("attrs") or {}
+    if not isinstance(attrs, dict):
+        raise TypeError("attrs is not an object")
+    sampler.observe(str(v["user"]), float(v["ts"]), attrs)
+    return True
+
+
+def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
+    rcfg = cfg.reach
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+               partitions=cfg.partitions)
+    source = app.topic("audience", **raw)
+    queries = app.topic("reach.queries", **raw)
+    answers = app.Table(ANSWERS, default=None, partitions=cfg.partitions)
+    samplers: dict[int, ReachSampler] = {}
+    applied: dict[int, int] = {}  # partition -> next offset not yet in its sampler
+    rebuilding: dict[int, asyncio.Task] = {}
+    snaps: dict[int, tuple] = {}  # partition -> (sampler version, built at, Sample)
+    stats = {"values": 0, "impressions": 0, "bad_values": 0, "rebuilds": 0, "rebuilt_messages": 0,
+             "queries_http": 0, "queries_table": 0}
+
+    async def rebuild(p: int) -> None:
+        try:
+            await _rebuild(p)
+        except Exception as exc:  # noqa: BLE001 - retried by the next ensure(); a worker never dies of it
+            log.warning("reach: rebuilding partition %d failed (%s); will retry", p, exc)
+
+    async def _rebuild(p: int) -> None:
+        sampler = ReachSampler(rcfg, p)
+        consumer = AIOKafkaConsumer(bootstrap_servers=cfg.broker, enable_auto_commit=False,
+                                    max_partition_fetch_bytes=4 * 1024 * 1024)
+        await consumer.start()
+        nxt = 0
+        try:
+            tp = TopicPartition("audience", p)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=300, max_records=5000)
+                msgs = batch.get(tp, [])
+                for m in msgs:
+                    try:
+                        _apply(sampler, m.value)
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        stats["bad_values"] += 1
+                    nxt = m.offset + 1
+                stats["rebuilt_messages"] += len(msgs)
+                if not msgs and await consumer.position(tp) >= end:
+                    break
+        finally:
+            await consumer.stop()
+        samplers[p], applied[p] = sampler, nxt
+        snaps.pop(p, None)
+        stats["rebuilds"] += 1
+        log.info("reach: partition %d rebuilt from %d messages", p, nxt)
+
+    def ensure(p: int) -> asyncio.Task | None:
+        if p in samplers:
+            return None
+        task = rebuilding.get(p)
+        if task is None or task.done():
+            task = rebuilding[p] = asyncio.ensure_future(rebuild(p))
+            task.add_done_callback(lambda t, p=p: rebuilding.pop(p, None) if rebuilding.get(p) is t else None)
+        return task
+
+    async def ready(p: int) -> None:
+        """Wait until partition ``p``'s sample is rebuilt (retrying once a second if it fails)."""
+        while p not in samplers:
+            await asyncio.shield(ensure(p))
+            if p not in samplers:
+                await asyncio.sleep(1.0)
+
+    async def on_assigned(app, tps, **kwargs):  # noqa: ANN001 - faust signal signature
+        mine = {tp.partition for tp in tps if tp.topic == "audience"}
+        for p in list(samplers):
+            if p not in mine:  # moved to another worker: a later return must rebuild
+                samplers.pop(p, None)
+                snaps.pop(p, None)
+        for p in mine:
+            ensure(p)
+
+    app.on_partitions_assigned.connect(on_assigned)
+
+    @app.agent(source, name="reach")
+    async def reach(stream):
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            for ev in events:
+                p, off = ev.message.partition, ev.message.offset
+                await ready(p)
+                if off < applied.get(p, 0):
+                    continue
+                stats["values"] += 1
+                try:
+                    stats["impressions"] += _apply(samplers[p], ev.value)
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    stats["bad_values"] += 1  # counted and logged, never fatal
+                    log.warning("reach: unreadable audience value at %s/%s: %s", p, off, exc)
+                applied[p] = off + 1
+
+    def sample_of(p: int) -> Sample:
+        sampler = samplers[p]
+        snap = snaps.get(p)
+        now = time.monotonic()
+        if snap is None or (snap[0] != sampler.version and now - snap[1] >= REFRESH_S):
+            snap = snaps[p] = (sampler.version, now, sampler.snapshot())
+        return snap[2]
+
+    def held() -> list[int]:
+        return sorted(p for p in samplers if p not in rebuilding)
+
+    @app.agent(queries, name="reach-queries")
+    async def reach_queries(stream):
+        async for ev in stream.events():
+            p = ev.message.partition
+            try:
+                v = orjson.loads(ev.value)
+                qid, text = str(v["id"]), str(v["q"])
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                log.warning("reach: unreadable query at %s/%s: %s", p, ev.message.offset, exc)
+                continue
+            stats["queries_table"] += 1
+            out = {"id": qid, "q": text, "partition": p}
+            await ready(p)
+            try:
+                out["stats"] = query_stats(sample_of(p), parse_query(text), rcfg.min_per_stratum)
+            except ConfigError as exc:
+                out["error"] = str(exc)
+            answers[qid] = out
+
+    @app.page("/reach")
+    async def reach_view(web, request):
+        text = request.query.get("q")
+        parts = held()
+        if text is None:
+            out = {"partitions": parts, "partitions_total": cfg.partitions, "stats": dict(stats),
+                   "rebuilding": sorted(rebuilding), "samples": {}}
+            for p in parts:
+                out["samples"][str(p)] = {**sample_of(p).describe(), "memory": samplers[p].memory(),
+                                          "counts": dict(samplers[p].counts)}
+            return web.json(out)
+        stats["queries_http"] += 1
+        t0 = time.perf_counter()
+        try:
+            q = parse_query(text)
+        except ConfigError as exc:
+            return web.json({"error": str(exc)}, status=400)
+        merged = merge_stats([query_stats(sample_of(p), q, rcfg.min_per_stratum) for p in parts]) if parts \
+            else {"strata": {}, "borrow": {}, "n_min": rcfg.min_per_stratum}
+        out = {**finish(merged, q.text), "partitions": parts, "partitions_total": cfg.partitions,
+               "stats": merged, "worker_ms": round((time.perf_counter() - t0) * 1000, 3)}
+        return web.json(out)
