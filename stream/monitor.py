@@ -41,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loopline.model.monitor import Monitor, MonitorConfig
 
-from .app import WorkerConfig, control_of, read_topic
+from .app import TOPICS, WorkerConfig, control_of, read_topic
 
 __all__ = ["register_monitor", "MonitorCollector"]
 
@@ -124,7 +124,8 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
     monitor = Monitor(monitor_cfg)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MonitorCollector(monitor))
-    source = app.topic(*INPUTS, key_type=bytes, value_type=bytes, key_serializer="raw",
+    inputs = [t for t in INPUTS if t in TOPICS]  # model.scores: once the stages publish score rows
+    source = app.topic(*inputs, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=cfg.partitions)
     fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed
     state = {"ready": False}
@@ -148,7 +149,7 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
 
     @app.agent(source, name="monitor")
     async def monitor_agent(stream):
-        for topic in INPUTS:  # catch up from the beginning, whatever the group has committed
+        for topic in inputs:  # catch up from the beginning, whatever the group has committed
             msgs = await read_topic(cfg.broker, topic, cfg.partitions)
             handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
         state["ready"] = True

@@ -1,0 +1,68 @@
+"""The monitor role on the real broker: a worker beside ingest+fm, scraped over HTTP like Prometheus would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loopline.ops.eventlog import read_log
+from loopline.ops.generate import GenerateConfig, write_log
+from loopline.ops.replay import replay
+from loopline.stream.app import TOPICS
+
+pytestmark = pytest.mark.integration
+
+
+def _get(port: int, path: str) -> tuple[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return r.headers.get("Content-Type", ""), r.read().decode()
+
+
+def test_monitor_worker_serves_metrics_that_prometheus_can_parse(broker, start_worker, tmp_path):
+    path = tmp_path / "events.jsonl"
+    write_log(GenerateConfig(users=300, days=3, seed=4), str(path))
+    records = read_log(str(path))
+    fm = start_worker("w1")  # role all: ingest and the FM stage
+    mon = start_worker("mon", ready=False, extra=("--role", "monitor"))
+    asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
+    deadline = time.monotonic() + 240
+    while not (fm.view("/fm/") or {}).get("finished"):
+        assert time.monotonic() < deadline and fm.proc.poll() is None, fm.tail()
+        time.sleep(0.5)
+    counts = fm.view("/fm/")["counts"]
+    want_rows = counts["examples"] if "model.scores" in TOPICS else 0
+    while True:  # the monitor has read every augmented example (and score row)
+        assert time.monotonic() < deadline and mon.proc.poll() is None, mon.tail()
+        s = (mon.view("/drift") or {}).get("summary") or {}
+        if s.get("examples") == counts["augmented"] and s.get("score_rows") == want_rows:
+            break
+        time.sleep(0.5)
+
+    ctype, text = _get(mon.port, "/metrics")
+    assert ctype.startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    seen = [x for x in fams["loopline_monitor_examples"].samples if x.name.endswith("_total")]
+    assert seen[0].value == counts["augmented"]
+    psi = {x.labels["feature"]: x.value for x in fams["loopline_feature_psi"].samples}
+    assert {"campaign", "ad", "attrs.geo", "features.slot"} <= set(psi)
+    assert all(v >= 0 for v in psi.values())
+    if want_rows:
+        models = {x.labels["model"] for x in fams["loopline_model_ne"].samples}
+        assert {"fm", "lr"} <= models
+        auc = {x.labels["model"]: x.value for x in fams["loopline_model_auc"].samples}
+        assert 0 < auc["fm"] <= 1
+
+    # loopline drift reads the same worker
+    r = subprocess.run([sys.executable, "-m", "loopline.ops.cli", "drift", "--worker", f"http://127.0.0.1:{mon.port}",
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["summary"]["examples"] == counts["augmented"] and out["drift"]["windows"]
+    assert mon.stop() == "stopped on SIGTERM"
