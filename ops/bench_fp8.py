@@ -89,15 +89,15 @@ def _gemm_row(M: int, K: int, N: int, repeats: int, iters: int, dev, dt) -> dict
             for _ in range(iters):
                 c(x, prepared, None, dt)
         try:
-            b_s, c_s, ratio = interleaved_timer(base, cand, repeats=repeats, warmup=1)
+            b_s, c_s, ratio, low = interleaved_timer(base, cand, repeats=repeats, warmup=1)
         except (RuntimeError, ValueError) as exc:  # a library that refuses this shape on this device
             row["candidates"][name] = {"available": False, "reason": f"failed: {exc}"[:200]}
             continue
         base_times.append(b_s)
         row["candidates"][name] = {"available": True, "seconds": c_s / iters,
-                                   "tflops": flops / (c_s / iters) / 1e12, "speedup": ratio}
+                                   "tflops": flops / (c_s / iters) / 1e12, "speedup": ratio, "speedup_q25": low}
     if not base_times:
-        b_s, _, _ = interleaved_timer(base, base, repeats=repeats, warmup=1)
+        b_s, _, _, _ = interleaved_timer(base, base, repeats=repeats, warmup=1)
         base_times.append(b_s)
     b = statistics.median(base_times) / iters
     row["baseline"].update({"seconds": b, "tflops": flops / b / 1e12})
@@ -160,7 +160,7 @@ def _fused_epilogue(repeats: int, iters: int) -> dict:
         def fused():
             for _ in range(iters):
                 triton_fp8_gemm(quantize(x, "row", "act"), wq, bias, "hardswish", 256, torch.bfloat16)
-        b_s, f_s, ratio = interleaved_timer(base, fused, repeats=repeats, warmup=1)
+        b_s, f_s, ratio, _ = interleaved_timer(base, fused, repeats=repeats, warmup=1)
         ref = apply_epilogue(F.linear(x.float(), W, bias), None, "hardswish", 256)
         err = float(mere(triton_fp8_gemm(quantize(x, "row", "act"), wq, bias, "hardswish", 256, torch.float32), ref))
         rows.append({"shape": [M, K, N], "bf16_unfused_seconds": b_s / iters, "fp8_fused_seconds": f_s / iters,
@@ -193,7 +193,7 @@ def _end_to_end(repeats: int, iters: int, dev, dt, progress: bool, quick: bool) 
                 for i in range(iters):
                     model(*batches[i % len(batches)])
         return f
-    b_s, d_s, ratio = interleaved_timer(run(hp), run(fp8), repeats=repeats, warmup=1)
+    b_s, d_s, ratio, _ = interleaved_timer(run(hp), run(fp8), repeats=repeats, warmup=1)
     return {"model": "representative (ops.fp8): fm " + "-".join(map(str, hp.fm.dims)) + ", wide "
             + "-".join(map(str, hp.wide.dims)), "rows_per_batch": rows,
             "high_precision_examples_per_s": rows * iters / b_s, "dispatched_examples_per_s": rows * iters / d_s,

@@ -27,7 +27,8 @@ import orjson
 import torch
 from torch import nn
 
-from loopline.kernels.dispatch import (HIGH_PRECISION, DispatchConfig, dispatch_model, load_table, save_table)
+from loopline.kernels.dispatch import (HIGH_PRECISION, DispatchConfig, device_name, dispatch_model, load_table,
+                                       save_table)
 from loopline.kernels.fp8_gemm import scaled_mm_supported, triton_supported
 from loopline.state.errors import ConfigError
 
@@ -105,7 +106,7 @@ def fp8_report(snapshot: str | None = None, cfg: DispatchConfig = DispatchConfig
         verdict = (f"every layer stays in high precision ({table['hp_dtype']}): no FP8 candidate measured both "
                    f"MERE < {table['config']['threshold']:g} and speedup > {table['config']['min_speedup']:g}x "
                    f"on {table['device']}")
-        if not fp8_hw:
+        if not fp8_hw and table["device"] == device_name():
             verdict += "; this machine has no FP8 hardware, so FP8 here is emulated and slower"
     else:
         verdict = (f"{n_fp8} of {table['summary']['layers']} layer(s) run FP8: "
@@ -117,7 +118,15 @@ def format_report(out: dict) -> str:
     """A human-readable table: one line per layer and candidate."""
     t = out["table"]
     lines = [f"loopline fp8 report ({out['source']}) on {t['device']}", f"model: {out['model']}",
-             f"verdict: {out['verdict']}", ""]
+             f"verdict: {out['verdict']}"]
+    unavailable = {}
+    for row in t["layers"]:
+        for c in row["candidates"]:
+            if not c["available"]:
+                unavailable.setdefault(c["reason"], []).append(c["name"])
+    for reason, names in unavailable.items():
+        lines.append(f"not available here: {', '.join(dict.fromkeys(names))}: {reason}")
+    lines.append("")
     for row in t["layers"]:
         lines.append(f"{row['name']}  {row['rows']}x{row['in_features']}x{row['out_features']}  "
                      f"baseline {row['baseline']['dtype']} {row['baseline']['seconds'] * 1e6:.1f} us  "
@@ -125,8 +134,6 @@ def format_report(out: dict) -> str:
         for c in row["candidates"]:
             if c["available"]:
                 lines.append(f"    {c['name']:<22} MERE {c['mere_max']:.3f}  speedup {c['speedup']:.2f}x")
-            else:
-                lines.append(f"    {c['name']:<22} not available: {c['reason']}")
     return "\n".join(lines)
 
 
