@@ -129,12 +129,12 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
     past_cols = {a: c[keep] for a, c in past_cols.items()}
     w = np.full(int(keep.sum()), 1 / 0.05)
     r = probe_scores(past_cols, VALUES, w)
+    n = int(round(users * sample_share))
+    max_strata = max(1, min(max_strata, n // (2 * min_per_stratum)))  # floors take at most half the sample
     strata = learn_strata(past_cols, VALUES, w, r, max_strata=max_strata,
                           min_leaf=max(2.0 * min_per_stratum, 5e-4 * users))
     learn_s = time.perf_counter() - t0
-    n = int(round(users * sample_share))
     caps = allocate(np.array(strata.n), np.array(strata.s), n, min_per_stratum)
-    caps = np.maximum(caps, min_per_stratum)
     ours = build_sample(cols, VALUES, hashes, imps, strata, caps)
     uniform = build_sample(cols, VALUES, hashes, imps, Strata.root(), [ours.n])
     prop_caps = allocate(np.array(strata.n), np.ones(len(strata)), ours.n, 0)
@@ -213,7 +213,7 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
 
     _progress(f"latency on a {latency_users:,}-user sample")
     lat_caps = allocate(np.array(strata.n), np.array(strata.s), latency_users, min_per_stratum)
-    big = build_sample(cols, VALUES, hashes, imps, strata, np.maximum(lat_caps, min_per_stratum))
+    big = build_sample(cols, VALUES, hashes, imps, strata, lat_caps)
     all_q = [q for qs in chosen.values() for q in qs]
     times = []
     for _ in range(repeats):

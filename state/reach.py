@@ -242,7 +242,9 @@ class ReachSampler:
         cols = self._columns([self.records[u][1] for u in users])
         w = np.array([1.0 / ep.theta[self.records[u][2][e][0]] for u in users])
         r = probe_scores(cols, self.values, w)
-        st = learn_strata(cols, self.values, w, r, max_strata=cfg.max_strata,
+        # at most as many strata as keep the floors within half the sample
+        max_strata = max(1, min(cfg.max_strata, cfg.sample_users // (2 * cfg.min_per_stratum)))
+        st = learn_strata(cols, self.values, w, r, max_strata=max_strata,
                           min_leaf=max(2.0 * cfg.min_per_stratum, cfg.min_leaf_share * float(w.sum())),
                           attrs=cfg.attrs)
         cap = allocate(np.array(st.n), np.array(st.s), cfg.sample_users, cfg.min_per_stratum)
@@ -477,13 +479,14 @@ def finish(stats: dict, query_text: str | None = None) -> dict:
     seen_users = seen_imps = 0.0
     n_total = 0.0
     exact_u = exact_i = 0.0  # from strata sampled whole (every weight 1): no sampling error
-    wmax = 1.0  # the largest mean weight of a stratum: what one unseen matching user may stand for
+    wmax = 0.0  # the largest mean weight of a sampled (not census) stratum: what one unseen match may stand for
     imp_tot = imp_w = 0.0
     fallback = []
     for key, v in stats["strata"].items():
         f = dict(zip(_FIELDS, v))
         n_total += f["n"]
-        wmax = max(wmax, f["nw"] / f["n"])
+        if f["vn"] > 1e-12:
+            wmax = max(wmax, f["nw"] / f["n"])
         imp_tot, imp_w = imp_tot + f["i"], imp_w + f["u"]
         seen_users += f["m"]
         seen_imps += f["y"]
@@ -582,7 +585,8 @@ def build_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray,
 
 class ThetaBaseline:
     """Theta sketches (Apache DataSketches): one per attribute value and one of all users, with
-    ``lg_k`` chosen as the largest that fits ``budget_bytes`` of retained hashes (8 bytes each). A query
+    ``lg_k`` chosen as the largest that fits ``budget_bytes`` of retained hashes (8 bytes each; at least
+    5, the smallest DataSketches allows). A query
     is answered by set operations: ``in`` a union, ``and`` an intersection, ``or`` a union, ``not`` an
     a-not-b from all users. Users only (a theta sketch counts distinct keys, not impressions)."""
 
@@ -591,8 +595,10 @@ class ThetaBaseline:
         self.ds = ds
         n = len(next(iter(cols.values())))
         sizes = [n] + [int(x) for a in cols for x in np.bincount(cols[a][cols[a] >= 0], minlength=len(values[a]))]
-        self.lg_k = 4
-        while self.lg_k < 26 and sum(min(s, 2 ** (self.lg_k + 1)) for s in sizes) * 8 <= budget_bytes:
+        def fits(lg: int) -> bool:  # trimmed sketches retain at most 2^lg hashes each
+            return sum(min(s, 2 ** lg) for s in sizes) * 8 <= budget_bytes
+        self.lg_k = 5  # the smallest DataSketches allows
+        while self.lg_k < 26 and fits(self.lg_k + 1):
             self.lg_k += 1
         self.vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
         sk_all = ds.update_theta_sketch(self.lg_k)
@@ -604,6 +610,8 @@ class ThetaBaseline:
             for i, c in enumerate(col.tolist()):
                 if c >= 0:
                     lst[c].update(i)
+        for s in [sk_all] + [s for lst in sk.values() for s in lst]:
+            s.trim()  # down to the nominal 2^lg_k hashes, so the bytes are what was budgeted
         self.all = sk_all.compact()
         self.sk = {a: [s.compact() for s in lst] for a, lst in sk.items()}
         self.nbytes = 8 * (self.all.num_retained + sum(s.num_retained for lst in self.sk.values() for s in lst))

@@ -1,0 +1,109 @@
+"""``loopline reach`` from an event log, a sample file and a query file; one-line errors; a partial
+answer when a worker does not answer; and a smoke run of ``bench reach``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import orjson
+import pytest
+
+from loopline.ops.cli import main
+from loopline.ops.generate import GenerateConfig, write_log
+from loopline.ops.reach import ask_workers
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("reach") / "log.jsonl")
+    write_log(GenerateConfig(users=400, days=2, seed=9, malformed=0.02), path)
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_batch_queries_answer_one_json_object_per_line_with_the_query(log, tmp_path, capsys):
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("gender = F\n\n# a comment\nage in (18-24, 25-34) and not geo = US-CA\nage in (\n*\n")
+    rc, out, _ = run(capsys, "reach", "--events", log, "--queries", str(qfile), "--sample-users", "80", "--json")
+    assert rc == 0
+    lines = [orjson.loads(x) for x in out.splitlines()]
+    assert [x["query"] for x in lines] == ["gender = F", "age in (18-24, 25-34) and not geo = US-CA", "age in (", "*"]
+    assert lines[2]["error"].startswith("query: ")
+    everyone = lines[3]
+    assert lines[0]["users"] < everyone["users"] and lines[1]["users"] < everyone["users"]
+    for a in (lines[0], lines[1], everyone):
+        assert a["users_ci"][0] <= a["users"] <= a["users_ci"][1]
+        assert a["impressions_ci"][0] <= a["impressions"] <= a["impressions_ci"][1]
+        assert isinstance(a["fallback"], bool)
+
+
+def test_a_saved_sample_answers_like_the_log_it_came_from(log, tmp_path, capsys):
+    sample = str(tmp_path / "s.json")
+    q = "gender = M or device = ios"
+    rc, out, _ = run(capsys, "reach", q, "--events", log, "--sample-users", "50", "--save-sample", sample, "--json")
+    assert rc == 0
+    from_log = orjson.loads(out)
+    rc, out, _ = run(capsys, "reach", q, "--sample", sample, "--json")
+    from_file = orjson.loads(out)
+    assert rc == 0 and from_file["users"] == from_log["users"] and from_file["impressions"] == from_log["impressions"]
+    assert from_log["sample"]["bytes_per_user"] > 0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["reach", "gender = = F", "--events", "LOG"], "ConfigError: query: expected a value"),
+    (["reach", "--events", "LOG"], "ConfigError: query: give a query"),
+    (["reach", "*", "--events", "/nonexistent.jsonl"], "ConfigError: events: cannot read"),
+    (["reach", "*", "--sample", "LOG"], "ConfigError: sample: "),
+    (["reach", "*", "--events", "LOG", "--sample-users", "0"], "ConfigError: sample_users: "),
+])
+def test_errors_are_one_line_with_exit_code_2(log, capsys, argv, fragment):
+    rc, out, err = run(capsys, *[log if a == "LOG" else a for a in argv])
+    assert rc == 2 and out == ""
+    assert err.startswith(fragment) and err.count("\n") == 1
+
+
+class _Slow(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        time.sleep(5)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_workers_that_are_down_or_hung_give_a_partial_answer_within_the_timeout():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+    server = HTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hung = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        t0 = time.monotonic()
+        a = ask_workers([dead, hung], "gender = F", timeout=0.5)
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        server.shutdown()
+    assert a["partial"] and a["users"] == 0
+    assert a["workers"][dead] != "ok" and a["workers"][hung] != "ok"
+
+
+def test_bench_reach_smoke(tmp_path):
+    from loopline.ops.bench_reach import bench_reach
+    out = bench_reach(users=20_000, per_bucket=6, candidates=300, latency_users=2000, repeats=1,
+                      out_path=str(tmp_path / "b.json"))
+    assert set(out["buckets"]) == {"10%+", "1-10%", "0.1-1%", "<0.1%"}
+    big = out["buckets"]["10%+"]
+    for m in ("ours", "uniform", "proportional", "theta"):
+        assert 0 <= big[m]["users_median_rel_err"] < 0.5
+        assert 0 <= big[m]["users_coverage"] <= 1
+    assert out["sample"]["ours"]["sampled_users"] <= 0.02 * 20_000 + 1
+    assert out["latency_in_process_ms"]["p50"] > 0
+    assert (tmp_path / "b.json").exists()
