@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from loopline.model.quality import (QualityConfig, adjust_reach, assess, bootstrap_ls, campaign_table, fit_em,
-                                    fit_gls, fit_ls, report_covariance)
+from loopline.model.quality import (QualityConfig, _box_ls, _solve_many, adjust_reach, assess, bootstrap_ls,
+                                    campaign_table, fit_em, fit_gls, fit_ls, param_bootstrap_ls, report_covariance)
 from loopline.state.errors import ConfigError
 from loopline.state.quality_counts import QualityCounts
 
@@ -67,6 +67,27 @@ def test_bootstrap_replicates_stay_in_the_box_and_are_seeded():
     assert boot.shape == (200, 2) and np.all((boot >= 0) & (boot <= 1))
     assert np.array_equal(boot, bootstrap_ls(q, p, w, 200, seed=3))
     assert not np.array_equal(boot, bootstrap_ls(q, p, w, 200, seed=4))
+
+
+def test_vectorized_box_solutions_equal_the_scalar_ones():
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(500):
+        q = np.zeros(6) if i % 9 == 0 else rng.random(6)  # some singular problems too
+        p, w, r = rng.random(6) * 1.6 - 0.3, rng.random(6), 1 - q
+        rows.append([np.sum(w * q * q), np.sum(w * q * r), np.sum(w * r * r), np.sum(w * q * p), np.sum(w * r * p)])
+    rows = np.array(rows)
+    want = np.array([_box_ls(*row) for row in rows])
+    assert np.allclose(_solve_many(rows), want, atol=1e-12)
+
+
+def test_parametric_bootstrap_is_centred_on_the_fit_and_stays_in_the_box():
+    q = [0.1, 0.3, 0.5, 0.7, 0.9, 0.4]
+    t = campaign_table(_agg(q, [0.95 * x + 0.02 * (1 - x) for x in q], measured=200), "s", "g")
+    boot = param_bootstrap_ls(t, 0.95, 0.02, 400, seed=1)
+    assert np.all((boot >= 0) & (boot <= 1))
+    assert np.median(boot[:, 0]) == pytest.approx(0.95, abs=0.02)
+    assert np.mean(boot[:, 1] == 0.0) > 0.05  # b near 0: a share of replicates sits on the edge
 
 
 def test_fit_rejects_fractions_outside_the_unit_interval():
