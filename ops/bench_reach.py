@@ -21,7 +21,10 @@ Public surface: ``bench_reach``, ``population``, ``random_queries``.
   impressions for the sampling methods) and the share of queries whose 95% interval holds the truth;
   and the ratio of ours to uniform's median error.
 * **Latency**: ``answer`` on a sample of ``latency_users`` users (100k), in-process: p50/p99 over the
-  query set, repeated.
+  query set, repeated; and over HTTP: an embedded broker and 2 real ``reach`` workers are given the
+  first ``latency_users`` users (one impression each, produced to ``audience``; each worker holds half
+  the partitions, the whole population as its sample), then ``ask_workers`` (what ``loopline reach
+  --workers`` runs) is timed from this process, fan-out, both answers and the merge included.
 """
 
 from __future__ import annotations
@@ -99,6 +102,73 @@ def random_queries(n: int, seed: int) -> list[str]:
     return out
 
 
+def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_min: int) -> dict:
+    """Start a broker and 2 reach workers, give them ``n_users`` users (one impression each, produced
+    straight to ``audience``), and time ``loopline reach --workers`` fan-outs from this process."""
+    import asyncio
+    import tempfile
+
+    import orjson
+    from aiokafka import AIOKafkaProducer
+
+    from loopline.stream.app import TOPICS
+
+    from .broker import EmbeddedBroker, create_topics
+    from .reach import ask_workers
+    from .worker import WorkerProcess
+
+    async def produce(bootstrap: str) -> None:
+        prod = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=256 * 1024)
+        await prod.start()
+        try:
+            names = list(VALUES)
+            for i in range(n_users):
+                attrs = {a: VALUES[a][int(cols[a][i])] for a in names}
+                v = {"type": "impression", "id": f"i{i}", "user": f"u{i}", "ts": 1_700_000_000.0 + i * 0.01,
+                     "campaign": "c1", "attrs": attrs}
+                await prod.send("audience", orjson.dumps(v), key=f"u{i}".encode())
+            await prod.flush()
+        finally:
+            await prod.stop()
+
+    with tempfile.TemporaryDirectory(prefix="loopline-bench-reach-") as tmp:
+        broker = EmbeddedBroker(log_path=f"{tmp}/tansu.log").start()
+        workers = []
+        try:
+            create_topics(broker.bootstrap, {t: 4 for t in TOPICS})
+            extra = ("--role", "reach", "--reach-sample-users", str(n_users), "--reach-epoch", "1e9")
+            workers = [WorkerProcess(broker.url, f"{tmp}/w{i}", 4, extra=extra).start() for i in range(2)]
+            urls = [f"http://127.0.0.1:{w.port}" for w in workers]
+            t0 = time.perf_counter()
+            asyncio.run(produce(broker.bootstrap))
+            _progress(f"  produced {n_users:,} audience messages in {time.perf_counter() - t0:.1f}s; waiting for the workers")
+            deadline = time.monotonic() + 300
+            while True:
+                a = ask_workers(urls, "*", timeout=5.0, n_min=n_min)
+                if not a["partial"] and a["sample_users"] >= n_users:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"reach workers did not take the sample in time: {a}\n{workers[0].tail()}")
+                time.sleep(1.0)
+            _progress(f"  workers hold {a['sample_users']:,} users after {time.perf_counter() - t0:.1f}s; timing")
+            for text in texts[:20]:  # warm-up: the frozen samples are built on first use
+                ask_workers(urls, text, timeout=5.0, n_min=n_min)
+            times, partial = [], 0
+            for _ in range(repeats):
+                for text in texts:
+                    t = time.perf_counter()
+                    a = ask_workers(urls, text, timeout=5.0, n_min=n_min)
+                    times.append(time.perf_counter() - t)
+                    partial += a["partial"]
+        finally:
+            for w in workers:
+                w.stop()
+            broker.stop()
+    ms = np.array(times) * 1000
+    return {"workers": 2, "sample_users": int(a["sample_users"]), "queries": len(times), "partial_answers": partial,
+            "p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
+
+
 def _pct(xs, q) -> float | None:
     return round(float(np.percentile(xs, q)), 4) if len(xs) else None
 
@@ -109,7 +179,7 @@ def _progress(msg: str) -> None:
 
 def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: int = 60, candidates: int = 4000,
                 min_per_stratum: int = 30, max_strata: int = 64, latency_users: int = 100_000, repeats: int = 3,
-                seed: int = 0, out_path: str | None = "bench-reach.json") -> dict:
+                seed: int = 0, out_path: str | None = "bench-reach.json", http_workers: bool = True) -> dict:
     """Run the benchmark; write and return its JSON."""
     if users < 1000:
         raise ConfigError(f"users: at least 1000, got {users}")
@@ -222,6 +292,10 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
             answer(big, q.text, min_per_stratum)  # parse included, as a server does
             times.append(time.perf_counter() - t)
     times_ms = np.array(times) * 1000
+    http = None
+    if http_workers:
+        _progress(f"latency over HTTP: 2 reach workers holding a {latency_users:,}-user sample")
+        http = _http_latency(cols, latency_users, [q.text for q in all_q], repeats, min_per_stratum)
     out = {
         "population": {"users": users, "impressions": int(imps.sum()), "attributes": {a: len(v) for a, v in VALUES.items()},
                        "zipf_s": 1.1},
@@ -232,6 +306,7 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
         "latency_in_process_ms": {"sample_users": big.n, "strata": len(big.keys), "queries": len(times),
                                   "p50": round(float(np.percentile(times_ms, 50)), 3),
                                   "p99": round(float(np.percentile(times_ms, 99)), 3)},
+        "latency_http_ms": http,
         "examples": examples,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "seconds": round(time.perf_counter() - t_start, 1),

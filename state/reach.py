@@ -308,6 +308,11 @@ class Sample:
         self.w_imps = np.asarray(w_imps, dtype=np.float64)
         self.imps = np.asarray(imps, dtype=np.float32)
         self.stratum = np.asarray(stratum, dtype=np.int32)
+        if len(self.stratum) and (np.diff(self.stratum) < 0).any():  # rows grouped by stratum (see query_stats)
+            order = np.argsort(self.stratum, kind="stable")
+            self.cols = {a: c[order] for a, c in self.cols.items()}
+            self.w_users, self.w_imps, self.imps, self.stratum = (
+                self.w_users[order], self.w_imps[order], self.imps[order], self.stratum[order])
         self.keys = list(keys)
         self.info = dict(info or {})
         self.vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in self.values.items()}
@@ -321,6 +326,21 @@ class Sample:
     def nbytes(self) -> int:
         return int(sum(c.nbytes for c in self.cols.values()) + self.w_users.nbytes + self.w_imps.nbytes
                    + self.imps.nbytes + self.stratum.nbytes)
+
+    def precomputed(self) -> tuple[np.ndarray, np.ndarray]:
+        """What every query needs and no query changes: per-stratum totals ``(11, K)`` (rows, users
+        weight, its variance term, impressions weight, then the totals of the 7 per-row terms) and the
+        per-row terms ``(7, n)``; built once."""
+        if getattr(self, "_pre", None) is None:
+            K, s = len(self.keys), self.stratum
+            wu, wi, y = self.w_users, self.w_imps, self.imps.astype(np.float64)
+            per_row = np.ascontiguousarray(np.stack([np.ones_like(wu), wu, wu * (wu - 1), wi * y,
+                                                     y * y * wi * np.maximum(wi - 1, 0), wi * y * y, y]))
+            base = np.stack([np.bincount(s, minlength=K).astype(np.float64), np.bincount(s, wu, minlength=K),
+                             np.bincount(s, wu * (wu - 1), minlength=K), np.bincount(s, wi, minlength=K),
+                             *[np.bincount(s, col, minlength=K) for col in per_row]])
+            self._pre = (base, per_row)
+        return self._pre
 
     def describe(self) -> dict:
         return {"sampled_users": self.n, "population_estimate": round(float(self.w_users.sum())),
@@ -400,19 +420,20 @@ def query_stats(sample: Sample, query, n_min: int = 30) -> dict:
     """Per-stratum sums for ``query`` (text or parsed), additive over partitions (:func:`merge_stats`)."""
     q = _q(query)
     K = len(sample.keys)
-    s = sample.stratum
-    wu, wi, y = sample.w_users, sample.w_imps, sample.imps.astype(np.float64)
+    base, per_row = sample.precomputed()
     mask = evaluate(q.tree, sample.cols, sample.vocab)
-    sm = s[mask]
-
-    def bc(idx, weights=None):
-        return np.bincount(idx, weights=weights, minlength=K)
-
-    sums = np.stack([
-        bc(s), bc(s, wu), bc(s, wu * (wu - 1)), bc(sm), bc(sm, wu[mask]), bc(sm, (wu * (wu - 1))[mask]),
-        bc(sm, (wi * y)[mask]), bc(sm, (y * y * wi * np.maximum(wi - 1, 0))[mask]), bc(s, wi),
-        bc(sm, (wi * y * y)[mask]), bc(sm, y[mask]),
-    ], axis=1)
+    flip = 2 * int(np.count_nonzero(mask)) > len(mask)  # most rows match: sum the others and subtract
+    idx = np.flatnonzero(~mask if flip else mask)
+    sm = sample.stratum[idx]  # sorted: the sample's rows are grouped by stratum
+    rows = per_row[:, idx]  # (7, rows): 1, wu, wu(wu-1), wi y, y^2 wi(wi-1), wi y^2, y
+    matched = np.zeros((rows.shape[0], K))
+    if len(idx):
+        present = np.flatnonzero(np.r_[True, sm[1:] != sm[:-1]])  # first row of each stratum
+        matched[:, sm[present]] = np.add.reduceat(rows, present, axis=1)
+    if flip:
+        matched = np.maximum(base[4:] - matched, 0.0)
+    # the _FIELDS order: n, nw, vn | m, u, vu, i, vi | nwi | i2, y
+    sums = np.column_stack([base[0], base[1], base[2], *matched[:5], base[3], matched[5], matched[6]])
     stats = {sample.keys[h]: sums[h].tolist() for h in range(K) if sums[h, 0] > 0}
     borrow: dict = {}
     thin = [h for h in range(K) if 0 < sums[h, 0] < n_min and sums[h, 1] > sums[h, 0] * (1 + 1e-9) + 1e-9]

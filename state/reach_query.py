@@ -228,7 +228,11 @@ def _eval(node: tuple, cols, vocab: dict, n: int) -> np.ndarray:
             return np.zeros(n, dtype=bool)
         if len(codes) == 1:
             return col == codes[0]
-        return np.isin(col, codes)
+        # a gather beats np.isin: one slot per code of the vocabulary, and a last one (False) that code
+        # -1 (missing) and any code past the vocabulary land on
+        lut = np.zeros(max(len(vocab[node[1]]), max(codes) + 1) + 1, dtype=bool)
+        lut[codes] = True
+        return lut[np.clip(col, -1, len(lut) - 1)]
     if kind == "not":
         return ~_eval(node[1], cols, vocab, n)
     if kind == "and":

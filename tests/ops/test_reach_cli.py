@@ -97,7 +97,7 @@ def test_workers_that_are_down_or_hung_give_a_partial_answer_within_the_timeout(
 
 def test_bench_reach_smoke(tmp_path):
     from loopline.ops.bench_reach import bench_reach
-    out = bench_reach(users=20_000, per_bucket=6, candidates=300, latency_users=2000, repeats=1,
+    out = bench_reach(users=20_000, per_bucket=6, candidates=300, latency_users=2000, repeats=1, http_workers=False,
                       out_path=str(tmp_path / "b.json"))
     assert set(out["buckets"]) == {"10%+", "1-10%", "0.1-1%", "<0.1%"}
     big = out["buckets"]["10%+"]
