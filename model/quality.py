@@ -329,8 +329,11 @@ def param_bootstrap_ls(t: dict, a: float, b: float, replicates: int = 400, seed:
     come out asymmetric)."""
     q, n = t["q"], t["n"]
     cov = report_covariance(t, a, b)
-    vals, vecs = np.linalg.eigh(cov)  # (C,), (C, C): a square root that tolerates a singular matrix
-    root = vecs * np.sqrt(np.clip(vals, 0, None))
+    try:
+        root = np.linalg.cholesky(cov)  # (C, C); positive definite through the binomial diagonal
+    except np.linalg.LinAlgError:  # a square root that tolerates a singular matrix
+        vals, vecs = np.linalg.eigh(cov)
+        root = vecs * np.sqrt(np.clip(vals, 0, None))
     rng = np.random.default_rng(seed)
     draws = (a * q + b * (1 - q)) + rng.standard_normal((replicates, q.size)) @ root.T  # (B, C)
     r = 1 - q
