@@ -23,6 +23,10 @@ The rule (static, decided once per model version, as LoKA does for inference):
    of 4 paired runs), not only of the median: on a loaded machine a lucky median is not a win. The
    median is what the table reports as ``speedup``.
 
+``DispatchConfig(force="emulated:row")`` skips the speed condition and serves that candidate wherever
+its MERE passes: for measuring FP8's effect on model quality on a machine where FP8 is never faster
+(the evaluation table); the table marks those rows as forced.
+
 Nothing is hard-coded per device: on a CPU the FP8 candidates that can run are emulated (quantize, then
 a high-precision matmul), they measure slower, and every layer stays in high precision; on an H100/H200
 the triton kernel and ``torch._scaled_mm`` are candidates too. Candidates that cannot run here are listed
@@ -179,6 +183,8 @@ class DispatchConfig:
     repeats: int = 20  # timed runs per measurement (the median is used)
     record_rows: int = 512  # real input rows the Probe keeps per layer
     seed: int = 0
+    force: str | None = None  # quality studies only: this candidate wherever its MERE passes, whatever its speed
+
 
     def __post_init__(self):
         from loopline.state.errors import ConfigError
@@ -186,7 +192,7 @@ class DispatchConfig:
             raise ConfigError(f"threshold: must be > 0, got {self.threshold}")
         if self.min_speedup <= 0:
             raise ConfigError(f"min_speedup: must be > 0, got {self.min_speedup}")
-        unknown = set(self.candidates or ()) - set(CANDIDATES)
+        unknown = (set(self.candidates or ()) | ({self.force} if self.force else set())) - set(CANDIDATES)
         if unknown:
             raise ConfigError(f"candidates: unknown {sorted(unknown)}; known {sorted(CANDIDATES)}")
         if self.samples < 2 or self.repeats < 1 or (self.rows is not None and self.rows < 1):
@@ -224,7 +230,7 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
         return F.linear(x_t, W_hp, b_hp)
     base_times = []
 
-    names = cfg.candidates or tuple(CANDIDATES)
+    names = (cfg.force,) if cfg.force else (cfg.candidates or tuple(CANDIDATES))
     rows_out = []
     for cname in names:
         c = CANDIDATES[cname]
@@ -263,7 +269,13 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
         base_times.append(timer(baseline, (name, HIGH_PRECISION)) if timer else median_timer(baseline))
     passing = [e for e in rows_out if e["passes_mere"] and e["passes_speedup"]]
     measured = [e for e in rows_out if e["available"]]
-    if passing:
+    if cfg.force:
+        e = rows_out[0]
+        choice = cfg.force if e["passes_mere"] else HIGH_PRECISION
+        why = (f"forced by the config (a quality study, not a speed decision): {cfg.force} "
+               + (f"has MERE {e['mere_max']:.3f} < {cfg.threshold:g}" if e["passes_mere"] else
+                  "cannot run here or fails the MERE threshold"))
+    elif passing:
         best = min(passing, key=lambda e: e["seconds"])
         choice = best["name"]
         why = (f"fastest of {len(passing)} candidate(s) with MERE < {cfg.threshold:g} and speedup > "

@@ -4,7 +4,8 @@ Public surface: ``ProbeConfig``, ``WelfordStats``, ``Probe``, ``mere``, ``MERE_F
 
 What it does. Forward hooks on every ``nn.Linear`` (or the named ones) see each layer's input. Every
 ``every``-th forward pass of the model (the cadence), each layer's input rows (B, K) are folded into
-running statistics with the *batched* Welford/Chan merge, in float32:
+running statistics with the *batched* Welford/Chan merge, in float32 (passes every-1, 2*every-1, ...:
+the last of each period, so the cold first pass of a process is not the one measured):
 
     n' = n + b,   delta = mean_b - mean,   mean' = mean + delta * b / n'
     M2' = M2 + M2_b + outer(delta, delta) * n * b / n'          (M2 = sum of centred outer products)
@@ -173,7 +174,7 @@ class Probe:
         self.detach()
 
     def _pre(self, module, args):
-        self._active = self.steps % self.cfg.every == 0
+        self._active = (self.steps + 1) % self.cfg.every == 0  # the last pass of each period: warm, not the cold first
         self.steps += 1
         self.sampled_steps += self._active
         self._t0 = time.perf_counter()

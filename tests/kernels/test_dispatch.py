@@ -145,3 +145,14 @@ def test_gpu_dispatch_measures_the_fp8_kernels():
     big = table["layers"][0]
     assert {c["name"] for c in big["candidates"] if c["available"]} >= {"triton:row", "triton:block"}
     assert all(c in CANDIDATES for c in [r["choice"] for r in table["layers"] if r["choice"] != HIGH_PRECISION])
+
+
+def test_force_serves_a_candidate_regardless_of_speed_for_quality_studies():
+    model, table = dispatch_model(_model(), _calib(), DispatchConfig(force="emulated:row", samples=256),
+                                  timer=_timer({"emulated:row": 10.0}))  # 10x slower, still chosen
+    assert [r["choice"] for r in table["layers"]] == ["emulated:row"] * 3
+    assert all("forced" in r["why"] for r in table["layers"])
+    assert all(isinstance(m, DispatchLinear) for m in model.linears)
+    _, strict = dispatch_model(_model(), _calib(), DispatchConfig(force="emulated:row", threshold=1e-6, samples=256),
+                               timer=_timer({"emulated:row": 10.0}))
+    assert all(r["choice"] == HIGH_PRECISION for r in strict["layers"])
