@@ -102,3 +102,40 @@ def test_compiled_kernel_matches_the_reference_on_gpu(recipe):
     for act, norm in (("none", None), ("hardswish", 256)):
         y = triton_fp8_gemm(a, wq, b, act, norm, torch.float32)
         torch.testing.assert_close(y, reference_fp8_gemm(a, wq, b, act, norm), rtol=1e-3, atol=1e-3)
+
+
+def _compile_for_sm90(scale_mode: int, norm: bool, act: int, block: tuple) -> dict:
+    """Ahead-of-time compile of the kernel for an H100/H200 (sm_90) on this machine, with the
+    specializations a real launch gets (unit inner strides, 16-divisible pointers and sizes)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from loopline.kernels import fp8_gemm
+
+    body = fp8_gemm._fp8_gemm_body
+    names = list(inspect.signature(body).parameters)
+    sig = {n: "i32" for n in names}
+    sig.update({"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16", "sa_ptr": "*fp32", "sw_ptr": "*fp32",
+                "bias_ptr": "*fp32", "eps": "fp32"})
+    bm, bn, bk = block
+    consts = dict(stride_ak=1, stride_wk=1, stride_on=1, SCALE_MODE=scale_mode, HAS_BIAS=True, ACT=act, NORM=norm,
+                  SCALE_BLOCK=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    sig.update({k: "constexpr" for k in consts})
+    aligned = ["a_ptr", "w_ptr", "out_ptr", "sa_ptr", "sw_ptr", "bias_ptr", "M", "N", "K", "stride_am", "stride_wn",
+               "stride_om"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    k = triton.compile(ASTSource(fn=triton.jit(body), signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    return {"ptx": k.asm["ptx"], "shared": k.metadata.shared}
+
+
+@pytest.mark.parametrize("scale_mode,norm,act,block", [(1, False, 0, (128, 128, 128)), (2, True, 1, (64, 256, 128))],
+                         ids=["row", "block+blocknorm+hardswish"])
+def test_kernel_compiles_for_h100_with_tensor_core_fp8_and_pipelined_loads(scale_mode, norm, act, block):
+    pytest.importorskip("triton.backends.nvidia")
+    k = _compile_for_sm90(scale_mode, norm, act, block)
+    assert "wgmma.mma_async" in k["ptx"] and "e4m3" in k["ptx"]  # Hopper FP8 tensor-core MMA
+    assert "cp.async" in k["ptx"] and k["shared"] > 2 * (block[0] + block[1]) * block[2]  # multi-stage pipeline
