@@ -138,3 +138,21 @@ def test_quality_benchmark_smoke(tmp_path):
     for m in out["methods"].values():
         assert 0 <= m["coverage"] <= 1 and m["mae_a"] >= 0 and m["median_ms_per_fit"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["seeds"] == 1
+
+
+def test_adjusted_reach_takes_a_loopline_reach_answer(quality_log, tmp_path):
+    path, _ = quality_log
+    r = run_cli("reach", "*", "--events", path, "--json")
+    assert r.returncode == 0, r.stderr
+    answer = tmp_path / "reach.json"
+    answer.write_text(r.stdout)
+    reach = json.loads(r.stdout)
+    r = run_cli("quality", "--events", path, "--json", "--methods", "ls", "--adjust-reach", "s_poor:sports_fan",
+                "--reach-json", str(answer), "--exclude")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    row = next(x for x in out["report"]["sources"] if x["source"] == "s_poor")
+    ar = out["adjusted_reach"]
+    assert ar["labelled"] is False and ar["rate"] == row["b"]  # a rule that excludes the label: b applies
+    assert ar["users"] == pytest.approx(reach["users"] * row["b"])
+    assert ar["users_ci"][0] <= ar["users"] <= ar["users_ci"][1]
