@@ -297,7 +297,9 @@ def decide_layer(name: str, linear: nn.Linear, cfg: DispatchConfig = DispatchCon
 
 class DispatchLinear(nn.Module):
     """A Linear layer served by an FP8 candidate. Same parameters (and state-dict keys) as ``nn.Linear``;
-    the quantized weight is prepared on first use and again whenever the weight changes."""
+    the quantized weight is prepared on first use and again whenever the weight changes (an online
+    learner's step). FP8 is for inference: when autograd records (a training step on the same module),
+    the layer computes the plain high-precision ``F.linear``, so gradients are those of the Linear."""
 
     def __init__(self, linear: nn.Linear, candidate: str):
         super().__init__()
@@ -319,6 +321,8 @@ class DispatchLinear(nn.Module):
         return self._prepared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # training: high precision, exact gradients
         lead = x.shape[:-1]
         y = CANDIDATES[self.candidate](x.reshape(-1, self.in_features), self._weights(), self.bias, x.dtype)
         return y.reshape(*lead, self.out_features)  # (..., N)

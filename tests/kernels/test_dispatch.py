@@ -102,6 +102,20 @@ def test_dispatch_linear_keeps_the_linear_state_and_tracks_weight_changes():
         torch.testing.assert_close(d(x) - lin.bias, 2 * (y - lin.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_dispatch_linear_trains_in_high_precision_and_serves_fp8():
+    lin = nn.Linear(32, 16)
+    d = DispatchLinear(lin, "emulated:row")
+    x = torch.randn(8, 32)
+    y_train = d(x)  # autograd records: plain Linear, exact gradients
+    torch.testing.assert_close(y_train, lin(x))
+    y_train.sum().backward()
+    assert lin.weight.grad is not None
+    with torch.no_grad():
+        y_serve = d(x)
+    assert not torch.equal(y_serve, y_train.detach())  # FP8-rounded
+    assert float((y_serve - y_train.detach()).norm() / y_train.detach().norm()) < 0.06
+
+
 def test_table_round_trips_with_a_snapshot_and_reapplies_at_load(tmp_path):
     served, table = _dispatch({"emulated:tensor": 0.5, "emulated:row": 0.7, "emulated:block": 0.9})
     snap = tmp_path / "snapshot.pt"
