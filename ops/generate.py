@@ -668,7 +668,9 @@ def write_log(cfg: GenerateConfig, path, progress: bool = False) -> dict:
     """Write the log to ``path`` (one newline-terminated line per event) and return a summary:
     ``lines, valid, impressions, conversions, clicks, purchases, after_window`` (conversions more than
     ``window_s`` after their impression), ``malformed_total, malformed`` (count per intended reason),
-    ``start_ts, end_ts, shift_ts, expected_ctr``, the stopped/started campaigns, ``path`` and ``bytes``.
+    ``start_ts, end_ts, shift_ts, expected_ctr``, the stopped/started campaigns, ``path`` and ``bytes``;
+    with ``quality_sources``, ``quality`` (per source: a, b, their realized values, labelled users and
+    impressions, truth reports) and ``valid``/``lines`` count the assertions and reports too.
     ``progress`` prints a line to stderr every million lines."""
     log = _Log(cfg)
     path = Path(path)
