@@ -68,8 +68,10 @@ class WelfordStats:
         self.amax = torch.zeros(())
 
     def update(self, x: torch.Tensor) -> "WelfordStats":
-        """Fold a batch of rows (B, D) in."""
-        x = x.detach().float().reshape(-1, self.dim).cpu()
+        """Fold a batch of rows (B, D) in (on the device the statistics live on: the first batch's)."""
+        if self.n == 0 and self.mean.device != x.device:
+            self.mean, self.m2, self.amax = self.mean.to(x.device), self.m2.to(x.device), self.amax.to(x.device)
+        x = x.detach().float().reshape(-1, self.dim).to(self.mean.device)
         b = x.shape[0]
         if b == 0:
             return self
@@ -81,7 +83,8 @@ class WelfordStats:
         """Fold another probe's statistics in (Chan's parallel formula)."""
         if other.dim != self.dim:
             raise ValueError(f"dim: cannot merge statistics of width {other.dim} into {self.dim}")
-        return self._merge(other.n, other.mean, other.m2, other.amax) if other.n else self
+        dev = self.mean.device
+        return self._merge(other.n, other.mean.to(dev), other.m2.to(dev), other.amax.to(dev)) if other.n else self
 
     def _merge(self, b: int, mean_b, m2_b, amax_b) -> "WelfordStats":
         n = self.n + b
@@ -102,7 +105,7 @@ class WelfordStats:
         features) is handled by clipping its eigenvalues at zero."""
         evals, evecs = torch.linalg.eigh(self.cov.double())
         root = (evecs * evals.clamp_min(0).sqrt()).float()  # (D, D): root @ root.T == cov
-        z = torch.randn(n, self.dim, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator).to(self.mean.device)
         return self.mean + z @ root.T
 
     def summary(self) -> dict:

@@ -153,8 +153,8 @@ def test_bad_config_names_the_field():
 @pytest.mark.skipif(not triton_supported()[0], reason=f"FP8 GPU: {triton_supported()[1]}")
 def test_gpu_dispatch_measures_the_fp8_kernels():
     torch.manual_seed(0)
-    model = MLP([4096, 8192, 4096, 1]).cuda().bfloat16()
-    calib = [torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    model = MLP([2048, 4096, 2048, 1]).cuda().bfloat16()
+    calib = [torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     _, table = dispatch_model(model, calib, DispatchConfig(samples=512))
     big = table["layers"][0]
     assert {c["name"] for c in big["candidates"] if c["available"]} >= {"triton:row", "triton:block"}
