@@ -250,10 +250,12 @@ def campaign_table(agg: dict, source: str, segment: str, cfg: QualityConfig = Qu
     """The campaigns usable for ``(source, segment)``: arrays ``campaigns, q, p, n`` and the reports
     left out, by reason (``few_impressions``: the campaign has fewer than ``min_impressions`` in the
     log; ``no_impressions``: none at all; ``small_report``: measured on fewer than
-    ``min_report_impressions``)."""
+    ``min_report_impressions``; ``no_report``: campaigns in the log without a report for the segment)."""
     labelled = agg["labelled"].get(source, {}).get(segment, {})
     camps, q, p, n = [], [], [], []
-    skipped = {"no_impressions": 0, "few_impressions": 0, "small_report": 0}
+    # campaigns seen in the log with no report for this segment cannot enter the fit: counted too
+    skipped = {"no_report": sum(1 for c in agg["impressions"] if segment not in agg["truth"].get(c, {})),
+               "no_impressions": 0, "few_impressions": 0, "small_report": 0}
     for c in sorted(agg["truth"]):
         report = agg["truth"][c].get(segment)
         if report is None:

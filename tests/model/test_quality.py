@@ -136,7 +136,9 @@ def test_thin_campaigns_and_missing_reports_are_counted_not_dropped():
     agg["truth"]["c_ghost"] = {"g": [0.5, 100, 2.0]}  # a report for a campaign never seen
     agg["truth"]["c0"]["other"] = [0.5, 100, 2.0]  # a segment no source labels
     t = campaign_table(agg, "s", "g", QualityConfig())
-    assert t["skipped"] == {"no_impressions": 1, "few_impressions": 1, "small_report": 0}
+    agg["impressions"]["c_unmeasured"] = 500  # a campaign without any truth report
+    t = campaign_table(agg, "s", "g", QualityConfig())
+    assert t["skipped"] == {"no_report": 1, "no_impressions": 1, "few_impressions": 1, "small_report": 0}
     rep = assess(agg, QualityConfig(bootstrap=50))
     assert rep["sources"][0]["campaigns"] == 5
     assert rep["truth"]["segments_without_source"] == ["other"]
