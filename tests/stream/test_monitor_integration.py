@@ -27,7 +27,7 @@ def _get(port: int, path: str) -> tuple[str, str]:
 
 def test_monitor_worker_serves_metrics_that_prometheus_can_parse(broker, start_worker, tmp_path):
     path = tmp_path / "events.jsonl"
-    write_log(GenerateConfig(users=300, days=3, seed=4), str(path))
+    write_log(GenerateConfig(users=200, days=2.5, seed=4), str(path))
     records = read_log(str(path))
     fm = start_worker("w1")  # role all: ingest and the FM stage
     mon = start_worker("mon", ready=False, extra=("--role", "monitor"))
@@ -37,7 +37,14 @@ def test_monitor_worker_serves_metrics_that_prometheus_can_parse(broker, start_w
         assert time.monotonic() < deadline and fm.proc.poll() is None, fm.tail()
         time.sleep(0.5)
     counts = fm.view("/fm/")["counts"]
-    want_rows = counts["examples"] if "model.scores" in TOPICS else 0
+    want_rows = counts["examples"] if "model.scores" in TOPICS else 0  # the FM stage's rows
+    vm_models = set()
+    if fm.view("/vm/") is not None:  # role all trains the VMs too: their rows come for the same ids
+        while (fm.view("/vm/") or {}).get("examples") != counts["augmented"]:
+            assert time.monotonic() < deadline and fm.proc.poll() is None, fm.tail()
+            time.sleep(0.5)
+        want_rows += counts["augmented"]
+        vm_models = set(fm.view("/vm/")["models"])
     while True:  # the monitor has read every augmented example (and score row)
         assert time.monotonic() < deadline and mon.proc.poll() is None, mon.tail()
         s = (mon.view("/drift") or {}).get("summary") or {}
@@ -55,7 +62,7 @@ def test_monitor_worker_serves_metrics_that_prometheus_can_parse(broker, start_w
     assert all(v >= 0 for v in psi.values())
     if want_rows:
         models = {x.labels["model"] for x in fams["loopline_model_ne"].samples}
-        assert {"fm", "lr"} <= models
+        assert {"fm", "lr"} | vm_models <= models
         auc = {x.labels["model"]: x.value for x in fams["loopline_model_auc"].samples}
         assert 0 < auc["fm"] <= 1
 
