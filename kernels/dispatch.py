@@ -2,8 +2,8 @@
 machine, else high precision; the decision table, and the module that serves it.
 
 Public surface: ``DispatchConfig``, ``Candidate``, ``CANDIDATES``, ``DispatchLinear``, ``dispatch_model``,
-``decide_layer``, ``apply_table``, ``save_table``, ``load_table``, ``median_timer``, ``TABLE_KEY``,
-``HIGH_PRECISION``.
+``decide_layer``, ``apply_table``, ``save_table``, ``load_table``, ``median_timer``, ``interleaved_timer``,
+``device_name``, ``hp_dtype``, ``TABLE_KEY``, ``HIGH_PRECISION``.
 
 The rule (static, decided once per model version, as LoKA does for inference):
 
@@ -64,14 +64,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .fp8_gemm import (reference_fp8_gemm, scaled_mm_fp8_gemm, scaled_mm_supported, triton_fp8_gemm,
-                       triton_supported)
+from .fp8_gemm import scaled_mm_fp8_gemm, scaled_mm_supported, triton_fp8_gemm, triton_supported
 from .probe import Probe, ProbeConfig, mere
-from .quant import QTensor, dequantize, quantize
+from .quant import dequantize, quantize
 
 __all__ = ["DispatchConfig", "Candidate", "CANDIDATES", "DispatchLinear", "dispatch_model", "decide_layer",
-           "apply_table", "save_table", "load_table", "median_timer", "interleaved_timer", "TABLE_KEY", "HIGH_PRECISION",
-           "device_name", "hp_dtype"]
+           "apply_table", "save_table", "load_table", "median_timer", "interleaved_timer", "TABLE_KEY",
+           "HIGH_PRECISION", "device_name", "hp_dtype"]
 
 TABLE_KEY = "fp8_dispatch"  # where the table sits inside a model snapshot dict
 HIGH_PRECISION = "high_precision"

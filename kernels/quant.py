@@ -13,10 +13,10 @@ An all-zero group gets a tiny positive scale (its elements quantize to exactly 0
 
 The recipes (``recipe`` names the pair used on the two GEMM operands; ``role`` picks the side):
 
-    recipe   activations (M, K)              weights (N, K), nn.Linear layout     scale shapes
-    tensor   one scale                       one scale                           ()      / ()
-    row      one per row (per token)         one per output channel              (M, 1)  / (N, 1)
-    block    1 x 128 along K                 128 x 128                           (M, ceil(K/128)) / (ceil(N/128), ceil(K/128))
+    recipe   activations (M, K)         weights (N, K), nn.Linear layout   scale shapes (act / weight)
+    tensor   one scale                  one scale                          () / ()
+    row      one per row (per token)    one per output channel             (M, 1) / (N, 1)
+    block    1 x 128 along K            128 x 128                          (M, ceil(K/128)) / (ceil(N/128), ceil(K/128))
 
 Rounding error: e4m3 keeps 3 mantissa bits, so a normal value is off by at most 2**-4 (6.25%) of
 itself, and values far below the group's amax lose more (subnormals start at 2**-6 * s). Finer
