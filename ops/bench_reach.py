@@ -10,7 +10,8 @@ Public surface: ``bench_reach``, ``population``, ``random_queries``.
 * **Past data**: the strata are learned from a uniform 5% sample of a *second*, independent draw of
   the population (the previous period), weighted by 1/0.05; workload: every value and pair of values.
 * **Samples of the same memory**: ours (learned strata, Neyman allocation with the floor
-  ``min_per_stratum``, fall-back) with ``sample_share`` of the users (2%); uniform (one stratum, same
+  ``min_per_stratum``, fall-back) with ``sample_share`` of the users (2%), and the same sample answered
+  without either fall-back (``ours_no_fallback``, an ablation); uniform (one stratum, same
   number of users); proportional (our strata, ``n_h`` proportional to ``N_h``, no fall-back); theta
   sketches sized to our sample's bytes. All built from the same hashes.
 * **Queries**: random conjunctions of 1 to 3 predicates (``=``, ``in``, ``not``, ``!=``) on distinct
@@ -153,20 +154,23 @@ def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_mi
             _progress(f"  workers hold {a['sample_users']:,} users after {time.perf_counter() - t0:.1f}s; timing")
             for text in texts[:20]:  # warm-up: the frozen samples are built on first use
                 ask_workers(urls, text, timeout=5.0, n_min=n_min)
-            times, partial = [], 0
+            times, partial, server = [], 0, []
             for _ in range(repeats):
                 for text in texts:
                     t = time.perf_counter()
                     a = ask_workers(urls, text, timeout=5.0, n_min=n_min)
                     times.append(time.perf_counter() - t)
                     partial += a["partial"]
+                    server.append(max(v for v in a["worker_ms"].values() if v is not None))
         finally:
             for w in workers:
                 w.stop()
             broker.stop()
     ms = np.array(times) * 1000
     return {"workers": 2, "sample_users": int(a["sample_users"]), "queries": len(times), "partial_answers": partial,
-            "p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
+            "p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3),
+            "slower_worker_compute_p50": round(float(np.percentile(server, 50)), 3),
+            "slower_worker_compute_p99": round(float(np.percentile(server, 99)), 3)}
 
 
 def _pct(xs, q) -> float | None:
@@ -177,7 +181,7 @@ def _progress(msg: str) -> None:
     print(f"bench reach: {msg}", file=sys.stderr, flush=True)
 
 
-def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: int = 60, candidates: int = 4000,
+def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: int = 200, candidates: int = 4000,
                 min_per_stratum: int = 30, max_strata: int = 64, latency_users: int = 100_000, repeats: int = 3,
                 seed: int = 0, out_path: str | None = "bench-reach.json", http_workers: bool = True) -> dict:
     """Run the benchmark; write and return its JSON."""
@@ -236,6 +240,7 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
 
     methods = {
         "ours": lambda q: answer(ours, q, min_per_stratum),
+        "ours_no_fallback": lambda q: answer(ours, q, 0, composite=False),
         "uniform": lambda q: answer(uniform, q, 0),
         "proportional": lambda q: answer(proportional, q, 0),
         "theta": theta.answer,
@@ -265,7 +270,7 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
             done += 1
             if done % 50 == 0:
                 rate = done / (time.perf_counter() - t0)
-                _progress(f"  answered {done}/{total_q} queries x 4 methods, {rate:.0f}/s, "
+                _progress(f"  answered {done}/{total_q} queries x {len(methods)} methods, {rate:.0f}/s, "
                           f"ETA {(total_q - done) / rate:.0f}s")
         results[name] = {"queries": len(qs), "ours_fallback_share": round(fallbacks / len(qs), 3) if qs else None}
         for m, p in per.items():

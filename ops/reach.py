@@ -94,6 +94,9 @@ def samples_from_log(path: str, partitions: int, cfg, progress: bool = False) ->
     return [s.snapshot() for s in samplers]
 
 
+_POOL = None  # threads for the fan-out, kept between calls
+
+
 def ask_workers(urls: list[str], query: str, timeout: float = 2.0, n_min: int = 30) -> dict:
     """Fan a query out to every worker's ``/reach`` and merge; partial (and saying so) when a worker
     does not answer within ``timeout`` seconds."""
@@ -117,15 +120,20 @@ def ask_workers(urls: list[str], query: str, timeout: float = 2.0, n_min: int = 
         except (OSError, ValueError) as exc:
             return url, None, f"no answer ({getattr(exc, 'reason', exc)})"
 
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(urls):
+        _POOL = ThreadPoolExecutor(max_workers=max(8, len(urls)), thread_name_prefix="loopline-reach")
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
-        results = list(pool.map(one, urls))
+    futures = [_POOL.submit(one, u) for u in urls]  # each bounded by its own timeout: never a hang
+    results = [f.result() for f in futures]
     workers, parts, answered, total = {}, [], set(), 0
+    worker_ms = {}
     for url, body, err in results:
         if err is not None or body is None or "stats" not in body:
             workers[url] = err or "bad answer"
             continue
         workers[url] = "ok"
+        worker_ms[url] = body.get("worker_ms")
         parts.append(body["stats"])
         answered.update(body["partitions"])
         total = max(total, int(body.get("partitions_total", 0)))
@@ -134,7 +142,7 @@ def ask_workers(urls: list[str], query: str, timeout: float = 2.0, n_min: int = 
     down = [u for u, s in workers.items() if s != "ok"]
     out = finish(merged, q.text)
     out.update({"partial": bool(down or missing or not parts), "workers": workers,
-                "partitions": sorted(answered), "missing_partitions": missing,
+                "partitions": sorted(answered), "missing_partitions": missing, "worker_ms": worker_ms,
                 "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)})
     return out
 

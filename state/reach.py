@@ -27,7 +27,20 @@ so impressions are ``sum y_u / pi_min(u)`` over those users. The answer is a sum
 strata), and so are the variances; the interval is ``estimate +- 1.96 sd``, its lower end at least what
 the sample saw.
 
-**Fuzzy fall-back.** A stratum that holds fewer than ``n_min`` sampled users (and is not a census) gives
+**Fuzzy fall-back**, in two forms, both listed in the answer (``fallback``, ``fallback_strata``).
+
+*Few matches* (the common case: a small segment). In a stratum where fewer than ``n_min`` sampled
+users match, the direct estimate is mixed with a synthetic one: the stratum's size times the rate, over
+the whole sample, of the query's *residual* once the stratum's own attribute values are put in (for
+``geo = IS and interest = golf`` in a stratum ``geo = IS``: the rate of ``interest = golf``; a stratum
+the query excludes stays at 0). The weights are the two estimates' mean squared errors: the direct
+one's variance (evaluated at the synthetic rate, so no match is not taken as certainty), the synthetic
+one's squared bias estimated from the gap between the two and never below ``SYNTHETIC_REL_BIAS`` of
+it (the borrowed rate assumes the residual attributes are distributed in the stratum as in the whole
+sample, which a stratum where they are not shows by a gap larger than its noise). The interval uses
+the mixture's mean squared error.
+
+*A thin stratum.* A stratum that holds fewer than ``n_min`` sampled users (and is not a census) gives
 an unreliable match rate. Its rate is then shrunk towards the rate of its nearest coarser stratum (the
 path less its last attribute, then less another, until one holds ``n_min`` users):
 ``p = (n p_direct + a p_parent) / (n + a)``, ``a = n_min - n``. The parent's rate is measured on the
@@ -342,6 +355,27 @@ class Sample:
             self._pre = (base, per_row)
         return self._pre
 
+    def known_values(self) -> list[dict]:
+        """Per stratum, the attribute values its path fixes (``*`` groups fix nothing)."""
+        if getattr(self, "_known", None) is None:
+            self._known = [{a: v for a, v in path_of(k) if v != "*"} for k in self.keys]
+        return self._known
+
+    def synthetic_rows(self) -> tuple[dict, np.ndarray, list]:
+        """The rows the fuzzy fall-back measures residual rates on: every row, or a systematic subsample
+        of ``SYNTHETIC_ROWS`` of them (rows are grouped by stratum, so every stratum keeps its share);
+        their columns, their per-row terms (users weight, impressions weight x impressions, the same x
+        impressions) and totals (users weight, impressions weight, rows)."""
+        if getattr(self, "_synth", None) is None:
+            step = max(1, -(-self.n // SYNTHETIC_ROWS))
+            take = np.arange(0, self.n, step)
+            cols = {a: c[take] for a, c in self.cols.items()} if step > 1 else self.cols
+            y = self.imps[take].astype(np.float64)
+            wu, wi = self.w_users[take], self.w_imps[take]
+            rows = np.stack([wu, wi * y, wi * y * y])
+            self._synth = (cols, rows, [float(wu.sum()), float(wi.sum()), float(len(take))])
+        return self._synth
+
     def describe(self) -> dict:
         return {"sampled_users": self.n, "population_estimate": round(float(self.w_users.sum())),
                 "strata": len(self.keys), "bytes": self.nbytes,
@@ -416,8 +450,9 @@ def _q(query) -> Query:
     return query if isinstance(query, Query) else parse_query(query)
 
 
-def query_stats(sample: Sample, query, n_min: int = 30) -> dict:
-    """Per-stratum sums for ``query`` (text or parsed), additive over partitions (:func:`merge_stats`)."""
+def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) -> dict:
+    """Per-stratum sums for ``query`` (text or parsed), additive over partitions (:func:`merge_stats`).
+    ``composite=False`` leaves out the sums of the fuzzy fall-back for strata with few matches."""
     q = _q(query)
     K = len(sample.keys)
     base, per_row = sample.precomputed()
@@ -435,13 +470,61 @@ def query_stats(sample: Sample, query, n_min: int = 30) -> dict:
     # the _FIELDS order: n, nw, vn | m, u, vu, i, vi | nwi | i2, y
     sums = np.column_stack([base[0], base[1], base[2], *matched[:5], base[3], matched[5], matched[6]])
     stats = {sample.keys[h]: sums[h].tolist() for h in range(K) if sums[h, 0] > 0}
+    residual, synthetic = _synthetic(sample, q, base, per_row) if composite else ({}, {})
     borrow: dict = {}
     thin = [h for h in range(K) if 0 < sums[h, 0] < n_min and sums[h, 1] > sums[h, 0] * (1 + 1e-9) + 1e-9]
     if thin:
         paths = [path_of(k) for k in sample.keys]
         for h in thin:
             borrow[sample.keys[h]] = _borrow(sample, q, h, paths, n_min)
-    return {"strata": stats, "borrow": borrow, "n_min": n_min}
+    return {"strata": stats, "borrow": borrow, "n_min": n_min, "residual": residual, "synthetic": synthetic}
+
+
+_UNKNOWN = object()
+
+
+def _partial(node: tuple, known: dict):
+    """``node`` with the attributes in ``known`` (attr -> value) substituted: True, False, or the
+    residual tree over the other attributes."""
+    kind = node[0]
+    if kind == "in":
+        v = known.get(node[1], _UNKNOWN)
+        return node if v is _UNKNOWN else v in node[2]
+    if kind == "not":
+        c = _partial(node[1], known)
+        return (not c) if isinstance(c, bool) else ("not", c)
+    if kind in ("and", "or"):
+        out = []
+        for sub in node[1]:
+            c = _partial(sub, known)
+            if isinstance(c, bool):
+                if c == (kind == "or"):
+                    return c
+                continue
+            out.append(c)
+        if not out:
+            return kind == "and"
+        return out[0] if len(out) == 1 else (kind, tuple(out))
+    return True
+
+
+def _synthetic(sample: Sample, q: Query, base: np.ndarray, per_row: np.ndarray) -> tuple[dict, dict]:
+    """For every stratum, the query's residual once the stratum's own attribute values are put in
+    (``residual``: stratum key -> residual key), and for every residual its weighted match sums over
+    the whole sample (``synthetic``): what the fuzzy fall-back borrows for strata with few matches."""
+    residual, synthetic = {}, {}
+    cols, rows, tot = sample.synthetic_rows()
+    for key, known in zip(sample.keys, sample.known_values()):
+        r = _partial(q.tree, known)
+        if isinstance(r, bool):
+            continue
+        rk = repr(r)
+        residual[key] = rk
+        if rk not in synthetic:
+            m = evaluate(r, cols, sample.vocab)
+            synthetic[rk] = [tot[0], float(rows[0][m].sum()), tot[1], float(rows[1][m].sum()),
+                             float(rows[2][m].sum()), tot[2]]
+    return residual, synthetic
 
 
 def _borrow(sample: Sample, q: Query, h: int, paths: list, n_min: int) -> dict:
@@ -478,18 +561,25 @@ def merge_stats(parts: list[dict]) -> dict:
     """Add the sums of several partitions or workers."""
     strata: dict = {}
     borrow: dict = {}
+    residual: dict = {}
+    synthetic: dict = {}
     n_min = None
     for p in parts:
         n_min = p["n_min"] if n_min is None else n_min
         for k, v in p["strata"].items():
             cur = strata.get(k)
             strata[k] = list(v) if cur is None else [a + b for a, b in zip(cur, v)]
+        residual.update(p.get("residual", {}))
+        for k, v in p.get("synthetic", {}).items():
+            cur = synthetic.get(k)
+            synthetic[k] = list(v) if cur is None else [a + b for a, b in zip(cur, v)]
         for k, depths in p["borrow"].items():
             tgt = borrow.setdefault(k, {})
             for d, v in depths.items():
                 cur = tgt.get(d)
                 tgt[d] = list(v) if cur is None else [a + b for a, b in zip(cur, v)]
-    return {"strata": strata, "borrow": borrow, "n_min": n_min if n_min is not None else 30}
+    return {"strata": strata, "borrow": borrow, "n_min": n_min if n_min is not None else 30,
+            "residual": residual, "synthetic": synthetic}
 
 
 def finish(stats: dict, query_text: str | None = None) -> dict:
@@ -532,6 +622,15 @@ def finish(stats: dict, query_text: str | None = None) -> dict:
             var_u += nw * nw * p * (1 - p) / (n + a) + p * p * f["vn"]
             imps += nw * r
             var_i += nw * nw * max(r2 - r * r, 0.0) / (n + a) + r * r * f["vn"]
+        elif f["m"] < n_min and f["vn"] > 1e-12 and stats.get("residual", {}).get(key) in stats.get("synthetic", {}):
+            sy = stats["synthetic"][stats["residual"][key]]
+            eu, vu_, ei, vi_, moved = _composite(f, sy)
+            if moved:
+                fallback.append(key)
+            users += eu
+            var_u += vu_
+            imps += ei
+            var_i += vi_
         else:
             users += f["u"]
             var_u += f["vu"]
@@ -556,6 +655,34 @@ def finish(stats: dict, query_text: str | None = None) -> dict:
     return out
 
 
+SYNTHETIC_ROWS = 20_000  # residual rates are measured on at most this many rows (a systematic subsample)
+SYNTHETIC_REL_BIAS = 0.5  # the borrowed rate is always allowed this much relative bias (bench reach: coverage vs error)
+
+
+def _composite(f: dict, sy: list) -> tuple[float, float, float, float, bool]:
+    """A stratum with few matches: the direct estimate mixed with the synthetic one (the stratum's
+    size times the residual query's rate over the whole sample), weighted by their mean squared
+    errors (the synthetic's bias estimated from the gap between the two, and at least
+    ``SYNTHETIC_REL_BIAS``). Returns users, its variance, impressions, its variance, and whether the
+    synthetic part counted."""
+    sw, su, swi, sy1, sy2, sn = sy
+    n, nw, nwi = f["n"], f["nw"], f["nwi"]
+    out = []
+    for direct, v_dir, size, rate, rate2 in ((f["u"], f["vu"], nw, su / sw if sw > 0 else 0.0, None),
+                                             (f["i"], f["vi"], nwi, sy1 / swi if swi > 0 else 0.0,
+                                              sy2 / swi if swi > 0 else 0.0)):
+        second = rate if rate2 is None else rate2  # E[x^2] of the per-user value (match, or impressions)
+        synth = size * rate
+        v_model = size * size * max(second - rate * rate, 0.0) / n + rate * rate * f["vn"]
+        v_d = max(v_dir, v_model)  # no matches here does not mean no variance
+        v_syn = size * size * max(second - rate * rate, 0.0) / max(sn, 1.0)
+        mse_s = max((direct - synth) ** 2 - v_d, (SYNTHETIC_REL_BIAS * synth) ** 2) + v_syn
+        phi = mse_s / (mse_s + v_d) if mse_s + v_d > 0 else 1.0
+        out.append((phi * direct + (1 - phi) * synth, phi * phi * v_d + (1 - phi) ** 2 * mse_s, phi < 0.999))
+    (eu, vu_, mu), (ei, vi_, mi) = out
+    return eu, vu_, ei, vi_, mu or mi
+
+
 def _chi2(p_z: float, k: float) -> float:
     """Wilson-Hilferty approximation of the chi-square quantile with ``k`` degrees of freedom at the
     normal quantile ``p_z``."""
@@ -576,10 +703,10 @@ def _interval(est: float, var: float, w0: float) -> tuple[float, float]:
     return float(scale * _chi2(-Z95, 2 * m) / 2), float(scale * _chi2(Z95, 2 * m + 2) / 2)
 
 
-def answer(sample: Sample, query, n_min: int = 30) -> dict:
+def answer(sample: Sample, query, n_min: int = 30, composite: bool = True) -> dict:
     """The answer of one sample (a partition, or several merged) to ``query``."""
     q = _q(query)
-    return finish(query_stats(sample, q, n_min), q.text)
+    return finish(query_stats(sample, q, n_min, composite), q.text)
 
 
 # -- the bulk builder and the comparison baselines -------------------------------------------------------
