@@ -170,3 +170,31 @@ def test_force_serves_a_candidate_regardless_of_speed_for_quality_studies():
     _, strict = dispatch_model(_model(), _calib(), DispatchConfig(force="emulated:row", threshold=1e-6, samples=256),
                                timer=_timer({"emulated:row": 10.0}))
     assert all(r["choice"] == HIGH_PRECISION for r in strict["layers"])
+
+
+def test_forcing_fp8_on_every_layer_of_a_trained_model_keeps_its_auc():
+    from loopline.model.metrics import auc
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(32, generator=g)
+
+    def data(n):
+        x = torch.randn(n, 32, generator=g)
+        y = (torch.rand(n, generator=g) < torch.sigmoid(x @ w_true / 3 + torch.sin(3 * x[:, 0]) - 1.5)).float()
+        return x, y
+    (xtr, ytr), (xte, yte) = data(8192), data(8192)
+    model = MLP([32, 128, 64, 1])
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    for i in range(0, 2 * len(xtr), 256):
+        j = i % len(xtr)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(xtr[j:j + 256]).squeeze(-1), ytr[j:j + 256])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p32 = model(xte).squeeze(-1).numpy()
+        served, table = dispatch_model(model, [xtr[:512]], DispatchConfig(force="emulated:row", samples=256, repeats=2))
+        p8 = served(xte).squeeze(-1).numpy()
+    assert table["summary"]["fp8"] == 3
+    a32, a8 = auc(p32, yte.numpy()), auc(p8, yte.numpy())
+    assert a32 > 0.75 and abs(a8 - a32) < 0.001, (a32, a8)
