@@ -112,6 +112,7 @@ def _compile_for_sm90(scale_mode: int, norm: bool, act: int, block: tuple) -> di
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction  # not triton.jit: that is the interpreter under TRITON_INTERPRET=1
 
     from loopline.kernels import fp8_gemm
 
@@ -127,7 +128,7 @@ def _compile_for_sm90(scale_mode: int, norm: bool, act: int, block: tuple) -> di
     aligned = ["a_ptr", "w_ptr", "out_ptr", "sa_ptr", "sw_ptr", "bias_ptr", "M", "N", "K", "stride_am", "stride_wn",
                "stride_om"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    k = triton.compile(ASTSource(fn=triton.jit(body), signature=sig, constexprs=consts, attrs=attrs),
+    k = triton.compile(ASTSource(fn=JITFunction(body), signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
     return {"ptx": k.asm["ptx"], "shared": k.metadata.shared}
 
