@@ -184,18 +184,23 @@ class DispatchConfig:
     seed: int = 0
     force: str | None = None  # quality studies only: this candidate wherever its MERE passes, whatever its speed
 
-
     def __post_init__(self):
         from loopline.state.errors import ConfigError
         if not 0 < self.threshold:
             raise ConfigError(f"threshold: must be > 0, got {self.threshold}")
         if self.min_speedup <= 0:
             raise ConfigError(f"min_speedup: must be > 0, got {self.min_speedup}")
-        unknown = (set(self.candidates or ()) | ({self.force} if self.force else set())) - set(CANDIDATES)
+        unknown = set(self.candidates or ()) - set(CANDIDATES)
         if unknown:
             raise ConfigError(f"candidates: unknown {sorted(unknown)}; known {sorted(CANDIDATES)}")
-        if self.samples < 2 or self.repeats < 1 or (self.rows is not None and self.rows < 1):
-            raise ConfigError("samples: needs >= 2 (and repeats >= 1, rows >= 1)")
+        if self.force is not None and self.force not in CANDIDATES:
+            raise ConfigError(f"force: unknown {self.force!r}; known {sorted(CANDIDATES)}")
+        if self.samples < 2:
+            raise ConfigError(f"samples: must be >= 2, got {self.samples}")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats: must be >= 1, got {self.repeats}")
+        if self.rows is not None and self.rows < 1:
+            raise ConfigError(f"rows: must be >= 1, got {self.rows}")
 
 
 def _inputs(probe: Probe | None, name: str, K: int, cfg: DispatchConfig) -> dict:

@@ -148,6 +148,10 @@ def test_bad_config_names_the_field():
         DispatchConfig(candidates=("cutlass:row",))
     with pytest.raises(ConfigError, match="^threshold"):
         DispatchConfig(threshold=0)
+    with pytest.raises(ConfigError, match="^force"):
+        DispatchConfig(force="emulated:fp4")
+    with pytest.raises(ConfigError, match="^rows"):
+        DispatchConfig(rows=0)
 
 
 @pytest.mark.skipif(not triton_supported()[0], reason=f"FP8 GPU: {triton_supported()[1]}")
