@@ -21,7 +21,9 @@ carry it.
 * Numeric: PSI on ``bins`` quantile bins of the reference window. Values go into a KLL sketch
   (datasketches; bounded memory, rank error about 1.7% at k=200), the reference's quantiles are the
   bin edges (equal edges merge, so a feature with few distinct values gets a bin per value), and the
-  sketches' PMFs give the two distributions.
+  sketches' PMFs give the two distributions. KLL compacts at random, so a numeric PSI is within the
+  sketch's error but not bit-identical between two runs over the same examples (categorical figures
+  are exact).
 * Labels: the positive rate of each window, its difference from the reference's and a pooled
   two-proportion z score.
 

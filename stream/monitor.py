@@ -14,7 +14,8 @@ beside the vm role. Two views, on 127.0.0.1 like every view:
 
 On start the agent reads both topics from the beginning with its own consumer (as the fm role
 does) and skips what it has already fed by offset, so a restarted monitor ends with the figures of
-one that never stopped, as long as the topics still hold the history. Detectors see rows in arrival
+one that never stopped (numeric PSI within its sketch's error), as long as the topics still hold
+the history (an integration test restarts it). Detectors see rows in arrival
 order (partitions interleave), not ``evaluate``'s label-time order, so their alarms can differ from a
 replay's by a few rows; the windowed figures do not depend on the order.
 
