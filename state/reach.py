@@ -356,9 +356,17 @@ class Sample:
         return self._pre
 
     def known_values(self) -> list[dict]:
-        """Per stratum, the attribute values its path fixes (``*`` groups fix nothing)."""
+        """Per stratum, the attribute values its path fixes, and for a ``*`` group the frozenset of
+        the values its named siblings took."""
         if getattr(self, "_known", None) is None:
-            self._known = [{a: v for a, v in path_of(k) if v != "*"} for k in self.keys]
+            paths = [path_of(k) for k in self.keys]
+            named: dict = {}
+            for p in paths:
+                for d, (a, v) in enumerate(p):
+                    if v != "*":
+                        named.setdefault((repr(p[:d]), a), set()).add(v)
+            self._known = [{a: v if v != "*" else frozenset(named.get((repr(p[:d]), a), ()))
+                            for d, (a, v) in enumerate(p)} for p in paths]
         return self._known
 
     def synthetic_rows(self) -> tuple[dict, np.ndarray, list]:
@@ -484,11 +492,13 @@ _UNKNOWN = object()
 
 
 def _partial(node: tuple, known: dict):
-    """``node`` with the attributes in ``known`` (attr -> value) substituted: True, False, or the
-    residual tree over the other attributes."""
+    """``node`` with the attributes in ``known`` substituted (attr -> its value, or the frozenset of
+    values it is known not to have): True, False, or the residual tree over the other attributes."""
     kind = node[0]
     if kind == "in":
         v = known.get(node[1], _UNKNOWN)
+        if isinstance(v, frozenset):  # a "*" group: none of these values
+            return False if v.issuperset(node[2]) else node
         return node if v is _UNKNOWN else v in node[2]
     if kind == "not":
         c = _partial(node[1], known)
