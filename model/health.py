@@ -12,8 +12,9 @@ roles, so new models show up by themselves.
 * **Windows.** Rows go into tumbling event-time windows by ``ts`` (the impression's time, as in
   ``model/drift.py``), merged by example id, so every model of a window is measured on the examples
   it scored. Each window gives :class:`~loopline.model.metrics.BinaryMetrics`' figures per model (NE
-  against the window's own label rate). The newest ``keep_windows`` windows keep their predictions;
-  older ones keep only their figures.
+  against the window's own label rate). The newest ``keep_windows`` windows keep their predictions
+  (memory: a few windows of examples); older ones keep only their figures, the newest
+  ``max_windows`` of them; a row for a window already closed counts in the overall figures only.
 * **Overall** per model: n, log loss, NE, calibration from running sums (constant memory; AUC needs
   the predictions, so it is per window only).
 * **Transfer ratio** per window, for every ``vm:X`` beside ``vm:base`` and ``fm``, on the examples all
@@ -63,7 +64,8 @@ def _entropy(rate: float) -> float:
 class HealthConfig:
     window_s: float = 86400.0  # tumbling event-time windows (by the example's ts)
     origin: float = 0.0  # windows start at origin + k * window_s
-    keep_windows: int = 90  # windows that keep their predictions; older ones keep their figures only
+    keep_windows: int = 3  # newest windows that keep their predictions (labels arrive up to a window late)
+    max_windows: int = 90  # windows whose figures are kept (the newest)
     min_window_examples: int = 50  # a model with fewer examples in a window gets no figures there
     fm: str = "fm"  # the transfer ratio's three roles
     base: str = "vm:base"
@@ -77,7 +79,7 @@ class HealthConfig:
     def __post_init__(self):
         if not (isinstance(self.window_s, (int, float)) and math.isfinite(self.window_s) and self.window_s > 0):
             raise ConfigError(f"window_s: must be a positive number of seconds, got {self.window_s!r}")
-        for name in ("keep_windows", "min_window_examples", "max_alarms"):
+        for name in ("keep_windows", "max_windows", "min_window_examples", "max_alarms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
@@ -110,7 +112,8 @@ class ModelHealth:
             scores = row.get("scores") or {}
             y = int(row["label"])
             k = cfg.window_of(float(row["ts"]))
-            if k not in self._closed:
+            late = k not in self._open and len(self._open) >= cfg.keep_windows and k < min(self._open)
+            if k not in self._closed and not late:
                 win = self._open.get(k)
                 if win is None:
                     win = self._open[k] = {}
@@ -147,6 +150,8 @@ class ModelHealth:
             for k in sorted(self._open)[:extra]:
                 self._closed[k] = self._cache.pop(k, None) or self._figures(k, self._open.pop(k))
                 self._open.pop(k, None)
+            for k in sorted(self._closed)[:max(0, len(self._closed) + len(self._open) - self.cfg.max_windows)]:
+                del self._closed[k]
 
     def _figures(self, k: int, win: dict) -> dict:
         cfg = self.cfg

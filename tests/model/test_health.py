@@ -50,11 +50,18 @@ def test_windowed_metrics_equal_batch_metrics_over_the_same_rows():
 def test_old_windows_keep_their_figures_after_their_predictions_are_dropped():
     rng = np.random.default_rng(1)
     rows = _rows(rng, 2000, 0.0, 500.0, {"fm": 0.2})
-    full, bounded = ModelHealth(HealthConfig(window_s=100.0)), ModelHealth(HealthConfig(window_s=100.0, keep_windows=2))
+    full = ModelHealth(HealthConfig(window_s=100.0, keep_windows=100))
+    bounded = ModelHealth(HealthConfig(window_s=100.0, keep_windows=2))
     full.update(rows)
     bounded.update(rows)
     assert len(bounded._open) == 2
     assert bounded.report()["windows"] == full.report()["windows"]
+    few = ModelHealth(HealthConfig(window_s=100.0, keep_windows=2, max_windows=3))
+    few.update(rows)
+    assert few.report()["windows"] == full.report()["windows"][-3:]
+    few.update([dict(rows[0], id="late")])  # a row for a window long closed: overall figures only
+    assert few.report()["windows"] == full.report()["windows"][-3:]
+    assert few.report()["models"]["fm"]["n"] == len(rows) + 1
 
 
 def test_transfer_ratio_from_rows_of_separate_stages_joined_by_id():
