@@ -16,8 +16,10 @@ On start the agent reads both topics from the beginning with its own consumer (a
 does) and skips what it has already fed by offset, so a restarted monitor ends with the figures of
 one that never stopped (numeric PSI within its sketch's error), as long as the topics still hold
 the history (an integration test restarts it). Detectors see rows in arrival
-order (partitions interleave), not ``evaluate``'s label-time order, so their alarms can differ from a
-replay's by a few rows; the windowed figures do not depend on the order.
+order, sorted by label time within each batch (partitions interleave), not ``evaluate``'s exact
+order, so their alarms can differ from a replay's by a few rows; the windowed figures do not depend
+on the order as long as no partition lags the others by more than ``HealthConfig.keep_windows``
+windows.
 
 Metrics (all gauges unless named ``_total``; ``model`` and ``feature`` labels are whatever the
 stream carries):
@@ -121,6 +123,10 @@ class MonitorCollector:
         yield tr
 
 
+def _canonical(item: dict) -> tuple:
+    return (float(item.get("label_ts", item["ts"])), str(item.get("id", "")))
+
+
 def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConfig = MonitorConfig()) -> None:
     monitor = Monitor(monitor_cfg)
     registry = CollectorRegistry(auto_describe=False)
@@ -145,14 +151,17 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
             except orjson.JSONDecodeError:
                 continue  # not ours to judge: these topics are written by Loopline's own stages
             (examples if topic == "examples.augmented" else rows).append(item)
-        monitor.observe_examples(examples)
-        monitor.observe_scores(rows)
+        # canonical order (label time, id) within what arrived together: a catch-up reads whole
+        # partitions one after another, and the health windows only keep the newest few open
+        monitor.observe_examples(sorted(examples, key=_canonical))
+        monitor.observe_scores(sorted(rows, key=_canonical))
 
     @app.agent(source, name="monitor")
     async def monitor_agent(stream):
-        for topic in inputs:  # catch up from the beginning, whatever the group has committed
-            msgs = await read_topic(cfg.broker, topic, cfg.partitions)
-            handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
+        msgs = []  # catch up from the beginning, whatever the group has committed
+        for topic in inputs:
+            msgs += await read_topic(cfg.broker, topic, cfg.partitions)
+        handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
         state["ready"] = True
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
             handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
