@@ -47,6 +47,7 @@ def reach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers (then: partial)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the audience topic")
     p.add_argument("--app-id", default="loopline", help="with --broker: the workers' app id")
+    p.add_argument("--worker-role", default="reach", choices=["reach", "all"], help="with --broker: the workers' role")
     p.add_argument("--sample-users", type=int, default=d.sample_users, help="per partition and epoch")
     p.add_argument("--epoch", type=float, default=d.epoch_s, help="epoch length, seconds of event time")
     p.add_argument("--horizon", type=int, default=d.horizon_epochs, help="epochs in the horizon")
@@ -148,7 +149,7 @@ def ask_workers(urls: list[str], query: str, timeout: float = 2.0, n_min: int = 
 
 
 async def ask_stream(bootstrap: str, query: str, partitions: int, app_id: str = "loopline",
-                     timeout: float = 10.0) -> dict:
+                     timeout: float = 10.0, role: str = "reach") -> dict:
     """Send ``query`` to every partition of ``reach.queries``; merge the partitions' shares read from
     the ``reach.answers`` table's changelog; partial after ``timeout`` seconds."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -159,7 +160,7 @@ async def ask_stream(bootstrap: str, query: str, partitions: int, app_id: str = 
     from loopline.stream.reach import changelog_topic
 
     q = parse_query(query)
-    topic = changelog_topic(WorkerConfig(broker=bootstrap, app_id=app_id, role="reach", partitions=partitions))
+    topic = changelog_topic(WorkerConfig(broker=bootstrap, app_id=app_id, role=role, partitions=partitions))
     qid = uuid.uuid4().hex
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
@@ -231,7 +232,8 @@ def run_reach(a) -> tuple[dict | None, list[dict] | None]:
 
             from .broker import parse_broker_url
             bootstrap = parse_broker_url(a.broker)
-            ask = lambda t: asyncio.run(ask_stream(bootstrap, t, a.partitions, a.app_id, a.timeout))  # noqa: E731
+            ask = lambda t: asyncio.run(ask_stream(bootstrap, t, a.partitions, a.app_id, a.timeout,  # noqa: E731
+                                                   a.worker_role))
         outs = [_safe(ask, t) for t in texts] if a.queries else [ask(texts[0])]
     else:
         if a.events:

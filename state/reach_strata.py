@@ -24,7 +24,8 @@ segments do not take everything). Two consequences:
   then samples at a much higher rate than the common ones.
 
 The default workload (no query log) is every single attribute value and every pair of values of two
-attributes seen in the past data; :func:`probe_scores` takes a list of past queries instead.
+attributes seen in the past data (pairs of attributes with more than ``MAX_PAIR_CELLS`` value
+combinations are left out); :func:`probe_scores` takes a list of past queries instead.
 
 A stratum is named by its path from the root, a JSON list of ``[attr, value]`` pairs (value ``"*"``:
 every value the siblings do not name, including a missing attribute); the parent of a stratum (its
@@ -121,6 +122,9 @@ def path_of(key: str) -> list:
     return orjson.loads(key)
 
 
+MAX_PAIR_CELLS = 1 << 20  # value pairs of two attributes counted at most (a pair table is this big)
+
+
 def probe_scores(cols: dict, values: dict, w: np.ndarray, queries: list | None = None,
                  vocab: dict | None = None, t_min_share: float = 1e-4) -> np.ndarray:
     """Each row's probe score ``r_i = sum over workload segments g containing it of 1 / T_g^2``.
@@ -145,6 +149,8 @@ def probe_scores(cols: dict, values: dict, w: np.ndarray, queries: list | None =
         r += 1.0 / (t[code] ** 2)
     for a, b in itertools.combinations(attrs, 2):
         vb = len(values[b]) + 1
+        if (len(values[a]) + 1) * vb > MAX_PAIR_CELLS:  # high-cardinality pairs: singles only
+            continue
         code = (cols[a] + 1) * vb + cols[b] + 1
         t = np.maximum(np.bincount(code, weights=w, minlength=(len(values[a]) + 1) * vb), t_min)
         r += 1.0 / (t[code] ** 2)
