@@ -1,7 +1,7 @@
 """The VM stage: one vertical model per (vertical, variant), trained continuously on the augmented examples.
 
-Public surface: ``VARIANTS``, ``DEFAULT_VARIANTS``, ``VMStageConfig``, ``VMStage``, ``parse_variants``,
-``transfer_ratio``, ``windowed_report``.
+Public surface: ``VARIANTS``, ``DEFAULT_VARIANTS``, ``VMStageConfig``, ``VMStage``, ``StepInbox``,
+``parse_variants``, ``transfer_ratio``, ``windowed_report``.
 
 Each augmented example (``examples.augmented``: an example, DAS's soft label or null, the FM step that
 produced it) goes to the VMs of its own vertical. Per micro-batch (one FM step's examples of a vertical):
@@ -32,8 +32,8 @@ from .metrics import BinaryMetrics
 from .pipeline import score_row
 from .vm import VMConfig, VMFeaturizer, VMLearner
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "VMStageConfig", "VMStage", "parse_variants", "transfer_ratio",
-           "windowed_report"]
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "VMStageConfig", "VMStage", "StepInbox", "parse_variants",
+           "transfer_ratio", "windowed_report"]
 
 _LOOP = {"history": "attention", "sequence": "fm"}
 VARIANTS = {
@@ -159,6 +159,51 @@ class VMStage:
             if len(y):
                 self.metrics[k].update(p, y)
         self.steps, self.examples = int(state["steps"]), int(state["examples"])
+
+
+class StepInbox:
+    """The vm role's clock. In ``loopline evaluate`` the VM stage runs right after each FM step, so when it
+    trains on step ``S`` the store holds the codes of steps ``<= S``. A vm worker receives the same
+    augmented examples and codes over several partitions in any interleaving; it holds them by FM step
+    and releases step ``S`` (codes first, then examples, both in canonical order) only once every input
+    partition has shown the mark ``fmstep:S`` that the fm role sends after a step's outputs. Steps at or
+    below ``done`` (already trained on before a restart) are dropped.
+
+    >>> box = StepInbox(["a/0", "a/1"])
+    >>> box.add_example({"id": "i1", "label_ts": 2.0, "fm_step": 0})
+    >>> box.mark("a/0", 0); box.ready()
+    []
+    >>> box.mark("a/1", 0); [(s, [e["id"] for e in exs]) for s, _, exs in box.ready()]
+    [(0, ['i1'])]
+    """
+
+    def __init__(self, inputs: list[str], done: int = -1):
+        self.marks = {k: -1 for k in inputs}
+        self.done = done
+        self._codes: dict[int, list] = {}
+        self._examples: dict[int, list] = {}
+
+    def add_example(self, ex: dict) -> None:
+        if ex["fm_step"] > self.done:
+            self._examples.setdefault(ex["fm_step"], {})[ex["id"]] = ex  # a re-sent copy replaces itself
+
+    def add_code(self, row: dict) -> None:
+        if row["step"] > self.done:
+            self._codes.setdefault(row["step"], {})[row["id"]] = row
+
+    def mark(self, key: str, step: int) -> None:
+        self.marks[key] = max(self.marks.get(key, -1), step)
+
+    def ready(self) -> list[tuple[int, list, list]]:
+        """``(step, codes, examples)`` for every complete step not yet released, in step order."""
+        upto = min(self.marks.values())
+        steps = sorted(s for s in set(self._codes) | set(self._examples) if s <= upto)
+        order = lambda r: (r["label_ts"], r["id"])  # noqa: E731 - the FM batch's own order
+        out = [(s, sorted(self._codes.pop(s, {}).values(), key=order),
+                sorted(self._examples.pop(s, {}).values(), key=order))
+               for s in steps]
+        self.done = max(self.done, upto)
+        return out
 
 
 def windowed_report(rows: list[dict], edges: list[float], key: str = "ts") -> list[dict]:

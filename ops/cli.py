@@ -77,6 +77,11 @@ def _broker(a) -> str:
     return parse_broker_url(a.broker)
 
 
+def _variants(text: str) -> tuple:
+    from loopline.model.verticals import parse_variants
+    return parse_variants(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loopline", description="Streaming online learning for ads.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -85,13 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9092)
 
     p = sub.add_parser("worker", help="a long-lived Faust worker")
-    p.add_argument("--role", default="all", help="all | ingest")
+    p.add_argument("--role", default="all", help="all | ingest | fm | vm | reach | monitor")
     p.add_argument("--broker", default="kafka://127.0.0.1:9092")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--data-dir", default=".loopline-data/worker")
     p.add_argument("--web-port", type=int, default=6066)
     p.add_argument("--app-id", default="loopline")
     p.add_argument("--grace", type=float, default=20.0, help="seconds to stop before the exit is forced")
+    p.add_argument("--variants", default="base,loopfm+kd", help="vm role: the VM variants trained (comma-separated)")
+    p.add_argument("--serve", default="loopfm+kd", help="vm role: the variant POST /score/ answers with")
     p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
     _attribution_args(p)
     p.add_argument("--reach-sample-users", type=int, default=20000, help="reach: sampled users per partition and epoch")
@@ -200,6 +207,7 @@ def _run(a) -> int:
         from .worker import run_worker
         cfg = WorkerConfig(broker=_broker(a), role=a.role, partitions=a.partitions, data_dir=a.data_dir,
                            web_port=a.web_port, app_id=a.app_id, attribution=_attribution_cfg(a),
+                           vm_variants=_variants(a.variants), vm_serve=a.serve,
                            loglevel=a.loglevel, reach=ReachConfig(sample_users=a.reach_sample_users,
                                                                   epoch_s=a.reach_epoch, horizon_epochs=a.reach_horizon))
         run_worker(cfg, grace_s=a.grace)
@@ -208,8 +216,8 @@ def _run(a) -> int:
         from .evaluate import evaluate_records, format_table
         vm_cfg = None
         if a.variants != "none" and not a.no_models:
-            from loopline.model.verticals import VMStageConfig, parse_variants
-            vm_cfg = VMStageConfig(variants=parse_variants(a.variants)) if a.variants else VMStageConfig()
+            from loopline.model.verticals import VMStageConfig
+            vm_cfg = VMStageConfig(variants=_variants(a.variants)) if a.variants else VMStageConfig()
         out = evaluate_records(_records(a), a.partitions, _attribution_cfg(a), progress=True,
                                models=not a.no_models, vm_cfg=vm_cfg, scores=bool(a.scores), split_ts=a.split_ts)
         if a.scores:
@@ -279,8 +287,8 @@ def _run(a) -> int:
         from .report import ReportConfig, run_report
         vm_cfg = None
         if a.variants != "none":
-            from loopline.model.verticals import VMStageConfig, parse_variants
-            vm_cfg = VMStageConfig(variants=parse_variants(a.variants)) if a.variants else VMStageConfig()
+            from loopline.model.verticals import VMStageConfig
+            vm_cfg = VMStageConfig(variants=_variants(a.variants)) if a.variants else VMStageConfig()
         out = run_report(_records(a), _attribution_cfg(a), a.out, ReportConfig(window_s=a.every),
                          title=f"Loopline report: {a.events or a.dataset}", progress=True, vm_cfg=vm_cfg)
         _emit(out, a.json, "loopline report")

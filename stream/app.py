@@ -31,18 +31,20 @@ TOPICS = {
     "ingest.status": "per-partition counts, sent when an end-of-log control message is processed",
     "history.events": "raw events for the FM's user history, at event time, keyed by user",
     "examples.augmented": "examples with the published FM snapshot's soft label and version (DAS)",
-    "fm.embeddings": "LoopFM codes: user, ts, FM version, code, example id; keyed by user",
+    "fm.embeddings": "LoopFM codes: user, ts, FM version, code, example id, FM step; keyed by user",
+    "model.scores": "score rows: each labelled example's predictions by one stage's models; keyed by user",
     "audience": "for reach and quality (JSON): accepted impressions and segment assertions keyed by user, "
                 "truth reports keyed by campaign",
     "reach.queries": "reach queries {id, q} (JSON), one copy to every partition; answers: table reach.answers",
 }
 CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every window of that partition;
 # to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
-# partition of `examples` and `history.events`
+# partition of `examples` and `history.events`; after each training step's outputs, fm sends
+# b"fmstep:<step>" to every partition of `examples.augmented` and `fm.embeddings` (the vm role's clock)
 
-ROLES = ("all", "ingest", "fm", "reach", "monitor")
+ROLES = ("all", "ingest", "fm", "vm", "reach", "monitor")
 # Roles whose input topics another role also reads get a consumer group of their own (see group_id).
-OWN_GROUP_ROLES: tuple = ("monitor", "reach")
+OWN_GROUP_ROLES: tuple = ("monitor", "reach", "vm")
 
 
 def group_id(cfg: "WorkerConfig") -> str:
@@ -79,6 +81,8 @@ class WorkerConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     session_timeout_s: float = 10.0  # short, so a killed member's partitions move quickly
     reach: ReachConfig = field(default_factory=ReachConfig)  # the reach sampler (``--reach-*`` flags)
+    vm_variants: tuple = ("base", "loopfm+kd")  # the vm role's VM variants (model/verticals.py VARIANTS)
+    vm_serve: str = "loopfm+kd"  # the variant ``POST /score/`` answers with
     loglevel: str = "warn"
 
     def __post_init__(self):
@@ -177,6 +181,9 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     if cfg.role in ("all", "fm"):
         from .fm import register_fm
         register_fm(app, cfg)
+    if cfg.role in ("all", "vm"):
+        from .vm import register_vm
+        register_vm(app, cfg)
     if cfg.role in ("all", "reach"):
         from .quality import register_quality
         register_quality(app, cfg)

@@ -36,7 +36,7 @@ from loopline.model.pipeline import FMStage
 from loopline.model.trainer import atomic_save, latest_snapshot
 from loopline.state.history import HistoryStore
 
-from .app import WorkerConfig, control_of, read_topic
+from .app import CONTROL_HEADER, WorkerConfig, control_of, read_topic
 
 __all__ = ["register_fm"]
 
@@ -143,7 +143,14 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             for user, ts, version, code, ident in out["embeddings"]:
                 await topics["fm.embeddings"].send(key=user, value={
                     "user": user, "ts": ts, "fm_version": version, "code": [float(c) for c in code], "id": ident,
-                    "label_ts": label_ts[ident]})  # the stage's order, for a rebuild
+                    "label_ts": label_ts[ident], "step": out["step"]})  # the stage's order, for a rebuild
+            for row in out["scores"]:
+                await topics["model.scores"].send(key=row["user"], value=row)
+            # the vm role's clock: everything of this step is on each partition before this mark
+            mark = f"fmstep:{out['step']}".encode()
+            for name in ("examples.augmented", "fm.embeddings"):
+                for q in range(cfg.partitions):
+                    await topics[name].send(partition=q, headers=[(CONTROL_HEADER, mark)])
 
     @app.agent(source, name="fm")
     async def fm(stream):

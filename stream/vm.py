@@ -1,0 +1,167 @@
+"""The vm role: the VM stage (``model/verticals.py``) trained continuously from ``examples.augmented``,
+and ``POST /score/`` serving its latest snapshot.
+
+Public surface: ``register_vm``.
+
+One agent consumes ``examples.augmented`` and ``fm.embeddings``. A :class:`~loopline.model.verticals.StepInbox`
+holds them by FM step until every partition has shown the fm role's ``fmstep:S`` mark; then the step's
+codes go into the worker's own history store and its examples, vertical by vertical, through every
+variant (progressive metrics, then a training step), exactly as ``loopline evaluate`` does after each
+FM step, so both give the same numbers. Score rows go to ``model.scores``; ``/vm/`` shows the metrics.
+
+Snapshots: every ``SNAPSHOT_EVERY`` steps (and at the end of a replay) the whole stage is saved with the
+last step trained on; the serving copy ``/score/`` answers from is refreshed at the same time. A
+restarted worker loads the newest snapshot, reads both inputs again from the start (its own read: the
+stage knows what it has trained on, the consumer group does not), puts the codes of the steps it has
+already trained on back into its store (idempotent appends) and trains on from the next step.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import faust
+import numpy as np
+import orjson
+import torch
+from faust.web import View
+
+from loopline.model.serving import parse_score_request, score_candidates
+from loopline.model.trainer import atomic_save, latest_snapshot
+from loopline.model.verticals import StepInbox, VMStage, VMStageConfig
+from loopline.state.errors import ConfigError
+from loopline.state.history import HistoryStore
+
+from .app import WorkerConfig, control_of, read_topic
+
+__all__ = ["register_vm"]
+
+BATCH = 4000
+BATCH_WITHIN_S = 0.1
+SNAPSHOT_EVERY = 20  # FM steps between snapshots of the VM stage
+KEEP_SNAPSHOTS = 2
+INPUTS = ("examples.augmented", "fm.embeddings")
+
+
+def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
+    if cfg.vm_serve not in cfg.vm_variants:
+        raise ConfigError(f"serve: {cfg.vm_serve!r} is not among the trained variants {', '.join(cfg.vm_variants)}")
+    stage_cfg = VMStageConfig(variants=tuple(cfg.vm_variants))
+    raw = [v for v in stage_cfg.variants if "raw" in stage_cfg.config_of(v).uses]
+    if raw:  # the raw-event sequence is an evaluation-time ablation; the vm role reads FM codes only
+        raise ConfigError(f"variants: {', '.join(raw)} read raw event sequences, which the vm role does not "
+                          "keep; use loopline evaluate for the gain decomposition")
+    topics = app.loopline_topics
+    source = app.topic(*INPUTS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                       partitions=cfg.partitions)
+    snapshots = os.path.join(cfg.data_dir, "vm-snapshots")
+    state: dict = {"stage": None, "inbox": None, "history": None, "serving": {}, "restored": None,
+                   "snapshot_at": -1, "fm_finished": False}
+    fed: dict[str, int] = {}
+
+    async def start_stage() -> None:
+        inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in INPUTS}
+        history = HistoryStore(os.path.join(cfg.data_dir, "vm-history"))
+        stage = VMStage(history, stage_cfg)
+        done = -1
+        path = latest_snapshot(snapshots)
+        if path is not None:
+            snap = torch.load(path, weights_only=True)
+            stage.load_state_dict(snap["stage"])
+            done = int(snap["done"])
+            rows = [orjson.loads(m.value) for m in inputs["fm.embeddings"] if control_of(m.headers) is None]
+            history.append_embeddings(_code_rows(sorted((r for r in rows if r["step"] <= done),
+                                                        key=lambda r: (r["step"], r["label_ts"], r["id"]))))
+            state["restored"], state["snapshot_at"] = os.path.basename(path), done
+        state.update(stage=stage, history=history,
+                     inbox=StepInbox([f"{t}/{q}" for t in INPUTS for q in range(cfg.partitions)], done=done))
+        refresh_serving(stage)
+        await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for msgs in inputs.values() for m in msgs])
+
+    def refresh_serving(stage: VMStage) -> None:
+        state["serving"] = {vt: copy.deepcopy(l) for (vt, va), l in stage.learners.items() if va == cfg.vm_serve}
+
+    async def handle(messages) -> None:
+        stage, inbox = state["stage"], state["inbox"]
+        for topic, partition, offset, headers, value in messages:
+            tp = f"{topic}/{partition}"
+            if offset < fed.get(tp, 0):
+                continue
+            fed[tp] = offset + 1
+            control = control_of(headers)
+            if control is not None:
+                if control.startswith("fmstep:"):
+                    inbox.mark(tp, int(control.split(":")[1]))
+            elif topic == "examples.augmented":
+                inbox.add_example(orjson.loads(value))
+            else:
+                inbox.add_code(orjson.loads(value))
+        trained = False
+        for step, codes, examples in inbox.ready():
+            state["history"].append_embeddings(_code_rows(codes))
+            for row in stage.step(examples):
+                await topics["model.scores"].send(key=row["user"], value=row)
+            state["last_step"] = step
+            trained = True
+        last = state.get("last_step", -1)
+        if trained and last >= state["snapshot_at"] + SNAPSHOT_EVERY:
+            await save(stage, last)
+
+    async def save(stage: VMStage, done: int) -> None:
+        state["snapshot_at"] = done
+        await app.producer.flush()
+        atomic_save({"stage": stage.state_dict(), "done": done},
+                    os.path.join(snapshots, f"snapshot-{done:010d}.pt"))
+        for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:
+            if old.startswith("snapshot-"):
+                os.remove(os.path.join(snapshots, old))
+        refresh_serving(stage)
+
+    @app.agent(source, name="vm")
+    async def vm(stream):
+        await start_stage()
+        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            await handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
+                          for ev in events])
+
+    @app.timer(2.0)
+    async def snapshot_when_idle() -> None:
+        """A replay that ends between two snapshots still gets one (and a fresh serving copy)."""
+        stage, last = state["stage"], state.get("last_step", -1)
+        if stage is not None and last > state["snapshot_at"]:
+            await save(stage, last)
+
+    @app.page("/vm/")
+    async def vm_view(web, request):
+        stage = state["stage"]
+        return web.json({"ready": stage is not None, "models": stage.report() if stage else {},
+                         "steps": stage.steps if stage else 0, "examples": stage.examples if stage else 0,
+                         "last_step": state.get("last_step", -1), "snapshot_at": state["snapshot_at"],
+                         "restored": state["restored"], "serving": {"variant": cfg.vm_serve,
+                                                                    "verticals": sorted(state["serving"])}})
+
+    @app.page("/score/")
+    class Score(View):
+        async def post(self, request):
+            try:
+                body = await request.read()
+                try:
+                    obj = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise ConfigError(f"request: not JSON ({exc})") from None
+                req = parse_score_request(obj, set(state["serving"]))
+                scores = score_candidates(state["serving"][req.vertical], stage_featurizer(), state["history"], req)
+            except ConfigError as exc:
+                msg = str(exc)
+                status = 404 if msg.startswith("vertical:") else 413 if msg.startswith("candidates: at most") else 400
+                return self.json({"error": str(exc)}, status=status)
+            return self.json({"user": req.user, "vertical": req.vertical, "variant": cfg.vm_serve,
+                              "scores": [round(float(s), 6) for s in scores]})
+
+    def stage_featurizer():
+        return state["stage"].featurizers[cfg.vm_serve]
+
+
+def _code_rows(rows: list[dict]) -> list[tuple]:
+    return [(r["user"], r["ts"], r["fm_version"], np.asarray(r["code"], dtype=np.float32), r["id"]) for r in rows]
