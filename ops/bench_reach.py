@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from loopline.state.errors import ConfigError
-from loopline.state.reach import ThetaBaseline, answer, build_sample, exact_answer
+from loopline.state.reach import ThetaBaseline, answer, build_sample, exact_answer, with_score_model
 from loopline.state.reach_query import evaluate, parse_query
 from loopline.state.reach_strata import Strata, allocate, learn_strata, probe_scores
 
@@ -207,12 +207,14 @@ def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: 
     max_strata = max(1, min(max_strata, n // (2 * min_per_stratum)))  # floors take at most half the sample
     strata = learn_strata(past_cols, VALUES, w, r, max_strata=max_strata,
                           min_leaf=max(2.0 * min_per_stratum, 5e-4 * users))
+    plain = Strata(strata.nodes, strata.s, strata.n)  # the same strata, everyone weighing 1 inside them
+    with_score_model(strata, past_cols, VALUES, w, vocab)
     learn_s = time.perf_counter() - t0
     caps = allocate(np.array(strata.n), np.array(strata.s), n, min_per_stratum)
     ours = build_sample(cols, VALUES, hashes, imps, strata, caps)
     uniform = build_sample(cols, VALUES, hashes, imps, Strata.root(), [ours.n])
-    prop_caps = allocate(np.array(strata.n), np.ones(len(strata)), ours.n, 0)
-    proportional = build_sample(cols, VALUES, hashes, imps, strata, prop_caps)
+    prop_caps = allocate(np.array(plain.n), np.ones(len(plain)), ours.n, 0)
+    proportional = build_sample(cols, VALUES, hashes, imps, plain, prop_caps)
     _progress(f"samples: ours {ours.n:,} users in {len(strata)} strata ({ours.nbytes:,} bytes), uniform {uniform.n:,}, "
               f"proportional {proportional.n:,}; building theta sketches of the same bytes")
     theta = ThetaBaseline(cols, VALUES, ours.nbytes)

@@ -2,15 +2,20 @@
 users and impressions a targeting query reaches, with a 95% interval.
 
 Public surface: ``ReachConfig``, ``ReachSampler``, ``Sample``, ``user_hash``, ``query_stats``,
-``merge_stats``, ``finish``, ``answer``, ``build_sample``, ``ThetaBaseline``, ``exact_answer``.
+``merge_stats``, ``finish``, ``answer``, ``build_sample``, ``with_score_model``, ``ThetaBaseline``,
+``exact_answer``.
 
 **The sample** (:class:`ReachSampler`, one per partition of the user-keyed ``audience`` topic). Event
 time is cut into epochs of ``epoch_s``; the horizon is the last ``horizon_epochs`` of them. Each epoch
 keeps, per stratum ``h`` of the strata in force when it opened (``state/reach_strata.py``), a bottom-k
-sample by a seeded hash of the user id: the ``k_h`` users of the epoch with the smallest hashes, and the
-threshold ``theta_h`` (the hash of the last user it dropped, 1 while nothing was dropped). That is
-reservoir sampling without replacement that sees a user's repeated impressions as one user and is
-independent of arrival order; each sampled user carries its attributes and its impressions per epoch.
+sample by priority ``hash(user) / q(user)``: the ``k_h`` users of the epoch with the smallest
+priorities, and the threshold ``theta_h`` (the priority of the last user it dropped, infinite while
+nothing was dropped). ``hash`` is a seeded hash of the user id, uniform in [0, 1); ``q`` is the user's
+sampling weight from the strata's score model (``sqrt`` of its probe score: users whose attribute
+values and pairs of values were rare in the past weigh more; 1 before strata are learned), so a user
+is in the sample with probability ``min(1, q theta_h)`` (priority sampling). That is reservoir
+sampling without replacement that sees a user's repeated impressions as one user and is independent
+of arrival order; each sampled user carries its attributes and its impressions per epoch.
 At each epoch boundary (every ``restratify_epochs``) the strata are learned again from the epoch that
 just ended (its users weighted by ``1/theta``) and the new epoch opens with them and a fresh Neyman
 allocation, so the allocation follows the stream; older epochs keep their own strata until they leave
@@ -18,12 +23,12 @@ the horizon. Memory: at most ``sample_users`` users per epoch (plus ``min_per_st
 stratum), a user seen in several epochs held once; :meth:`ReachSampler.memory` reports the bytes.
 
 **The estimates** (Horvitz-Thompson). For the horizon, a sampled user ``u`` is in the sample with
-probability ``pi_u = max`` over the epochs it was sampled in of that epoch's ``theta`` for its stratum
-(a user seen in an epoch with a larger threshold would have been sampled there), so the users estimate
-is ``sum 1/pi_u`` over matching sampled users, with variance estimate ``sum (1-pi_u)/pi_u^2``. For
-impressions every epoch's count must be there: a user's impressions are complete if its hash is below
-``pi_min(u) = min`` over the horizon's epochs of ``theta`` of the stratum its attributes fall in there,
-so impressions are ``sum y_u / pi_min(u)`` over those users. The answer is a sum over strata (the newest
+probability ``pi_u = max`` over the epochs it was sampled in of that epoch's ``min(1, q theta)`` for
+its stratum (a user seen in an epoch with a larger one would have been sampled there), so the users
+estimate is ``sum 1/pi_u`` over matching sampled users, with variance estimate ``sum (1-pi_u)/pi_u^2``.
+For impressions every epoch's count must be there: a user's impressions are complete if its hash is
+below ``pi_min(u) = min`` over the horizon's epochs of ``min(1, q theta)`` for the stratum its
+attributes fall in there, so impressions are ``sum y_u / pi_min(u)`` over those users. The answer is a sum over strata (the newest
 strata), and so are the variances; the interval is ``estimate +- 1.96 sd``, its lower end at least what
 the sample saw.
 
@@ -56,7 +61,7 @@ turns the pooled sums into the answer. The sums of a set of partitions are exact
 merged sample (:meth:`Sample.merge`).
 
 **Baselines** for ``loopline bench reach``: a uniform bottom-k sample (one stratum) and a proportional
-stratified sample (the same strata, ``n_h`` proportional to ``N_h``, no fall-back), both through
+stratified sample (the same strata, ``n_h`` proportional to ``N_h``, ``q = 1``, no fall-back), both through
 :func:`build_sample`; :class:`ThetaBaseline`, Apache DataSketches theta sketches per attribute value
 combined by set operations, sized to the same bytes; :func:`exact_answer`, the truth.
 
@@ -83,10 +88,10 @@ import orjson
 
 from .errors import ConfigError
 from .reach_query import Query, evaluate, parse_query
-from .reach_strata import Strata, allocate, learn_strata, path_of, probe_scores
+from .reach_strata import ScoreModel, Strata, allocate, learn_strata, path_of, probe_scores
 
 __all__ = ["ReachConfig", "ReachSampler", "Sample", "user_hash", "query_stats", "merge_stats", "finish",
-           "answer", "build_sample", "ThetaBaseline", "exact_answer"]
+           "answer", "build_sample", "with_score_model", "ThetaBaseline", "exact_answer"]
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 
@@ -135,8 +140,8 @@ class _Epoch:
     def __init__(self, strata: Strata, cap: list[int]):
         self.strata = strata
         self.cap = list(cap)
-        self.heaps: list[list] = [[] for _ in cap]  # (-hash, user): the largest hash on top
-        self.theta = [1.0] * len(cap)
+        self.heaps: list[list] = [[] for _ in cap]  # (-priority, user): the largest priority on top
+        self.theta = [float("inf")] * len(cap)  # priority threshold: in the sample iff hash / q < theta
 
 
 class ReachSampler:
@@ -189,15 +194,17 @@ class ReachSampler:
         else:
             hu = user_hash(user, cfg.seed)
         leaf = ep.strata.assign(attrs)
-        if hu >= ep.theta[leaf]:
+        q = ep.strata.q(attrs)
+        priority = hu / q
+        if priority >= ep.theta[leaf]:
             return
         if rec is None:
             rec = self.records[user] = [hu, self._encode(attrs), {}]
         else:
             rec[1] = self._encode(attrs)
-        rec[2][e] = [leaf, impressions]
+        rec[2][e] = [leaf, impressions, q]
         heap = ep.heaps[leaf]
-        heapq.heappush(heap, (-hu, user))
+        heapq.heappush(heap, (-priority, user))
         if len(heap) > ep.cap[leaf]:
             neg, gone = heapq.heappop(heap)
             ep.theta[leaf] = -neg
@@ -253,13 +260,14 @@ class ReachSampler:
         if len(users) < 2 * cfg.min_per_stratum:
             return
         cols = self._columns([self.records[u][1] for u in users])
-        w = np.array([1.0 / ep.theta[self.records[u][2][e][0]] for u in users])
+        w = np.array([1.0 / min(1.0, ent[2] * ep.theta[ent[0]]) for ent in (self.records[u][2][e] for u in users)])
         r = probe_scores(cols, self.values, w)
         # at most as many strata as keep the floors within half the sample
         max_strata = max(1, min(cfg.max_strata, cfg.sample_users // (2 * cfg.min_per_stratum)))
         st = learn_strata(cols, self.values, w, r, max_strata=max_strata,
                           min_leaf=max(2.0 * cfg.min_per_stratum, cfg.min_leaf_share * float(w.sum())),
                           attrs=cfg.attrs)
+        with_score_model(st, cols, self.values, w, self.vocab)
         cap = allocate(np.array(st.n), np.array(st.s), cfg.sample_users, cfg.min_per_stratum)
         self.strata, self.cap = st, [int(max(c, cfg.min_per_stratum)) for c in cap]
         self.counts["restratified"] += 1
@@ -278,11 +286,13 @@ class ReachSampler:
         cols = self._columns([r[1] for r in recs])
         hashes = np.array([r[0] for r in recs], dtype=np.float64)
         imps = np.array([sum(v[1] for k, v in r[2].items()) for r in recs], dtype=np.float64)
-        pmax = np.array([max(self.epochs[k].theta[v[0]] for k, v in r[2].items()) for r in recs], dtype=np.float64)
+        pmax = np.array([max(min(1.0, v[2] * self.epochs[k].theta[v[0]]) for k, v in r[2].items()) for r in recs],
+                        dtype=np.float64)
         pmin = np.ones(len(recs))
         for k in window:
             ep = self.epochs[k]
-            pmin = np.minimum(pmin, np.asarray(ep.theta)[ep.strata.assign_codes(cols, self.vocab)])
+            theta = np.asarray(ep.theta)[ep.strata.assign_codes(cols, self.vocab)]
+            pmin = np.minimum(pmin, np.minimum(1.0, ep.strata.q_codes(cols, self.vocab) * theta))
         complete = hashes < pmin
         newest = self.epochs[window[-1]].strata if window else self.strata
         stratum = newest.assign_codes(cols, self.vocab) if len(recs) else np.zeros(0, dtype=np.int32)
@@ -720,22 +730,37 @@ def answer(sample: Sample, query, n_min: int = 30, composite: bool = True) -> di
 
 
 # -- the bulk builder and the comparison baselines -------------------------------------------------------
+def with_score_model(st: Strata, cols: dict, values: dict, w: np.ndarray, vocab: dict) -> Strata:
+    """Give learned strata the within-stratum score model, and set each stratum's ``S_h`` to its mean
+    ``q`` (Neyman allocation for sampling proportional to ``q`` inside strata: ``n_h`` proportional to
+    the sum of ``q`` over the stratum)."""
+    st.model = ScoreModel.fit(cols, values, w)
+    q = st.model.q_codes(cols, vocab)
+    leaf = st.assign_codes(cols, vocab)
+    K = len(st)
+    N = np.bincount(leaf, weights=w, minlength=K)
+    st.s = (np.bincount(leaf, weights=w * q, minlength=K) / np.maximum(N, 1e-12)).tolist()
+    return st
+
+
 def build_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray, strata: Strata,
                  caps, info: dict | None = None) -> Sample:
     """The bottom-k sample of a static population (one epoch) with the given strata and per-stratum
     sizes: what :class:`ReachSampler` holds after that epoch, built with numpy."""
     vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
     leaf = strata.assign_codes(cols, vocab)
-    order = np.lexsort((hashes, leaf))
+    q = strata.q_codes(cols, vocab)
+    priority = hashes / q
+    order = np.lexsort((priority, leaf))
     leaf_sorted = leaf[order]
     starts = np.searchsorted(leaf_sorted, np.arange(len(strata) + 1))
     keep, weights = [], []
     for h in range(len(strata)):
         idx = order[starts[h]:starts[h + 1]]
         k = int(caps[h])
-        theta = float(hashes[idx[k]]) if len(idx) > k else 1.0
+        theta = float(priority[idx[k]]) if len(idx) > k else float("inf")
         keep.append(idx[:k])
-        weights.append(np.full(min(k, len(idx)), 1.0 / theta))
+        weights.append(1.0 / np.minimum(1.0, q[idx[:k]] * theta))
     rows = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
     w = np.concatenate(weights) if weights else np.zeros(0)
     return Sample({a: c[rows] for a, c in cols.items()}, values, w, w, imps[rows], leaf[rows], strata.keys, info)

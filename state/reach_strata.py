@@ -1,7 +1,7 @@
 """Strata for the reach sampler: a tree over user attributes learned greedily from past data, and the
 Neyman allocation of a sample over its leaves with a floor per stratum.
 
-Public surface: ``Strata``, ``learn_strata``, ``allocate``, ``probe_scores``, ``path_of``.
+Public surface: ``Strata``, ``ScoreModel``, ``learn_strata``, ``allocate``, ``probe_scores``, ``path_of``.
 
 **What the strata are for.** A reach query asks for the size of a segment. Its relative variance under
 stratified sampling of ``n_h`` of the ``N_h`` users of stratum ``h`` is about
@@ -11,7 +11,8 @@ Summed over a workload of segments that is ``sum_h N_h^2 S_h^2 / n_h`` with ``S_
 ``1 / T_g^2`` over the workload segments that contain it (``T_g`` floored at ``t_min`` so that tiny
 segments do not take everything). Two consequences:
 
-* **Allocation** (Neyman for that objective): ``n_h`` proportional to ``N_h S_h = sqrt(N_h R_h)``; then
+* **Allocation** (Neyman for that objective): ``n_h`` proportional to ``N_h S_h = sqrt(N_h R_h)``
+  (with the score model below: ``S_h`` the stratum's mean ``q``, as ``reach.with_score_model`` sets); then
   a floor ``n_min`` per stratum (a thin stratum still gets enough users to estimate a rate, and a new
   value still has room) and a census cap ``n_h <= N_h``, by water-filling (:func:`allocate`).
 * **Learning** (the rule): with that allocation the objective is ``(sum_h sqrt(N_h R_h))^2 / n``, so the
@@ -22,6 +23,10 @@ segments do not take everything). Two consequences:
   has at most ``max_strata`` leaves (a split that would exceed it keeps only its largest children). Rare
   groups that many probes hit (small segments) end up in strata of their own, which the allocation
   then samples at a much higher rate than the common ones.
+
+Inside a stratum the same objective is minimized user by user by sampling each user with probability
+proportional to ``q_i = sqrt(r_i)``: :class:`ScoreModel` is ``r`` as a function of the attributes,
+fitted on the past data, which the sampler uses for priority sampling.
 
 The default workload (no query log) is every single attribute value and every pair of values of two
 attributes seen in the past data (pairs of attributes with more than ``MAX_PAIR_CELLS`` value
@@ -50,17 +55,20 @@ import itertools
 import numpy as np
 import orjson
 
-__all__ = ["Strata", "learn_strata", "allocate", "probe_scores", "path_of"]
+__all__ = ["Strata", "ScoreModel", "learn_strata", "allocate", "probe_scores", "path_of"]
 
 
 class Strata:
     """A tree of splits; its leaves are the strata. Nodes are dicts ``{"key", "split", "children",
     "rest", "leaf"}``: an internal node splits on attribute ``split``, ``children`` maps a value to a
     child node, ``rest`` is the ``*`` child; a leaf has ``leaf`` = its stratum index.
-    ``s`` holds each stratum's S_h (learned), ``n`` its learned population estimate N_h."""
+    ``s`` holds each stratum's S_h (learned), ``n`` its learned population estimate N_h; ``model``
+    (a :class:`ScoreModel`, or None: everyone weighs 1) the within-stratum sampling weights."""
 
-    def __init__(self, nodes: list[dict], s: list[float] | None = None, n: list[float] | None = None):
+    def __init__(self, nodes: list[dict], s: list[float] | None = None, n: list[float] | None = None,
+                 model: "ScoreModel | None" = None):
         self.nodes = nodes
+        self.model = model
         self.leaves = [i for i, nd in enumerate(nodes) if nd["split"] is None]
         for h, i in enumerate(self.leaves):
             nodes[i]["leaf"] = h
@@ -75,6 +83,14 @@ class Strata:
 
     def __len__(self) -> int:
         return len(self.leaves)
+
+    def q(self, attrs: dict) -> float:
+        """A user's within-stratum sampling weight (1 without a score model)."""
+        return 1.0 if self.model is None else self.model.q(attrs)
+
+    def q_codes(self, cols: dict, vocab: dict) -> np.ndarray:
+        n = len(next(iter(cols.values()))) if cols else 0
+        return np.ones(n) if self.model is None else self.model.q_codes(cols, vocab)
 
     def assign(self, attrs: dict) -> int:
         """The stratum of a user with attributes ``attrs`` (a dict of strings)."""
@@ -123,6 +139,84 @@ def path_of(key: str) -> list:
 
 
 MAX_PAIR_CELLS = 1 << 20  # value pairs of two attributes counted at most (a pair table is this big)
+
+
+class ScoreModel:
+    """The default workload's probe score as a function of a user's attributes, fitted on past data:
+    ``r(x) = sum_a u_a(x_a) + sum_{a<b} u_ab(x_a, x_b)`` with ``u = 1 / T^2`` of the value (pair)
+    ``T`` users had in the past (floored at ``t_min``; an unseen value scores ``1 / t_min^2``). The
+    sampler draws users with probability proportional to ``q = sqrt(r)`` within a stratum: the
+    allocation that minimizes the workload's summed relative variance user by user."""
+
+    def __init__(self, single: dict, pair: dict, u_max: float, scale: float = 1.0):
+        self.single = single  # attr -> {value or None: u}
+        self.pair = pair  # (attr, attr) -> {(value or None, value or None): u}
+        self.u_max = u_max
+        self.scale = scale  # q is divided by it (its mean on the fitting data is 1)
+
+    @classmethod
+    def fit(cls, cols: dict, values: dict, w: np.ndarray, t_min_share: float = 1e-4) -> "ScoreModel":
+        total = float(w.sum())
+        t_min = max(total * t_min_share, 1e-9)
+        attrs = sorted(cols)
+
+        def val(a, c):
+            return values[a][c - 1] if c > 0 else None
+
+        single = {}
+        for a in attrs:
+            t = np.bincount(cols[a] + 1, weights=w, minlength=len(values[a]) + 1)
+            single[a] = {val(a, c): 1.0 / max(t[c], t_min) ** 2 for c in np.flatnonzero(t)}
+        pair = {}
+        for a, b in itertools.combinations(attrs, 2):
+            vb = len(values[b]) + 1
+            if (len(values[a]) + 1) * vb > MAX_PAIR_CELLS:
+                continue
+            t = np.bincount((cols[a] + 1) * vb + cols[b] + 1, weights=w, minlength=(len(values[a]) + 1) * vb)
+            pair[(a, b)] = {(val(a, c // vb), val(b, c % vb)): 1.0 / max(t[c], t_min) ** 2 for c in np.flatnonzero(t)}
+        model = cls(single, pair, 1.0 / t_min ** 2)
+        vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+        q = model.q_codes(cols, vocab)
+        model.scale = float((w * q).sum() / total) if total > 0 else 1.0
+        return model
+
+    def score(self, attrs: dict) -> float:
+        """``r`` of one user."""
+        u_max = self.u_max
+        r = sum(tab.get(attrs.get(a), u_max) for a, tab in self.single.items())
+        for (a, b), tab in self.pair.items():
+            r += tab.get((attrs.get(a), attrs.get(b)), u_max)
+        return r
+
+    def q(self, attrs: dict) -> float:
+        """The sampling weight of one user: ``sqrt(r)``, scaled to mean 1 on the fitting data."""
+        return float(np.sqrt(self.score(attrs))) / self.scale
+
+    def q_codes(self, cols: dict, vocab: dict) -> np.ndarray:
+        """``q`` of many users: ``cols[attr]`` codes (-1: missing) into ``vocab[attr]``."""
+        n = len(next(iter(cols.values()))) if cols else 0
+        r = np.zeros(n)
+        lut_of = {}
+        for a, tab in self.single.items():
+            voc = vocab.get(a, {})
+            lut = np.full(len(voc) + 1, self.u_max)  # last slot: missing (-1)
+            lut[-1] = tab.get(None, self.u_max)
+            for v, c in voc.items():
+                lut[c] = tab.get(v, self.u_max)
+            lut_of[a] = lut
+            r += lut[cols[a]] if a in cols else lut[-1]
+        for (a, b), tab in self.pair.items():
+            va, vb = vocab.get(a, {}), vocab.get(b, {})
+            lut = np.full((len(va) + 1, len(vb) + 1), self.u_max)
+            ia = {**{v: c for v, c in va.items()}, None: -1}
+            ib = {**{v: c for v, c in vb.items()}, None: -1}
+            for (x, y), u in tab.items():
+                if x in ia and y in ib:
+                    lut[ia[x], ib[y]] = u
+            ca = cols[a] if a in cols else np.full(n, -1)
+            cb = cols[b] if b in cols else np.full(n, -1)
+            r += lut[ca, cb]
+        return np.sqrt(r) / self.scale
 
 
 def probe_scores(cols: dict, values: dict, w: np.ndarray, queries: list | None = None,

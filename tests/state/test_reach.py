@@ -261,3 +261,28 @@ def test_few_matches_borrow_the_residual_rate_and_beat_the_direct_estimate_when_
     assert np.mean(err_fuzzy) < 0.7 * np.mean(err_direct)
     # a stratum the query excludes contributes nothing, fall-back or not
     assert answer(sample, "geo = g3 and geo = g4", 30)["users"] == 0
+
+
+def test_priority_sampling_in_the_stream_equals_the_bulk_builder_and_favours_rare_users():
+    from loopline.state.reach import with_score_model
+    rng = np.random.default_rng(3)
+    n = 3000
+    values = {"geo": ["US", "IS", "MC"], "dev": ["a", "b"]}
+    cols = {"geo": rng.choice(3, n, p=[0.9, 0.08, 0.02]).astype(np.int32), "dev": rng.integers(0, 2, n).astype(np.int32)}
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+    st = with_score_model(Strata.root(), cols, values, np.ones(n), vocab)
+    caps = [300]
+    users = [(f"u{i}", {a: values[a][cols[a][i]] for a in values}, {0: 1 + i % 2}) for i in range(n)]
+    s = ReachSampler(ReachConfig(sample_users=300, epoch_s=1000.0, seed=2))
+    s.strata, s.cap = st, caps  # strata learned elsewhere (past data), as the bench does
+    feed(s, users)
+    bulk = build_sample(cols, values, np.array([user_hash(u, 2) for u, _, _ in users]),
+                        np.array([float(sum(a.values())) for _, _, a in users]), st, caps)
+    stream = s.snapshot()
+    for q in ("*", "geo = MC", "geo = US and dev = a"):
+        a, b = answer(stream, q, composite=False), answer(bulk, q, composite=False)
+        assert a["users"] == pytest.approx(b["users"], abs=0.11) and a["impressions"] == pytest.approx(b["impressions"], abs=0.11)
+    mc = cols["geo"] == 2
+    share_mc = np.mean([v["geo"] == "MC" for v in (users[i][1] for i in range(n))])
+    sampled_mc = answer(stream, "geo = MC", composite=False)["matched_sample_users"] / stream.n
+    assert mc.any() and sampled_mc > 2 * share_mc  # the rare value is over-sampled
