@@ -2,6 +2,7 @@
 machine, else high precision; the decision table, and the module that serves it.
 
 Public surface: ``DispatchConfig``, ``Candidate``, ``CANDIDATES``, ``DispatchLinear``, ``dispatch_model``,
+``high_precision``,
 ``decide_layer``, ``apply_table``, ``save_table``, ``load_table``, ``median_timer``, ``interleaved_timer``,
 ``device_name``, ``hp_dtype``, ``TABLE_KEY``, ``HIGH_PRECISION``.
 
@@ -52,6 +53,7 @@ load into the dispatched model unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -69,6 +71,7 @@ from .probe import Probe, ProbeConfig, mere
 from .quant import dequantize, quantize
 
 __all__ = ["DispatchConfig", "Candidate", "CANDIDATES", "DispatchLinear", "dispatch_model", "decide_layer",
+           "high_precision",
            "apply_table", "save_table", "load_table", "median_timer", "interleaved_timer", "TABLE_KEY",
            "HIGH_PRECISION", "device_name", "hp_dtype"]
 
@@ -325,7 +328,7 @@ class DispatchLinear(nn.Module):
         return self._prepared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if _BYPASS[0] or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)  # training: high precision, exact gradients
         lead = x.shape[:-1]
         y = CANDIDATES[self.candidate](x.reshape(-1, self.in_features), self._weights(), self.bias, x.dtype)
@@ -333,6 +336,27 @@ class DispatchLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, candidate={self.candidate}"
+
+
+_BYPASS = [False]
+
+
+@contextlib.contextmanager
+def high_precision():
+    """Within this block every :class:`DispatchLinear` computes the plain high-precision ``F.linear``:
+    the same model's reference predictions, beside its dispatched ones (the evaluation table's FP8 check).
+
+    >>> lin = DispatchLinear(torch.nn.Linear(4, 2), "emulated:row")
+    >>> x = torch.randn(3, 4)
+    >>> with torch.no_grad(), high_precision():
+    ...     bool(torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)))
+    True
+    """
+    prev, _BYPASS[0] = _BYPASS[0], True
+    try:
+        yield
+    finally:
+        _BYPASS[0] = prev
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -25,8 +25,11 @@ import zlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from loopline.state.errors import ConfigError
+
+from loopline.kernels.dispatch import DispatchConfig, dispatch_model, high_precision
 
 from .metrics import BinaryMetrics
 from .pipeline import score_row
@@ -48,6 +51,9 @@ VARIANTS = {
     # the gain decomposition: raw history alone, the FM sequence alone (loopfm), both
     "raw": {"history": "attention", "sequence": "raw"},
     "raw+loopfm": {"history": "attention", "sequence": "both"},
+    # LoKA's Mods (HardSwish, BlockNorm, no hidden biases) on the best recipe, for their effect on quality
+    "loopfm+kd+mods": {**_LOOP, "distill": "kd", "mods": True},
+    "base+mods": {"mods": True},
     # the sequence encoders
     "loopfm-mean": {"history": "mean", "sequence": "fm"},
     "loopfm-sum": {"history": "sum", "sequence": "fm"},
@@ -77,6 +83,9 @@ class VMStageConfig:
     variants: tuple = DEFAULT_VARIANTS
     vm: VMConfig = field(default_factory=VMConfig)  # the shared base every variant's recipe modifies
     seed: int = 0
+    # LoKA check: each VM's Linear layers dispatched to emulated FP8 (row-wise scales) wherever MERE passes,
+    # whatever the speed; ``vm:<variant>@fp8`` are the same models' dispatched predictions
+    fp8: bool = False
 
     def __post_init__(self):
         parse_variants(",".join(self.variants))
@@ -93,6 +102,9 @@ class VMStage:
         self.featurizers = {v: VMFeaturizer(c) for v, c in self.configs.items()}
         self.learners: dict[tuple[str, str], VMLearner] = {}  # (vertical, variant) -> learner
         self.metrics = {v: BinaryMetrics() for v in cfg.variants}
+        if cfg.fp8:
+            self.metrics.update({f"{v}@fp8": BinaryMetrics() for v in cfg.variants})
+        self.dispatch: dict[tuple[str, str], dict] = {}  # (vertical, variant) -> FP8 decision table
         self.steps = 0
         self.examples = 0
         L = max(c.seq_len for c in self.configs.values())
@@ -131,33 +143,46 @@ class VMStage:
             for variant in self.cfg.variants:
                 learner = self.learner(vertical, variant)
                 b = self.featurizers[variant].batch(exs, codes, raw)
-                p = learner.predict_many(b)
+                names = {variant: None}
+                if self.cfg.fp8:
+                    names[f"{variant}@fp8"] = self._fp8_predict(vertical, variant, learner, b)
+                    with high_precision():
+                        names[variant] = learner.predict_many(b)
+                else:
+                    names[variant] = learner.predict_many(b)
                 learner.learn_many(b)
-                self.metrics[variant].update(p, y)
-                for i, pi in zip(idx, p):
-                    preds[i][f"vm:{variant}"] = float(pi)
+                for name, p in names.items():
+                    self.metrics[name].update(p, y)
+                    for i, pi in zip(idx, p):
+                        preds[i][f"vm:{name}"] = float(pi)
         self.steps += 1
         self.examples += len(augmented)
         return [score_row(e, s) for e, s in zip(augmented, preds)]
+
+    def _fp8_predict(self, vertical: str, variant: str, learner: VMLearner, b) -> np.ndarray:
+        key = (vertical, variant)
+        if key not in self.dispatch:  # decided once per model, on its first batch (the calibration data)
+            _, table = dispatch_model(learner.model, [b], DispatchConfig(force="emulated:row", repeats=1))
+            self.dispatch[key] = table["summary"]
+        return learner.predict_many(b)
 
     def report(self) -> dict:
         return {f"vm:{v}": m.report() for v, m in self.metrics.items() if m.report()["n"]}
 
     def state_dict(self) -> dict:
         return {"learners": {f"{vt}\x1f{va}": l.state_dict() for (vt, va), l in self.learners.items()},
-                "metrics": {k: [np.asarray(a).copy() for a in m.arrays()] for k, m in self.metrics.items()},
+                "metrics": {k: [torch.from_numpy(np.asarray(a).copy()) for a in m.arrays()]
+                            for k, m in self.metrics.items()},
                 "steps": self.steps, "examples": self.examples}
 
     def load_state_dict(self, state: dict) -> None:
-        import torch
         for key, st in state["learners"].items():
             vertical, variant = key.split("\x1f")
             self.learner(vertical, variant).load_state_dict(st)
         for k, (p, y) in state["metrics"].items():
             self.metrics[k] = BinaryMetrics()
-            p, y = (a.numpy() if isinstance(a, torch.Tensor) else a for a in (p, y))
             if len(y):
-                self.metrics[k].update(p, y)
+                self.metrics[k].update(p.numpy(), y.numpy())
         self.steps, self.examples = int(state["steps"]), int(state["examples"])
 
 

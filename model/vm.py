@@ -45,6 +45,7 @@ from loopline.state.errors import ConfigError
 
 from .distill import StudentAdapter, aux_target, grad_scale, soft_bce
 from .features import hash_id
+from .mods import MLP, BlockNorm, activation
 from .trainer import split_params
 
 __all__ = ["VMConfig", "VMBatch", "VMFeaturizer", "VerticalModel", "VMLearner"]
@@ -74,7 +75,7 @@ class VMConfig:
     adapter_hidden: int = 8
     adapter_weight: float = 1.0
     adapter_lr: float = 1e-2
-    act: str = "relu"  # MLP activation (model/mods.py's choices where available)
+    mods: bool = False  # LoKA's Mods: HardSwish, BlockNorm, no bias in the hidden layers (heads keep theirs)
     lr_dense: float = 1e-3  # Adam on dense layers
     lr_sparse: float = 0.05  # Adagrad on embedding rows
 
@@ -175,14 +176,6 @@ class VMFeaturizer:
                        size=B)
 
 
-def _activation(name: str) -> nn.Module:
-    try:
-        from .mods import activation  # the LoKA Mods, when present
-        return activation(name)
-    except ImportError:
-        return {"relu": nn.ReLU(), "hardswish": nn.Hardswish(), "silu": nn.SiLU()}[name]
-
-
 class _SeqEncoder(nn.Module):
     """Pools a (B, L, D) sequence into (B, d): masked mean or sum, or target attention."""
 
@@ -226,11 +219,10 @@ class VerticalModel(nn.Module):
             self.raw_campaign = nn.Embedding(n, d)
             self.encoders["raw"] = _SeqEncoder(d, d, cfg.history)
         n_fields = len(cfg.fields) + len(self.encoders)
-        layers, width = [], n_fields * d
-        for h in cfg.hidden:
-            layers += [nn.Linear(width, h), _activation(cfg.act)]
-            width = h
-        self.mlp = nn.Sequential(*layers)
+        act, norm, bias = ("hardswish", "block", "none") if cfg.mods else ("relu", "none", "all")
+        self.mlp = nn.Sequential(MLP([n_fields * d, *cfg.hidden], act=act, norm=norm, bias=bias),
+                                 BlockNorm() if norm == "block" else nn.Identity(), activation(act))  # the backbone's last layer activated too
+        width = cfg.hidden[-1]
         self.serving = nn.Linear(width, 1)
         self.distilling = nn.Linear(width, 1) if cfg.distill == "ah" else None
         self.bias = nn.Parameter(torch.zeros(1))

@@ -163,12 +163,12 @@ def format_table(out: dict) -> str:
 
     >>> print(format_table({"models": {"fm": {"auc": 0.7, "ne": 0.9, "logloss": 0.3, "calibration": 1.0,
     ...                                         "n": 10}}}))
-    model                   n     AUC      NE  logloss   calib      TR
-    fm                     10  0.7000  0.9000   0.3000   1.000       -
+    model                       n     AUC      NE  logloss   calib      TR
+    fm                         10  0.7000  0.9000   0.3000   1.000       -
     """
     cols = ["model", "n", "AUC", "NE", "logloss", "calib", "TR"]
     windows = out.get("windows", [])
-    head = f"{cols[0]:<18}{cols[1]:>7}{cols[2]:>8}{cols[3]:>8}{cols[4]:>9}{cols[5]:>8}{cols[6]:>8}"
+    head = f"{cols[0]:<22}{cols[1]:>7}{cols[2]:>8}{cols[3]:>8}{cols[4]:>9}{cols[5]:>8}{cols[6]:>8}"
     for w in windows:
         head += f"{'AUC ' + w['window']:>13}{'NE ' + w['window']:>12}{'TR ' + w['window']:>11}"
     lines = [head]
@@ -177,7 +177,7 @@ def format_table(out: dict) -> str:
         return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
 
     for name, r in out.get("models", {}).items():
-        line = (f"{name:<18}{r['n']:>7}{num(r['auc'], 8, '.4f')}{num(r['ne'], 8, '.4f')}"
+        line = (f"{name:<22}{r['n']:>7}{num(r['auc'], 8, '.4f')}{num(r['ne'], 8, '.4f')}"
                 f"{num(r['logloss'], 9, '.4f')}{num(r['calibration'], 8, '.3f')}{num(r.get('tr'), 8, '.3f')}")
         for w in windows:
             m = w["models"].get(name)

@@ -61,3 +61,13 @@ def test_vm_worker_metrics_match_evaluate_and_score_serves_the_snapshot(broker, 
     status, body = post(w.port, {"user": "u1", "vertical": vertical, "candidates": [{"ad": "a1"}]})
     assert status == 400 and body["error"].startswith("candidates[0].campaign")
     assert w.stop() == "stopped on SIGTERM"
+
+    # a restart resumes from the newest snapshot (weights_only load) with the same numbers
+    w = start_worker(extra=("--variants", ",".join(VARIANTS), "--serve", "loopfm+kd"))
+    deadline = time.monotonic() + 120
+    while not (w.view("/vm/") or {}).get("ready"):
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
+        time.sleep(0.5)
+    again = w.view("/vm/")
+    assert again["restored"] and again["models"] == got["models"]
+    assert post(w.port, {"user": "u1", "vertical": vertical, "candidates": cands})[0] == 200
