@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     reach_args(p)
 
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
-    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach"])
+    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score"])
     p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=20, help="quality: generated logs to fit")
@@ -310,6 +310,9 @@ def _run(a) -> int:
         elif a.what == "drift":  # --repeats: generated logs (seeds 1..N)
             from .bench_drift import bench_drift
             out = bench_drift(repeats=a.repeats, out_path=path, progress=not a.json)
+        elif a.what == "score":
+            from .bench_score import bench_score
+            out = bench_score(repeats=a.repeats, out_path=path, progress=not a.json)
         elif a.what == "fp8":
             from .bench_fp8 import bench_fp8
             out = bench_fp8(repeats=a.repeats, out_path=path)

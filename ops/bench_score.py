@@ -1,0 +1,165 @@
+"""``loopline bench score``: latency of ``POST /score/`` beside the bare model forward, and VM training speed.
+
+Public surface: ``bench_score``.
+
+A generated log goes through a real worker (role all: ingest, FM, VMs) on the embedded broker. Once the
+vm role has a snapshot, the benchmark loads that same snapshot in-process (``weights_only``) and, in
+alternating rounds, times:
+
+* ``http``: ``POST /score/`` with ``candidates`` candidates over one kept-alive connection (parse,
+  validation, history read, featurization, forward, JSON both ways, the web stack);
+* ``in_process``: :func:`~loopline.model.serving.score_candidates` on the same request (history read,
+  featurization, forward) against a copy of the worker's store;
+* ``forward``: the bare model forward on a prebuilt batch.
+
+It reports each one's p50/p99 (medians over the rounds) and the ratios ``http / forward`` and
+``in_process / forward``. Training speed: examples/s of each VM variant's ``step`` (featurize, predict,
+learn) over the FM stage's augmented steps of the same log, in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+from loopline.model.serving import parse_score_request, score_candidates
+from loopline.model.trainer import latest_snapshot
+from loopline.model.verticals import VMStage, VMStageConfig
+from loopline.state.history import HistoryStore
+from loopline.stream.app import TOPICS
+
+from .broker import EmbeddedBroker, create_topics
+from .eventlog import read_log
+from .generate import GenerateConfig, write_log
+from .replay import replay
+from .worker import WorkerProcess
+
+__all__ = ["bench_score"]
+
+SERVE = "loopfm+kd"
+TRAIN_VARIANTS = ("base", "loopfm+kd", "loopfm+ah+sa")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def _training_speed(records, progress: bool) -> dict:
+    """Examples/s of each variant's VM step over the FM stage's augmented steps (in-process)."""
+    from loopline.model.pipeline import FMStage
+
+    from .evaluate import evaluate_records
+    exs = evaluate_records(records, keep_examples=True)["examples_list"]
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="loopline-bench-score-") as tmp:
+        with HistoryStore(tmp) as history:
+            fm, steps = FMStage(history), []
+            fm.run(exs, on_step=lambda o: steps.append(o["augmented"]))
+            for variant in TRAIN_VARIANTS:
+                vms = VMStage(history, VMStageConfig(variants=(variant,)))
+                t0 = time.perf_counter()
+                for s in steps:
+                    vms.step(s)
+                dt = time.perf_counter() - t0
+                out[variant] = round(vms.examples / dt, 1)
+                if progress:
+                    print(f"bench score: training {variant}: {out[variant]:,.0f} examples/s", file=sys.stderr, flush=True)
+    return out
+
+
+def bench_score(repeats: int = 5, requests: int = 200, candidates: int = 100, users: int = 300, days: float = 3.0,
+                out_path: str | None = None, progress: bool = True) -> dict:
+    with tempfile.TemporaryDirectory(prefix="loopline-bench-") as tmp:
+        work = Path(tmp)
+        write_log(GenerateConfig(users=users, days=days, seed=7), str(work / "log.jsonl"))
+        records = read_log(str(work / "log.jsonl"))
+        training = _training_speed(records, progress)
+        with EmbeddedBroker(log_path=str(work / "tansu.log")) as broker:
+            create_topics(broker.bootstrap, {t: 4 for t in TOPICS})
+            w = WorkerProcess(broker.url, str(work / "worker"), 4,
+                              extra=("--variants", f"base,{SERVE}", "--serve", SERVE)).start()
+            try:
+                w.wait_ready()
+                asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
+                deadline = time.monotonic() + 600
+                while not ((v := w.view("/vm/") or {}).get("serving", {}).get("verticals")
+                           and (w.view("/fm/") or {}).get("finished") and v.get("snapshot_at", -1) >= v.get("last_step")):
+                    if time.monotonic() > deadline or w.proc.poll() is not None:
+                        raise RuntimeError(f"the worker did not train its VMs:\n{w.tail()}")
+                    time.sleep(0.5)
+                result = _latency(w, work, records, repeats, requests, candidates, progress)
+            finally:
+                w.stop()
+    result.update(training_examples_per_s=training, candidates=candidates, requests_per_round=requests,
+                  rounds=repeats, log={"users": users, "days": days, "events": len(records)})
+    if out_path:
+        Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _latency(w: WorkerProcess, work: Path, records, repeats: int, requests: int, n_cand: int, progress: bool) -> dict:
+    snap = torch.load(latest_snapshot(str(work / "worker" / "vm-snapshots")), weights_only=True)
+    # a copy of the worker's store (RocksDB allows one writer); the reads are the ones /score/ makes
+    shutil.copytree(work / "worker" / "vm-history", work / "history-copy")
+    history = HistoryStore(str(work / "history-copy"))
+    stage = VMStage(history, VMStageConfig(variants=("base", SERVE)))
+    stage.load_state_dict(snap["stage"])
+    verticals = sorted({vt for vt, va in stage.learners if va == SERVE})
+    users = sorted({u for r in records if isinstance(u := orjson.loads(r.raw).get("user"), str)})
+    rng = np.random.default_rng(0)
+
+    def request():
+        return {"user": str(rng.choice(users)), "vertical": str(rng.choice(verticals)),
+                "attrs": {"age": "25-34", "gender": "F"},
+                "candidates": [{"ad": f"a{rng.integers(200)}", "campaign": f"c{rng.integers(30)}"}
+                               for _ in range(n_cand)]}
+
+    conn = http.client.HTTPConnection("127.0.0.1", w.port, timeout=30)
+    rounds = {"http": [], "in_process": [], "forward": []}
+    for r in range(repeats):
+        times = {k: [] for k in rounds}
+        for _ in range(requests):
+            obj = request()
+            body = orjson.dumps(obj)
+            t0 = time.perf_counter()
+            conn.request("POST", "/score/", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            times["http"].append(time.perf_counter() - t0)
+            if resp.status != 200 or len(orjson.loads(data)["scores"]) != n_cand:
+                raise RuntimeError(f"/score/ answered {resp.status}: {data[:200]!r}")
+            req = parse_score_request(obj, set(verticals))
+            learner = stage.learners[(req.vertical, SERVE)]
+            t0 = time.perf_counter()
+            score_candidates(learner, stage.featurizers[SERVE], history, req)
+            times["in_process"].append(time.perf_counter() - t0)
+            codes = [history.last_embeddings(req.user, req.ts, learner.cfg.seq_len)["codes"]] * n_cand
+            exs = [dict(c, attrs=req.attrs, label=0) for c in req.candidates]
+            batch = stage.featurizers[SERVE].batch(exs, codes, None)
+            learner.model.eval()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                learner.model(batch)
+            times["forward"].append(time.perf_counter() - t0)
+        for k, v in times.items():
+            rounds[k].append({"p50_ms": _pct(v, 50) * 1e3, "p99_ms": _pct(v, 99) * 1e3})
+        if progress:
+            print(f"bench score: round {r + 1}/{repeats}: http p50 {rounds['http'][-1]['p50_ms']:.2f} ms, "
+                  f"forward p50 {rounds['forward'][-1]['p50_ms']:.2f} ms", file=sys.stderr, flush=True)
+    conn.close()
+    history.close()
+    med = {k: {q: round(statistics.median(x[q] for x in v), 3) for q in ("p50_ms", "p99_ms")} for k, v in rounds.items()}
+    return {"latency": med, "ratio_http_to_forward_p50": round(med["http"]["p50_ms"] / med["forward"]["p50_ms"], 2),
+            "ratio_in_process_to_forward_p50": round(med["in_process"]["p50_ms"] / med["forward"]["p50_ms"], 2),
+            "serve_variant": SERVE}
