@@ -12,9 +12,10 @@ roles, so new models show up by themselves.
 * **Windows.** Rows go into tumbling event-time windows by ``ts`` (the impression's time, as in
   ``model/drift.py``), merged by example id, so every model of a window is measured on the examples
   it scored. Each window gives :class:`~loopline.model.metrics.BinaryMetrics`' figures per model (NE
-  against the window's own label rate). The newest ``keep_windows`` windows keep their predictions
-  (memory: a few windows of examples); older ones keep only their figures, the newest
-  ``max_windows`` of them; a row for a window already closed counts in the overall figures only.
+  against the window's own label rate). A window keeps its predictions until every model has rows
+  ``keep_windows`` windows past it (each stage on its own clock: the VMs' rows come after the FM's);
+  then only its figures, for the newest ``max_windows`` windows; a row for a window already closed
+  counts in the overall figures only.
 * **Overall** per model: n, log loss, NE, calibration from running sums (constant memory; AUC needs
   the predictions, so it is per window only).
 * **Transfer ratio** per window, for every ``vm:X`` beside ``vm:base`` and ``fm``, on the examples all
@@ -101,6 +102,8 @@ class ModelHealth:
         self._closed: dict[int, dict] = {}  # window -> its figures, once its predictions are dropped
         self._cache: dict[int, dict] = {}  # open window -> its figures, until a row changes it
         self._sums: dict[str, list[float]] = {}  # model -> [n, sum p, sum y, sum loss]
+        self._newest: dict[str, int] = {}  # model -> the newest window it has a row in
+        self._cutoff = -(1 << 62)  # windows below this are closed
         self._detectors: dict[str, dict] = {}  # model -> kind -> detector
         self.alarms: list[dict] = []
         self.alarm_counts: dict[str, dict[str, int]] = {}  # model -> kind -> alarms
@@ -112,8 +115,10 @@ class ModelHealth:
             scores = row.get("scores") or {}
             y = int(row["label"])
             k = cfg.window_of(float(row["ts"]))
-            late = k not in self._open and len(self._open) >= cfg.keep_windows and k < min(self._open)
-            if k not in self._closed and not late:
+            for model in scores:  # each producing stage runs on its own clock (the VMs lag the FM)
+                if k > self._newest.get(model, k - 1):
+                    self._newest[model] = k
+            if k not in self._closed and k >= self._cutoff:
                 win = self._open.get(k)
                 if win is None:
                     win = self._open[k] = {}
@@ -145,11 +150,17 @@ class ModelHealth:
                             del self.alarms[0]
 
     def _close_old(self) -> None:
-        extra = len(self._open) - self.cfg.keep_windows
-        if extra > 0:
-            for k in sorted(self._open)[:extra]:
-                self._closed[k] = self._cache.pop(k, None) or self._figures(k, self._open.pop(k))
-                self._open.pop(k, None)
+        """Close the windows every model has moved ``keep_windows`` past (a lagging stage's rows still
+        find their window open); at most ``max_windows`` stay open whatever a stalled stage does."""
+        if not self._newest:
+            return
+        slowest = min(self._newest.values())
+        cutoff = max(slowest - self.cfg.keep_windows + 1, max(self._open) - self.cfg.max_windows + 1)
+        self._cutoff = max(self._cutoff, cutoff)
+        for k in sorted(self._open):
+            if k >= self._cutoff:
+                break
+            self._closed[k] = self._cache.pop(k, None) or self._figures(k, self._open.pop(k))
             for k in sorted(self._closed)[:max(0, len(self._closed) + len(self._open) - self.cfg.max_windows)]:
                 del self._closed[k]
 

@@ -114,8 +114,10 @@ class VMStage:
 
     def learner(self, vertical: str, variant: str) -> VMLearner:
         key = (vertical, variant)
-        if key not in self.learners:  # seeded by name: the same models whatever the arrival order
-            seed = zlib.crc32(f"{self.cfg.seed}/{vertical}/{variant}".encode())
+        if key not in self.learners:
+            # seeded by the vertical only: the same whatever the arrival order, and every variant starts
+            # from the same draws (common random numbers), so the table compares recipes, not inits
+            seed = zlib.crc32(f"{self.cfg.seed}/{vertical}".encode())
             self.learners[key] = VMLearner(self.configs[variant], seed=seed)
         return self.learners[key]
 

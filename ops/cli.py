@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-ts", type=float, default=None,
                    help="event time splitting the before/after windows (default: the middle)")
     p.add_argument("--scores", metavar="FILE", default=None, help="also write every example's score row (JSONL)")
+    p.add_argument("--fp8", action="store_true",
+                   help="also score each VM through emulated FP8 Linear layers (rows vm:VARIANT@fp8)")
     _attribution_args(p)
     p.add_argument("--json", action="store_true")
 
@@ -217,7 +219,8 @@ def _run(a) -> int:
         vm_cfg = None
         if a.variants != "none" and not a.no_models:
             from loopline.model.verticals import VMStageConfig
-            vm_cfg = VMStageConfig(variants=_variants(a.variants)) if a.variants else VMStageConfig()
+            vm_cfg = VMStageConfig(variants=_variants(a.variants) if a.variants else VMStageConfig.variants,
+                                   fp8=a.fp8)
         out = evaluate_records(_records(a), a.partitions, _attribution_cfg(a), progress=True,
                                models=not a.no_models, vm_cfg=vm_cfg, scores=bool(a.scores), split_ts=a.split_ts)
         if a.scores:

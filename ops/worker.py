@@ -27,17 +27,33 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
     create_topics(cfg.broker, cfg.topic_partitions())
     app = build_app(cfg)
 
+    armed = []
+
+    def arm_forced_exit(sig) -> None:  # noqa: ANN001
+        if armed:
+            return
+        def force():
+            print(f"loopline worker: not stopped {grace_s:.0f}s after {signal.Signals(sig).name}; "
+                  "forcing exit", file=sys.stderr, flush=True)
+            os._exit(3)
+        t = threading.Timer(grace_s, force)
+        t.daemon = True
+        t.start()
+        armed.append(t)
+
     class BoundedWorker(faust.Worker):
         def _schedule_shutdown(self, sig):  # noqa: ANN001 - mode's signature
-            if not self._signal_stop_time:
-                def force():
-                    print(f"loopline worker: not stopped {grace_s:.0f}s after {signal.Signals(sig).name}; "
-                          "forcing exit", file=sys.stderr, flush=True)
-                    os._exit(3)
-                t = threading.Timer(grace_s, force)
-                t.daemon = True
-                t.start()
+            arm_forced_exit(sig)
             super()._schedule_shutdown(sig)
+
+        def install_signal_handlers(self) -> None:
+            super().install_signal_handlers()
+            # asyncio handles SIGTERM/SIGINT when its loop next runs: after a long synchronous stretch
+            # (a training step under load) that can be seconds late. The Python-level handler runs in
+            # the main thread between bytecodes, so the grace period starts when the signal comes;
+            # asyncio's wake-up fd still delivers the signal to Faust's own handler.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: arm_forced_exit(signum))
 
         def on_setup_root_logger(self, logger, level):  # noqa: ANN001 - mode's signature
             # Faust's terminal spinner sets the root logger to DEBUG; aiokafka then builds a debug

@@ -18,6 +18,7 @@ already trained on back into its store (idempotent appends) and trains on from t
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 
@@ -104,6 +105,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
                 await topics["model.scores"].send(key=row["user"], value=row)
             state["last_step"] = step
             trained = True
+            await asyncio.sleep(0)  # a long catch-up must not starve timers, views and signal handling
         last = state.get("last_step", -1)
         if trained and last >= state["snapshot_at"] + SNAPSHOT_EVERY:
             await save(stage, last)
