@@ -105,6 +105,7 @@ class VMStage:
         if cfg.fp8:
             self.metrics.update({f"{v}@fp8": BinaryMetrics() for v in cfg.variants})
         self.dispatch: dict[tuple[str, str], dict] = {}  # (vertical, variant) -> FP8 decision table
+        self.last_batches: dict[tuple[str, str], object] = {}  # (vertical, variant) -> its newest batch
         self.steps = 0
         self.examples = 0
         L = max(c.seq_len for c in self.configs.values())
@@ -145,6 +146,7 @@ class VMStage:
             for variant in self.cfg.variants:
                 learner = self.learner(vertical, variant)
                 b = self.featurizers[variant].batch(exs, codes, raw)
+                self.last_batches[(vertical, variant)] = b  # calibration data for the serving dispatch
                 names = {variant: None}
                 if self.cfg.fp8:
                     names[f"{variant}@fp8"] = self._fp8_predict(vertical, variant, learner, b)

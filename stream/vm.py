@@ -10,7 +10,10 @@ variant (progressive metrics, then a training step), exactly as ``loopline evalu
 FM step, so both give the same numbers. Score rows go to ``model.scores``; ``/vm/`` shows the metrics.
 
 Snapshots: every ``SNAPSHOT_EVERY`` steps (and at the end of a replay) the whole stage is saved with the
-last step trained on; the serving copy ``/score/`` answers from is refreshed at the same time. A
+last step trained on; the serving copy ``/score/`` answers from is refreshed at the same time, its
+Linear layers dispatched by LoKA's rule (``kernels/dispatch.py``: FP8 only where measured accurate and
+faster on this machine; on a CPU every layer stays in high precision) and the decision tables saved
+with the snapshot. A
 restarted worker loads the newest snapshot, reads both inputs again from the start (its own read: the
 stage knows what it has trained on, the consumer group does not), puts the codes of the steps it has
 already trained on back into its store (idempotent appends) and trains on from the next step.
@@ -28,6 +31,7 @@ import orjson
 import torch
 from faust.web import View
 
+from loopline.kernels.dispatch import TABLE_KEY, apply_table, dispatch_model
 from loopline.model.serving import parse_score_request, score_candidates
 from loopline.model.trainer import atomic_save, latest_snapshot
 from loopline.model.verticals import StepInbox, VMStage, VMStageConfig
@@ -58,7 +62,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
                        partitions=cfg.partitions)
     snapshots = os.path.join(cfg.data_dir, "vm-snapshots")
     state: dict = {"stage": None, "inbox": None, "history": None, "serving": {}, "restored": None,
-                   "snapshot_at": -1, "fm_finished": False}
+                   "snapshot_at": -1, "fp8": {}}
     fed: dict[str, int] = {}
 
     async def start_stage() -> None:
@@ -71,6 +75,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             snap = torch.load(path, weights_only=True)
             stage.load_state_dict(snap["stage"])
             done = int(snap["done"])
+            state["fp8"].update(snap.get("fp8_tables") or {})
             rows = [orjson.loads(m.value) for m in inputs["fm.embeddings"] if control_of(m.headers) is None]
             history.append_embeddings(_code_rows(sorted((r for r in rows if r["step"] <= done),
                                                         key=lambda r: (r["step"], r["label_ts"], r["id"]))))
@@ -81,7 +86,15 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for msgs in inputs.values() for m in msgs])
 
     def refresh_serving(stage: VMStage) -> None:
-        state["serving"] = {vt: copy.deepcopy(l) for (vt, va), l in stage.learners.items() if va == cfg.vm_serve}
+        """The serving copies, each with its FP8 dispatch: LoKA's Probe + Dispatch measured on this machine
+        once per vertical (calibrated on its newest batch), then re-applied to every later copy."""
+        serving = {vt: copy.deepcopy(l) for (vt, va), l in stage.learners.items() if va == cfg.vm_serve}
+        for vt, learner in serving.items():
+            if vt in state["fp8"]:
+                apply_table(learner.model, state["fp8"][vt])
+            elif (vt, cfg.vm_serve) in stage.last_batches:
+                _, state["fp8"][vt] = dispatch_model(learner.model, [stage.last_batches[(vt, cfg.vm_serve)]])
+        state["serving"] = serving
 
     async def handle(messages) -> None:
         stage, inbox = state["stage"], state["inbox"]
@@ -113,12 +126,15 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
     async def save(stage: VMStage, done: int) -> None:
         state["snapshot_at"] = done
         await app.producer.flush()
-        atomic_save({"stage": stage.state_dict(), "done": done},
+        refresh_serving(stage)
+        tables = dict(state["fp8"])
+        # the decision tables go with the snapshot (``loopline fp8 report --snapshot`` prints the first)
+        atomic_save({"stage": stage.state_dict(), "done": done, "fp8_tables": tables,
+                     TABLE_KEY: tables[min(tables)] if tables else None},
                     os.path.join(snapshots, f"snapshot-{done:010d}.pt"))
         for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:
             if old.startswith("snapshot-"):
                 os.remove(os.path.join(snapshots, old))
-        refresh_serving(stage)
 
     @app.agent(source, name="vm")
     async def vm(stream):
@@ -140,8 +156,9 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         return web.json({"ready": stage is not None, "models": stage.report() if stage else {},
                          "steps": stage.steps if stage else 0, "examples": stage.examples if stage else 0,
                          "last_step": state.get("last_step", -1), "snapshot_at": state["snapshot_at"],
-                         "restored": state["restored"], "serving": {"variant": cfg.vm_serve,
-                                                                    "verticals": sorted(state["serving"])}})
+                         "restored": state["restored"], "serving": {
+                             "variant": cfg.vm_serve, "verticals": sorted(state["serving"]),
+                             "fp8": {vt: t["summary"] for vt, t in sorted(state["fp8"].items())}}})
 
     @app.page("/score/")
     class Score(View):

@@ -17,6 +17,8 @@ from loopline.ops.evaluate import evaluate_records
 from loopline.ops.eventlog import read_log
 from loopline.ops.generate import GenerateConfig, write_log
 
+INGEST = ("--role", "ingest")  # these tests check the join; the models' roles would only add load
+
 
 def run_cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "loopline.ops.cli", *args], capture_output=True, text=True,
@@ -80,7 +82,7 @@ def test_broker_command_listens_on_loopback_and_stops_on_sigint():
 
 @pytest.mark.integration
 def test_replay_wait_through_a_worker_prints_the_same_counts_as_evaluate(broker, start_worker, small_log):
-    start_worker()
+    start_worker(extra=INGEST)
     r = run_cli("replay", "--events", small_log, "--broker", broker.url, "--wait", "--json", "--timeout", "120")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

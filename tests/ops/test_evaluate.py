@@ -12,6 +12,8 @@ from loopline.ops.eventlog import order_records
 from loopline.ops.replay import collect_results, replay
 from loopline.state.attribution import AttributionConfig
 
+INGEST = ("--role", "ingest")  # these tests check the join; the models' roles would only add load
+
 
 @pytest.fixture(scope="module")
 def movielens():
@@ -45,7 +47,7 @@ def test_evaluate_is_deterministic_and_independent_of_the_partition_count(moviel
 @pytest.mark.integration
 def test_movielens_through_the_real_broker_matches_evaluate(broker, start_worker, movielens):
     expected = evaluate_records(movielens)
-    start_worker()
+    start_worker(extra=INGEST)
     sent = asyncio.run(replay(broker.bootstrap, movielens, 4, progress=False))
     got = asyncio.run(collect_results(broker.bootstrap, 4, sent["run_id"], len(movielens), timeout=400))
     assert got["events"] == expected["events"] and got["examples"] == expected["examples"]

@@ -12,6 +12,8 @@ from loopline.ops.eventlog import order_records, read_log
 from loopline.ops.generate import GenerateConfig, write_log
 from loopline.ops.replay import collect_results, replay
 
+INGEST = ("--role", "ingest")  # these tests check the join; the models' roles would only add load
+
 pytestmark = pytest.mark.integration
 
 COMPARED = ("events", "examples")
@@ -35,7 +37,7 @@ def generated_log(tmp_path_factory):
 def test_worker_counts_match_evaluate_on_generated_log(broker, start_worker, generated_log):
     expected = evaluate_records(generated_log, partitions=4)
     assert expected["events"]["deadletter"] > 50 and expected["examples"]["positive"] > 0
-    start_worker()
+    start_worker(extra=INGEST)
     sent = asyncio.run(replay(broker.bootstrap, generated_log, 4, progress=False))
     got = asyncio.run(collect_results(broker.bootstrap, 4, sent["run_id"], len(generated_log), timeout=240))
     _compare(got, expected)
@@ -45,7 +47,7 @@ def test_worker_counts_match_evaluate_on_generated_log(broker, start_worker, gen
 
 def test_kill9_midway_and_restart_gives_the_same_counts(broker, start_worker, generated_log):
     expected = evaluate_records(generated_log, partitions=4)
-    w = start_worker("w1")
+    w = start_worker("w1", extra=INGEST)
     asyncio.run(replay(broker.bootstrap, generated_log, 4, end_of_log=False, progress=False))
     deadline = time.monotonic() + 120
     while w.processed() < len(generated_log) // 3:  # let it get part of the way
@@ -54,7 +56,7 @@ def test_kill9_midway_and_restart_gives_the_same_counts(broker, start_worker, ge
     done_before_kill = w.processed()
     w.kill9()
     assert done_before_kill < len(generated_log), "the worker finished before it could be killed"
-    w2 = start_worker("w1")  # same data dir: local RocksDB state plus the changelog
+    w2 = start_worker("w1", extra=INGEST)  # same data dir: local RocksDB state plus the changelog
     sent = asyncio.run(_end_of_log(broker.bootstrap, 4))
     got = asyncio.run(collect_results(broker.bootstrap, 4, sent, len(generated_log), timeout=240))
     _compare(got, expected)

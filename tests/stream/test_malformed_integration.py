@@ -15,6 +15,8 @@ from loopline.ops.replay import read_topic, collect_results, replay
 
 from ..malformed_corpus import CASES, CONV, IMP, with_
 
+INGEST = ("--role", "ingest")  # these tests check the join; the models' roles would only add load
+
 pytestmark = pytest.mark.integration
 
 
@@ -34,7 +36,7 @@ def test_every_malformed_line_is_dead_lettered_with_its_reason_and_the_worker_li
     dup_imp, dup_conv = valid[0], valid[1]  # exact copies, later in the log
     lines = valid[:150] + list(bad) + valid[150:] + [dup_imp, dup_conv]
     records = order_records(lines)
-    w = start_worker()
+    w = start_worker(extra=INGEST)
     sent = asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
     got = asyncio.run(collect_results(broker.bootstrap, 4, sent["run_id"], len(records), timeout=180))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +51,15 @@ def test_vm_worker_metrics_match_evaluate_and_score_serves_the_snapshot(broker, 
                              for k, r in expected["models"].items() if k.startswith("vm:")}
 
     vertical = got["serving"]["verticals"][0]
+    # LoKA dispatch of the serving copy, measured here: this CPU has no FP8 hardware, so every layer
+    # stays in high precision, and the decision table travels with the snapshot
+    fp8 = got["serving"]["fp8"][vertical]
+    assert fp8["layers"] > 0 and fp8["fp8"] == 0
+    snap = sorted((tmp_path / "w1" / "vm-snapshots").glob("snapshot-*.pt"))[-1]
+    r = subprocess.run([sys.executable, "-m", "loopline.ops.cli", "fp8", "report", "--snapshot", str(snap), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["table"]["layers"]) == fp8["layers"]
     cands = [{"ad": f"a{i}", "campaign": f"c{i % 7}"} for i in range(100)]
     status, body = post(w.port, {"user": "u1", "vertical": vertical, "candidates": cands, "attrs": {"age": "25-34"}})
     assert status == 200, body
