@@ -108,10 +108,8 @@ class VMStage:
         self.last_batches: dict[tuple[str, str], object] = {}  # (vertical, variant) -> its newest batch
         self.steps = 0
         self.examples = 0
-        L = max(c.seq_len for c in self.configs.values())
-        self._reads = ({"fm" if "fm" in c.uses else None for c in self.configs.values()} |
-                       {"raw" if "raw" in c.uses else None for c in self.configs.values()}) - {None}
-        self._L = L
+        self._reads = set().union(*(c.uses for c in self.configs.values()))  # the sequences read, once
+        self._L = max(c.seq_len for c in self.configs.values())
 
     def learner(self, vertical: str, variant: str) -> VMLearner:
         key = (vertical, variant)
@@ -147,13 +145,12 @@ class VMStage:
                 learner = self.learner(vertical, variant)
                 b = self.featurizers[variant].batch(exs, codes, raw)
                 self.last_batches[(vertical, variant)] = b  # calibration data for the serving dispatch
-                names = {variant: None}
                 if self.cfg.fp8:
-                    names[f"{variant}@fp8"] = self._fp8_predict(vertical, variant, learner, b)
+                    names = {f"{variant}@fp8": self._fp8_predict(vertical, variant, learner, b)}
                     with high_precision():
                         names[variant] = learner.predict_many(b)
                 else:
-                    names[variant] = learner.predict_many(b)
+                    names = {variant: learner.predict_many(b)}
                 learner.learn_many(b)
                 for name, p in names.items():
                     self.metrics[name].update(p, y)

@@ -143,8 +143,8 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
             if vms is not None:
                 result["vm_stage"] = {"variants": list(vms.cfg.variants), "steps": vms.steps,
                                       "verticals": sorted({vt for vt, _ in vms.learners}),
-                                      "params": {v: sum(p.numel() for p in vms.learners[k].model.parameters())
-                                                 for k in sorted(vms.learners) for v in [k[1]]}}
+                                      "params": {va: sum(p.numel() for p in learner.model.parameters())
+                                                 for (_, va), learner in sorted(vms.learners.items())}}
             if rows:
                 ts = sorted(r["ts"] for r in rows.values())
                 split = split_ts if split_ts is not None else (ts[0] + ts[-1]) / 2

@@ -30,6 +30,14 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -n
   touch "$STAMP"
 fi
 
+# Debian's Chromium renders `loopline report`'s page headless in its test; where apt is at hand (root),
+# install it once. Without it that one test skips and says why.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian's chromium (headless, for the report test)"
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the report's browser test will skip"
+fi
+
 # Fail loudly if the fragile parts of the stack broke (see stack.md: torchrec pulls CUDA fbgemm otherwise).
 "$VPY" - <<'PYEOF'
 import sys
