@@ -21,6 +21,7 @@ Public surface: ``reach_args``, ``run_reach``, ``ask_workers``, ``ask_stream``, 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import uuid
@@ -29,7 +30,7 @@ import orjson
 
 from loopline.state.errors import ConfigError
 
-__all__ = ["reach_args", "run_reach", "ask_workers", "ask_stream", "samples_from_log"]
+__all__ = ["reach_args", "run_reach", "ask_workers", "ask_stream", "samples_from_log", "quality_adjusted"]
 
 
 def reach_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,9 @@ def reach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epoch", type=float, default=d.epoch_s, help="epoch length, seconds of event time")
     p.add_argument("--horizon", type=int, default=d.horizon_epochs, help="epochs in the horizon")
     p.add_argument("--min-per-stratum", type=int, default=d.min_per_stratum)
+    p.add_argument("--quality", action="store_true",
+                   help="adjust answers of rules naming a source's segment (seg.SOURCE.SEGMENT = yes) by that "
+                        "source's fitted quality: from the same --events log or the same --workers")
     p.add_argument("--json", action="store_true")
 
 
@@ -82,9 +86,12 @@ def samples_from_log(path: str, partitions: int, cfg, progress: bool = False) ->
         cores[p].acked(outs)
         offsets[p] += 1
         for o in outs:
-            if o.kind == "audience" and o.value.get("type") == "impression":
-                v = o.value
+            v = o.value
+            if o.kind == "audience" and v.get("type") == "impression":
                 samplers[partition_for(v["user"].encode(), b"", partitions)].observe(v["user"], v["ts"], v["attrs"])
+            elif o.kind == "audience" and v.get("type") == "segment":
+                samplers[partition_for(v["user"].encode(), b"", partitions)].assert_segment(
+                    v["user"], v["source"], v["segment"])
         if n % 1000 == 0:
             for c in cores:
                 c.flush()
@@ -252,7 +259,49 @@ def run_reach(a) -> tuple[dict | None, list[dict] | None]:
             outs = [_safe(lambda t: answer(sample, t, cfg.min_per_stratum), t) for t in texts]
         else:
             outs = [{**answer(sample, texts[0], cfg.min_per_stratum), "sample": sample.describe()}]
+    if a.quality:
+        report = _quality_report(a)
+        outs = [quality_adjusted(o, report) for o in outs]
     return (None, outs) if a.queries else (outs[0], None)
+
+
+def _quality_report(a) -> dict:
+    from .quality import gather_worker_counts, quality_counts_from_records, quality_report
+    if a.events:
+        from .eventlog import read_log
+        agg, _ = quality_counts_from_records(read_log(a.events), a.partitions)
+    elif a.workers:
+        agg, _ = gather_worker_counts([u.strip() for u in a.workers.split(",") if u.strip()], a.partitions)
+    else:
+        raise ConfigError("quality: needs --events FILE or --workers (the sources' fits come from there)")
+    return quality_report(agg)
+
+
+def quality_adjusted(out: dict, report: dict) -> dict:
+    """A reach answer for a rule that names one source's segment label, plus ``quality_adjusted``: the
+    expected users truly in the segment, from the source's fitted a (``not`` / ``!=``: b), with the
+    interval widened by the fit's uncertainty (``ops/quality.adjusted_reach``)."""
+    from loopline.state.reach import segment_attr
+
+    from .quality import adjusted_reach
+    text = out.get("query") or ""
+    if "users" not in out:
+        return out
+    named = [(r["source"], r["segment"]) for r in report["sources"]
+             if re.search(rf"(?<![\w.]){re.escape(segment_attr(r['source'], r['segment']))}(?![\w.])", text)]
+    if not named:
+        return out
+    if len(named) > 1:
+        return {**out, "quality_adjusted": {"error": "quality: a rule naming one source segment is adjusted; "
+                                                     f"this one names {len(named)}"}}
+    source, segment = named[0]
+    attr = re.escape(segment_attr(source, segment))
+    exclude = bool(re.search(rf"not\s+{attr}|{attr}\s*!=", text, flags=re.IGNORECASE))
+    try:
+        adj = adjusted_reach(report, source, segment, out["users"], out["users_ci"], exclude)
+    except ConfigError as exc:
+        adj = {"error": str(exc)}
+    return {**out, "quality_adjusted": adj}
 
 
 def _safe(fn, text: str) -> dict:

@@ -1,7 +1,7 @@
 """Audience reach: a stratified sample of the users in the impression stream, and estimates of how many
 users and impressions a targeting query reaches, with a 95% interval.
 
-Public surface: ``ReachConfig``, ``ReachSampler``, ``Sample``, ``user_hash``, ``query_stats``,
+Public surface: ``ReachConfig``, ``ReachSampler``, ``Sample``, ``user_hash``, ``segment_attr``, ``query_stats``,
 ``merge_stats``, ``finish``, ``answer``, ``build_sample``, ``with_score_model``, ``ThetaBaseline``,
 ``exact_answer``.
 
@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import re
 import sys
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ from .errors import ConfigError
 from .reach_query import Query, evaluate, parse_query
 from .reach_strata import ScoreModel, Strata, allocate, learn_strata, path_of, probe_scores
 
-__all__ = ["ReachConfig", "ReachSampler", "Sample", "user_hash", "query_stats", "merge_stats", "finish",
+__all__ = ["ReachConfig", "ReachSampler", "Sample", "user_hash", "segment_attr", "query_stats", "merge_stats", "finish",
            "answer", "build_sample", "with_score_model", "ThetaBaseline", "exact_answer"]
 
 Z95 = 1.959964  # two-sided 95% normal quantile
@@ -134,6 +135,17 @@ def user_hash(user: str, seed: int = 0) -> float:
     return (int.from_bytes(d, "little") >> 11) * (1.0 / (1 << 53))
 
 
+def segment_attr(source: str, segment: str) -> str:
+    """The query attribute of a data source's segment label (``segment`` events; value ``yes``):
+    a rule such as ``seg.s1.female = yes and age = 25-34`` targets the users source ``s1`` puts in
+    ``female``. Characters the query language's names do not allow become ``_``.
+
+    >>> segment_attr("dmp-2", "auto intender")
+    'seg.dmp_2.auto_intender'
+    """
+    return f"seg.{re.sub(r'[^A-Za-z0-9_]', '_', source)}.{re.sub(r'[^A-Za-z0-9_]', '_', segment)}"
+
+
 class _Epoch:
     __slots__ = ("strata", "cap", "heaps", "theta")
 
@@ -165,11 +177,18 @@ class ReachSampler:
         self.since_learn = 0
         self.version = 0  # changes whenever the sample does
         self.counts = {"impressions": 0, "too_old": 0, "restratified": 0}
+        # user -> {segment attr: "yes"} for every user a source labelled (before or after its
+        # impressions: the quality counts' rule), so rules can name a source's segment
+        self.segments: dict[str, dict[str, str]] = {}
 
     # -- the stream ------------------------------------------------------------------------------------
     def observe(self, user: str, ts: float, attrs: dict, impressions: int = 1) -> None:
         """One accepted impression of ``user`` at event time ``ts`` with targeting ``attrs``."""
         cfg = self.cfg
+        own = attrs  # the strata see the impression's own attributes only (see _learn)
+        seg = self.segments.get(user)
+        if seg:
+            attrs = {**attrs, **seg}
         e = int(ts // cfg.epoch_s)
         if self.current is None:
             self.current = e
@@ -193,8 +212,8 @@ class ReachSampler:
             hu = rec[0]
         else:
             hu = user_hash(user, cfg.seed)
-        leaf = ep.strata.assign(attrs)
-        q = ep.strata.q(attrs)
+        leaf = ep.strata.assign(own)
+        q = ep.strata.q(own)
         priority = hu / q
         if priority >= ep.theta[leaf]:
             return
@@ -210,6 +229,21 @@ class ReachSampler:
             ep.theta[leaf] = -neg
             self._drop(gone, e)
         self.version += 1
+
+    def assert_segment(self, user: str, source: str, segment: str) -> None:
+        """A ``segment`` event: ``source`` puts ``user`` in ``segment``. A user already in the sample
+        gets the attribute at once; a later one with its first impression."""
+        key = segment_attr(source, segment)
+        seg = self.segments.setdefault(user, {})
+        if key in seg:
+            return
+        seg[key] = "yes"
+        rec = self.records.get(user)
+        if rec is not None:
+            extra = self._encode({key: "yes"})
+            codes = list(rec[1]) + [-1] * (len(extra) - len(rec[1]))
+            rec[1] = tuple(c if e == -1 else e for c, e in zip(codes, extra))
+            self.version += 1
 
     def _encode(self, attrs: dict) -> tuple:
         codes = [-1] * len(self.attrs)
@@ -259,7 +293,9 @@ class ReachSampler:
         users = [u for heap in ep.heaps for _, u in heap]
         if len(users) < 2 * cfg.min_per_stratum:
             return
-        cols = self._columns([self.records[u][1] for u in users])
+        # segment labels are query attributes only: they may come before or after a user's impressions,
+        # so strata (and so inclusion probabilities) built on them would depend on arrival order
+        cols = {a: c for a, c in self._columns([self.records[u][1] for u in users]).items() if not a.startswith("seg.")}
         w = np.array([1.0 / min(1.0, ent[2] * ep.theta[ent[0]]) for ent in (self.records[u][2][e] for u in users)])
         r = probe_scores(cols, self.values, w)
         # at most as many strata as keep the floors within half the sample

@@ -4,8 +4,8 @@ HTTP and through a stream table.
 Public surface: ``register_reach``, ``changelog_topic``.
 
 * An agent on ``audience`` (user-keyed; ingest writes accepted impressions there) feeds each
-  partition's impressions to a :class:`~loopline.state.reach.ReachSampler`; other message types
-  (segment assertions, truth reports: the quality agent's) are ignored.
+  partition's impressions and segment assertions (as ``seg.<source>.<segment> = yes`` attributes) to a
+  :class:`~loopline.state.reach.ReachSampler`; truth reports (the quality agent's) are ignored.
 * **Rebuild.** The samples live in memory. When a worker is assigned a partition it does not hold (at
   start, after a restart, or when it takes over a dead member's partitions) it rebuilds that
   partition's sample by replaying the partition from its first offset with its own consumer, then
@@ -62,6 +62,9 @@ def changelog_topic(cfg: WorkerConfig) -> str:
 
 def _apply(sampler: ReachSampler, value: bytes) -> bool:
     v = orjson.loads(value)
+    if isinstance(v, dict) and v.get("type") == "segment":
+        sampler.assert_segment(str(v["user"]), str(v["source"]), str(v["segment"]))
+        return True
     if not isinstance(v, dict) or v.get("type") != "impression":
         return False
     attrs = v.get("attrs") or {}

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from loopline.ops.cli import main
-from loopline.ops.generate import GenerateConfig, write_log
+from loopline.ops.generate import QUALITY_SOURCES, GenerateConfig, write_log
 from loopline.ops.reach import ask_workers
 
 
@@ -107,3 +107,25 @@ def test_bench_reach_smoke(tmp_path):
     assert out["sample"]["ours"]["sampled_users"] <= 0.02 * 20_000 + 1
     assert out["latency_in_process_ms"]["p50"] > 0
     assert (tmp_path / "b.json").exists()
+
+
+def test_quality_adjusts_a_rule_naming_a_source_segment(tmp_path, capsys):
+    """``loopline reach --quality`` on a log with sources of known quality: the good source's labelled
+    audience is scaled by its fitted a, an exclusion by b, each with an interval at least as wide."""
+    path = str(tmp_path / "q.jsonl")
+    summary = write_log(GenerateConfig(users=600, days=3, seed=4, quality_sources=QUALITY_SOURCES), path)
+    good = next(s for s in summary["quality"]["sources"] if s["source"] == "s_good")
+    rule = f"seg.s_good.{good['segment']} = yes"
+    rc, out, err = run(capsys, "reach", rule, "--events", path, "--quality", "--json")
+    assert rc == 0, err
+    ans = orjson.loads(out)
+    adj = ans["quality_adjusted"]
+    assert adj["source"] == "s_good" and adj["labelled"] is True
+    assert adj["users"] == pytest.approx(ans["users"] * adj["rate"], rel=1e-3)
+    assert adj["rate_ci"][0] <= good["a"] <= adj["rate_ci"][1]
+    assert adj["users_ci"][1] - adj["users_ci"][0] >= (ans["users_ci"][1] - ans["users_ci"][0]) * adj["rate"]
+    rc, out, err = run(capsys, "reach", f"not {rule}", "--events", path, "--quality", "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)["quality_adjusted"]["labelled"] is False
+    rc, out, err = run(capsys, "reach", "age = 25-34", "--events", path, "--quality", "--json")
+    assert rc == 0 and "quality_adjusted" not in orjson.loads(out)  # no source named: nothing to adjust

@@ -9,7 +9,7 @@ import pytest
 
 from loopline.state.errors import ConfigError
 from loopline.state.reach import (ReachConfig, ReachSampler, Sample, ThetaBaseline, answer, build_sample,
-                                  exact_answer, finish, merge_stats, query_stats, user_hash)
+                                  exact_answer, finish, merge_stats, query_stats, segment_attr, user_hash)
 from loopline.state.reach_strata import Strata, allocate, learn_strata, probe_scores
 
 QUERIES = ["*", "gender = F", "geo = IS and gender = M", "not geo = IS and age in (18-24, 65+)"]
@@ -286,3 +286,28 @@ def test_priority_sampling_in_the_stream_equals_the_bulk_builder_and_favours_rar
     share_mc = np.mean([v["geo"] == "MC" for v in (users[i][1] for i in range(n))])
     sampled_mc = answer(stream, "geo = MC", composite=False)["matched_sample_users"] / stream.n
     assert mc.any() and sampled_mc > 2 * share_mc  # the rare value is over-sampled
+
+
+def test_segment_labels_become_query_attributes_whatever_their_order():
+    """A source's segment label is the attribute seg.<source>.<segment> = yes, whether the assertion
+    comes before or after the user's impressions; the strata never use it, so the sample is the same."""
+    users = [f"u{i}" for i in range(400)]
+    imps = [("imp", u, 1000.0 + i) for i, u in enumerate(users)]
+    segs = [("seg", u, 0.0) for u in users[::4]]
+
+    def build(items):
+        s = ReachSampler(ReachConfig(sample_users=60, min_per_stratum=5))
+        for kind, u, t in items:
+            if kind == "imp":
+                s.observe(u, t, {"age": str(int(u[1:]) % 3)})
+            else:
+                s.assert_segment(u, "dmp-1", "female")
+        return s.snapshot()
+
+    before, after = build(segs + imps), build(imps + segs)
+    a, b = answer(before, "seg.dmp_1.female = yes"), answer(after, "seg.dmp_1.female = yes")
+    assert a == b
+    assert a["users_ci"][0] <= 100 <= a["users_ci"][1]
+    assert segment_attr("dmp-1", "female") == "seg.dmp_1.female"
+    assert answer(before, "not seg.dmp_1.female = yes")["users"] == pytest.approx(
+        answer(before, "*")["users"] - a["users"], abs=0.2)  # answers are rounded to 0.1

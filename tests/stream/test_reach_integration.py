@@ -10,7 +10,7 @@ import time
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from loopline.ops.generate import GenerateConfig, write_log
+from loopline.ops.generate import QUALITY_SOURCES, GenerateConfig, write_log
 from loopline.ops.reach import ask_stream, ask_workers, samples_from_log
 from loopline.state.ingest import IngestCore
 from loopline.state.reach import ReachConfig, Sample, answer
@@ -19,6 +19,7 @@ from loopline.ops.eventlog import partition_for, read_log
 pytestmark = pytest.mark.integration
 
 QUERY = "gender = F and not geo = US-CA"
+SEG_QUERY = "seg.s_good.auto_intender = yes and gender = F"
 REACH = ("--role", "reach", "--reach-sample-users", "60", "--reach-epoch", "86400", "--reach-horizon", "7")
 
 
@@ -60,9 +61,12 @@ def wait_for(fn, timeout: float, what: str):
 
 def test_fan_out_partial_answer_and_recovery(broker, start_worker, tmp_path):
     log = str(tmp_path / "log.jsonl")
-    write_log(GenerateConfig(users=500, days=0.8, seed=5), log)
+    write_log(GenerateConfig(users=500, days=0.8, seed=5, quality_sources=QUALITY_SOURCES), log)
     cfg = ReachConfig(sample_users=60)
-    offline = answer(Sample.merge(samples_from_log(log, 4, cfg)), QUERY, cfg.min_per_stratum)
+    merged = Sample.merge(samples_from_log(log, 4, cfg))
+    offline = answer(merged, QUERY, cfg.min_per_stratum)
+    offline_seg = answer(merged, SEG_QUERY, cfg.min_per_stratum)
+    assert offline_seg["users"] > 0
     assert offline["users"] > 0 and offline["sample_users"] < 400  # really a sample
 
     w1 = start_worker("r1", ready=False, extra=REACH)
@@ -77,6 +81,10 @@ def test_fan_out_partial_answer_and_recovery(broker, start_worker, tmp_path):
     full = wait_for(complete, 90, "both workers to answer for every partition")
     assert (full["users"], full["impressions"]) == (offline["users"], offline["impressions"])
     assert full["users_ci"] == offline["users_ci"]
+    # a source's segment label (segment events on the same topic) is a query attribute on the workers too
+    seg = wait_for(lambda: (a := ask_workers(urls, SEG_QUERY, timeout=2.0))["users"] == offline_seg["users"] and a
+                   or None, 30, "the segment answer")
+    assert seg["users_ci"] == offline_seg["users_ci"]
 
     table = asyncio.run(ask_stream(broker.bootstrap, QUERY, 4, app_id="loopline", timeout=20))
     assert not table["partial"]
