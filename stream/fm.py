@@ -126,10 +126,10 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             st.advance(wm)
         await publish(st)
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
-            state["snapshot_at"] = st.fm.version
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
             atomic_save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
                          "finished": state["finished"]}, os.path.join(snapshots, f"snapshot-{st.fm.version:010d}.pt"))
+            state["snapshot_at"] = st.fm.version  # only once it is on disk: /fm/ must not claim it before
             for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:  # each is tens of MB
                 if old.startswith("snapshot-"):
                     os.remove(os.path.join(snapshots, old))

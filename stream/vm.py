@@ -124,14 +124,25 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             await save(stage, last)
 
     async def save(stage: VMStage, done: int) -> None:
-        state["snapshot_at"] = done
-        await app.producer.flush()
+        if state.get("saving"):
+            return  # the agent and the idle timer both save; one at a time
+        state["saving"] = True
+        try:
+            await _save(stage, done)
+        finally:
+            state["saving"] = False
+
+    async def _save(stage: VMStage, done: int) -> None:
+        # copied now, while it is the state after step `done`: the agent may train on during the flush
+        snap = copy.deepcopy(stage.state_dict())
+        await app.producer.flush()  # the score rows of steps <= done are out before the snapshot says so
         refresh_serving(stage)
         tables = dict(state["fp8"])
         # the decision tables go with the snapshot (``loopline fp8 report --snapshot`` prints the first)
-        atomic_save({"stage": stage.state_dict(), "done": done, "fp8_tables": tables,
+        atomic_save({"stage": snap, "done": done, "fp8_tables": tables,
                      TABLE_KEY: tables[min(tables)] if tables else None},
                     os.path.join(snapshots, f"snapshot-{done:010d}.pt"))
+        state["snapshot_at"] = done  # only once it is on disk
         for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:
             if old.startswith("snapshot-"):
                 os.remove(os.path.join(snapshots, old))

@@ -76,7 +76,7 @@ def test_vm_worker_metrics_match_evaluate_and_score_serves_the_snapshot(broker, 
     # a restart resumes from the newest snapshot (weights_only load) with the same numbers
     w = start_worker(extra=("--variants", ",".join(VARIANTS), "--serve", "loopfm+kd"))
     deadline = time.monotonic() + 120
-    while not (w.view("/vm/") or {}).get("ready"):
+    while (w.view("/vm/") or {}).get("examples") != total:  # ready, and caught up past its snapshot
         assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
         time.sleep(0.5)
     again = w.view("/vm/")
