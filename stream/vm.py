@@ -97,6 +97,13 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         state["serving"] = serving
 
     async def handle(messages) -> None:
+        state["busy"] = True  # the idle timer must not snapshot between a step and its bookkeeping
+        try:
+            await _handle(messages)
+        finally:
+            state["busy"] = False
+
+    async def _handle(messages) -> None:
         stage, inbox = state["stage"], state["inbox"]
         for topic, partition, offset, headers, value in messages:
             tp = f"{topic}/{partition}"
@@ -158,7 +165,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
     async def snapshot_when_idle() -> None:
         """A replay that ends between two snapshots still gets one (and a fresh serving copy)."""
         stage, last = state["stage"], state.get("last_step", -1)
-        if stage is not None and last > state["snapshot_at"]:
+        if stage is not None and not state.get("busy") and last > state["snapshot_at"]:
             await save(stage, last)
 
     @app.page("/vm/")

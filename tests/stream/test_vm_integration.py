@@ -73,11 +73,12 @@ def test_vm_worker_metrics_match_evaluate_and_score_serves_the_snapshot(broker, 
     assert status == 400 and body["error"].startswith("candidates[0].campaign")
     assert w.stop() == "stopped on SIGTERM"
 
-    # a restart resumes from the newest snapshot (weights_only load) with the same numbers
-    w = start_worker(extra=("--variants", ",".join(VARIANTS), "--serve", "loopfm+kd"))
-    deadline = time.monotonic() + 120
-    while (w.view("/vm/") or {}).get("examples") != total:  # ready, and caught up past its snapshot
-        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
+    # a vm worker restarted on that data dir resumes from the newest snapshot (weights_only load) and
+    # ends with the same numbers
+    w = start_worker(ready=False, extra=("--role", "vm", "--variants", ",".join(VARIANTS), "--serve", "loopfm+kd"))
+    deadline = time.monotonic() + 300
+    while (view := w.view("/vm/") or {}).get("examples") != total:  # ready, and caught up past its snapshot
+        assert time.monotonic() < deadline and w.proc.poll() is None, ({k: v for k, v in view.items() if k != "models"}, total, w.tail())
         time.sleep(0.5)
     again = w.view("/vm/")
     assert again["restored"] and again["models"] == got["models"]
