@@ -1,6 +1,6 @@
 """``loopline evaluate``: the in-process replay through the same code the workers run.
 
-Public surface: ``evaluate_records``, ``summarize``, ``format_table``.
+Public surface: ``evaluate_records``, ``summarize``, ``format_table``, ``ingest_outputs``.
 
 Events are routed to partitions exactly as ``loopline replay`` sends them (``ops/eventlog.py``), each
 partition's :class:`~loopline.state.ingest.IngestCore` runs over a dict, and at the end of the log every
@@ -17,7 +17,7 @@ from loopline.state.ingest import IngestCore
 
 from .eventlog import LogRecord, partition_for
 
-__all__ = ["evaluate_records", "summarize", "format_table"]
+__all__ = ["evaluate_records", "summarize", "format_table", "ingest_outputs"]
 
 
 def summarize(read: int, deadletters: dict[str, int], examples: int, positives: int,
@@ -185,3 +185,25 @@ def format_table(out: dict) -> str:
                      num(m and m.get("tr"), 11, ".3f"))
         lines.append(line)
     return "\n".join(lines)
+
+
+def ingest_outputs(records: list[LogRecord], partitions: int = 4, cfg: AttributionConfig = AttributionConfig(),
+                   progress: str | None = None, **core_kw):
+    """Every output of the in-process ingest cores, record by record, routed exactly as ``replay``
+    sends (``core_kw``: e.g. ``audience=True``); ``progress`` names the periodic stderr line."""
+    cores = [IngestCore({}, p, cfg, **core_kw) for p in range(partitions)]
+    offsets = [0] * partitions
+    t0 = time.perf_counter()
+    for n, rec in enumerate(records, 1):
+        p = partition_for(rec.key, rec.raw, partitions)
+        outs = cores[p].handle(rec.raw, offsets[p])
+        cores[p].acked(outs)
+        offsets[p] += 1
+        yield from outs
+        if n % 5000 == 0:
+            for core in cores:
+                core.flush()
+        if progress and n % 100_000 == 0:
+            rate = n / (time.perf_counter() - t0)
+            print(f"{progress}: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
+                  file=sys.stderr, flush=True)

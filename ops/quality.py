@@ -14,20 +14,16 @@ fitted here, with every truth report seen so far.
 
 from __future__ import annotations
 
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import orjson
 
 from loopline.model.quality import METHODS, QualityConfig, adjust_reach, assess
-from loopline.state.attribution import AttributionConfig
 from loopline.state.errors import ConfigError
-from loopline.state.ingest import IngestCore
 from loopline.state.quality_counts import QualityCounts, merge_aggregates
 
-from .eventlog import LogRecord, partition_for
+from .eventlog import LogRecord
 
 __all__ = ["quality_counts_from_records", "gather_worker_counts", "quality_report", "adjusted_reach",
            "format_quality", "run_quality"]
@@ -36,28 +32,14 @@ __all__ = ["quality_counts_from_records", "gather_worker_counts", "quality_repor
 def quality_counts_from_records(records: list[LogRecord], partitions: int = 4,
                                 progress: bool = False) -> tuple[dict, dict]:
     """(merged quality aggregate, event counts ``{"read", "accepted", "deadletter", "by_reason"}``)."""
-    cores = [IngestCore({}, p, AttributionConfig(), audience=True) for p in range(partitions)]
-    offsets = [0] * partitions
+    from .evaluate import ingest_outputs
     qc = QualityCounts({})
     dead: dict[str, int] = {}
-    t0 = time.perf_counter()
-    for n, rec in enumerate(records, 1):
-        p = partition_for(rec.key, rec.raw, partitions)
-        outs = cores[p].handle(rec.raw, offsets[p])
-        cores[p].acked(outs)
-        offsets[p] += 1
-        for o in outs:
-            if o.kind == "audience":
-                qc.learn_one(o.value)
-            elif o.kind == "deadletter":
-                dead[o.value["reason"]] = dead.get(o.value["reason"], 0) + 1
-        if n % 5000 == 0:
-            for core in cores:
-                core.flush()
-        if progress and n % 100_000 == 0:
-            rate = n / (time.perf_counter() - t0)
-            print(f"quality: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
-                  file=sys.stderr, flush=True)
+    for o in ingest_outputs(records, partitions, progress="quality" if progress else None, audience=True):
+        if o.kind == "audience":
+            qc.learn_one(o.value)
+        elif o.kind == "deadletter":
+            dead[o.value["reason"]] = dead.get(o.value["reason"], 0) + 1
     nd = sum(dead.values())
     events = {"read": len(records), "accepted": len(records) - nd, "deadletter": nd,
               "by_reason": dict(sorted(dead.items()))}

@@ -68,37 +68,22 @@ def _cfg(a):
 def samples_from_log(path: str, partitions: int, cfg, progress: bool = False) -> list:
     """Per-partition samples of a log: ingest as the workers do (validation, de-duplication), then
     each accepted impression to the sampler of its user's ``audience`` partition."""
-    from loopline.state.ingest import IngestCore
     from loopline.state.reach import ReachSampler
 
+    from .evaluate import ingest_outputs
     from .eventlog import partition_for, read_log
     try:
         records = read_log(path)
     except OSError as exc:
         raise ConfigError(f"events: cannot read {path!r}: {exc.strerror}") from None
-    cores = [IngestCore({}, p, audience=True) for p in range(partitions)]
-    offsets = [0] * partitions
     samplers = [ReachSampler(cfg, q) for q in range(partitions)]
-    t0 = time.perf_counter()
-    for n, rec in enumerate(records, 1):
-        p = partition_for(rec.key, rec.raw, partitions)
-        outs = cores[p].handle(rec.raw, offsets[p])
-        cores[p].acked(outs)
-        offsets[p] += 1
-        for o in outs:
-            v = o.value
-            if o.kind == "audience" and v.get("type") == "impression":
-                samplers[partition_for(v["user"].encode(), b"", partitions)].observe(v["user"], v["ts"], v["attrs"])
-            elif o.kind == "audience" and v.get("type") == "segment":
-                samplers[partition_for(v["user"].encode(), b"", partitions)].assert_segment(
-                    v["user"], v["source"], v["segment"])
-        if n % 1000 == 0:
-            for c in cores:
-                c.flush()
-        if progress and n % 100_000 == 0:
-            rate = n / (time.perf_counter() - t0)
-            print(f"reach: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
-                  file=sys.stderr, flush=True)
+    for o in ingest_outputs(records, partitions, progress="reach" if progress else None, audience=True):
+        v = o.value
+        if o.kind == "audience" and v.get("type") == "impression":
+            samplers[partition_for(v["user"].encode(), b"", partitions)].observe(v["user"], v["ts"], v["attrs"])
+        elif o.kind == "audience" and v.get("type") == "segment":
+            samplers[partition_for(v["user"].encode(), b"", partitions)].assert_segment(
+                v["user"], v["source"], v["segment"])
     return [s.snapshot() for s in samplers]
 
 
