@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test fuzz bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+fuzz: setup  # the property-based suite with many more examples than CI's default profile
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz
 
 bench: setup
 	$(VENV)/bin/loopline bench ingest --repeats 3 --profile --out bench-ingest.json

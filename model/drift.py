@@ -27,6 +27,14 @@ carry it.
 * Labels: the positive rate of each window, its difference from the reference's and a pooled
   two-proportion z score.
 
+Feature *names* come from the events (any ``attrs`` or ``features`` key), so a window holds at most
+``max_features`` of them: when a new name would go past it, the window keeps the ``max_features // 2``
+names with the most values counted so far (ties: categorical names first, each kind in the order first
+seen) and drops the rest, counted in
+``features_pruned`` (names) and ``values_pruned`` (their counted values). Names seen on most examples
+keep their place however many one-off names arrive; a dropped name that comes back starts again from
+zero in that window. Under the cap nothing changes.
+
 PSI is ``sum((c - r) * ln(c / r))`` over bins, with proportions smoothed by half a count per bin so a
 value seen on one side only (a campaign that starts or stops) gives a large, finite figure. By the
 usual rule of thumb PSI < 0.1 is stable, 0.1-0.25 a moderate shift, > 0.25 a large one. Small windows
@@ -75,6 +83,9 @@ class DriftConfig:
     keep_windows: int = 90  # windows kept (older ones are dropped: a long-lived worker)
     min_count: int = 50  # a window with fewer examples gets no drift figures (too noisy)
     sketch_k: int = 200  # KLL accuracy parameter of the numeric sketches
+    # feature names a window holds (each holds up to max_categories counts or a KLL sketch, ~10 kB);
+    # reaching it prunes the window to its max_features // 2 most counted names (module docstring)
+    max_features: int = 512
 
     def __post_init__(self):
         if not (isinstance(self.window_s, (int, float)) and math.isfinite(self.window_s) and self.window_s > 0):
@@ -82,7 +93,7 @@ class DriftConfig:
         if self.reference not in ("previous", "first"):
             raise ConfigError(f"reference: must be previous or first, got {self.reference!r}")
         for name, lo in (("bins", 2), ("max_categories", 2), ("keep_windows", 2), ("min_count", 1),
-                         ("sketch_k", 8)):
+                         ("sketch_k", 8), ("max_features", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}: must be an integer >= {lo}, got {v!r}")
@@ -165,6 +176,8 @@ class FeatureDrift:
         self._numeric = set(cfg.numeric)
         self.examples = 0
         self.unparsed = 0  # numeric features whose value is not a finite number (not counted)
+        self.features_pruned = 0  # feature names a full window dropped (max_features)
+        self.values_pruned = 0  # the values those names had counted
 
     def update(self, examples) -> None:
         cfg = self.cfg
@@ -192,11 +205,15 @@ class FeatureDrift:
                         continue
                     sk = w.nums.get(name)
                     if sk is None:
+                        if len(w.cats) + len(w.nums) >= cfg.max_features:
+                            self._prune(w)
                         sk = w.nums[name] = kll_doubles_sketch(cfg.sketch_k)
                     sk.update(x)
                 else:
                     c = w.cats.get(name)
                     if c is None:
+                        if len(w.cats) + len(w.nums) >= cfg.max_features:
+                            self._prune(w)
                         c = w.cats[name] = Counter()
                     v = str(v)
                     if v in c or len(c) < cfg.max_categories:
@@ -204,12 +221,30 @@ class FeatureDrift:
                     else:
                         c[OTHER] += 1
 
+    def _prune(self, w: _Window) -> None:
+        """Keep the window's ``max_features // 2`` most counted feature names (a stable sort: ties keep
+        categorical names first, each kind in the order first seen)."""
+        sizes = [(sum(c.values()), name) for name, c in w.cats.items()]
+        sizes += [(sk.n, name) for name, sk in w.nums.items()]
+        keep = {name for _, name in sorted(sizes, key=lambda t: -t[0])[:self.cfg.max_features // 2]}
+        for n, name in sizes:
+            if name not in keep:
+                w.cats.pop(name, None)
+                w.nums.pop(name, None)
+                self.features_pruned += 1
+                self.values_pruned += n
+
     def _evict(self) -> None:
         keep = self.cfg.keep_windows
         if len(self._windows) > keep:
             for k in sorted(self._windows)[:len(self._windows) - keep]:
                 if k != self._first or self.cfg.reference != "first":
                     del self._windows[k]
+
+    def report_bounds(self) -> dict:
+        """The feature-name bound and how often it bit."""
+        return {"max_features": self.cfg.max_features, "features_pruned": self.features_pruned,
+                "values_pruned": self.values_pruned}
 
     def windows(self) -> list[int]:
         return sorted(self._windows)
@@ -259,7 +294,9 @@ class FeatureDrift:
         """Every kept window compared with its reference, oldest first, and the latest one's figures."""
         windows = [self.compare(k) for k in self.windows()]
         return {"config": {"window_s": self.cfg.window_s, "reference": self.cfg.reference},
-                "examples": self.examples, "unparsed": self.unparsed, "windows": windows,
+                "examples": self.examples, "unparsed": self.unparsed,
+                "bounds": self.report_bounds(),
+                "windows": windows,
                 "latest": windows[-1] if windows else None}
 
 

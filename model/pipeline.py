@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopline.state.dedup import DedupConfig, RecentIds
 from loopline.state.errors import ConfigError
 
 from .baseline import LogisticBaseline
@@ -67,6 +68,8 @@ class FMStageConfig:
     publish_every: int = 20  # training steps between published snapshots (what DAS scores with)
     embed_refresh_every: int = 0  # publishes between embedding-snapshot refreshes; 0 = fixed for the run
     baseline: bool = True  # train the logistic-regression baseline in the same pass
+    # examples re-sent after a restart or rebalance are dropped by id (each example trains once)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def __post_init__(self):
         if self.publish_every < 1:
@@ -90,6 +93,7 @@ class FMStage:
         self.embedder = None  # (version, model) LoopFM codes come from
         self.publishes = 0
         self.counts = {"examples": 0, "augmented": 0, "embeddings": 0}
+        self.seen = RecentIds(cfg.dedup)  # example ids fed within the horizon
         self._pending: list = []  # heap of (time, 0 event | 1 example, id, item) not yet processed
         self._events: list = []  # released history events not yet written
         self._batch: list = []  # released examples of the next micro-batch
@@ -159,8 +163,11 @@ class FMStage:
             heapq.heappush(self._pending, (ev[1], 0, ev[5], ev))
 
     def feed_examples(self, examples) -> None:
-        """Labelled examples as they arrive (any order); a positive also brings its click event."""
+        """Labelled examples as they arrive (any order); a positive also brings its click event.
+        A repeat of an example id already fed (a re-send) is dropped: each example trains once."""
         for e in examples:
+            if not self.seen.first(e["id"], e["label_ts"]):
+                continue
             heapq.heappush(self._pending, (e["label_ts"], 1, e["id"], e))  # after the events of its time
             if e["label"]:
                 click = (e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click")
@@ -203,10 +210,12 @@ class FMStage:
         def model_state(pm):
             return None if pm is None else [pm[0], pm[1].state_dict()]
         return {"fm": self.fm.state_dict(), "lr": self.lr.state_dict() if self.lr is not None else None,
-                "metrics": {k: [torch.from_numpy(a.copy()) for a in m.arrays()] for k, m in self.metrics.items()},
+                "metrics": {k: m.state_dict() for k, m in self.metrics.items()},
                 "published": model_state(self.published), "embedder": model_state(self.embedder),
                 "publishes": self.publishes, "counts": dict(self.counts),
-                "pending": list(self._pending), "events": list(self._events), "batch": list(self._batch)}
+                "pending": list(self._pending), "events": list(self._events), "batch": list(self._batch),
+                "seen": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                         for k, v in self.seen.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         def model_from(pm):
@@ -218,13 +227,15 @@ class FMStage:
         self.fm.load_state_dict(state["fm"])
         if self.lr is not None:
             self.lr.load_state_dict(state["lr"])
-        for k, (p, y) in state["metrics"].items():
+        for k, st in state["metrics"].items():
             self.metrics[k] = BinaryMetrics()
-            if len(y):
-                self.metrics[k].update(p.numpy(), y.numpy())
+            self.metrics[k].load_state_dict(st)
         self.published, self.embedder = model_from(state["published"]), model_from(state["embedder"])
         self.publishes, self.counts = state["publishes"], dict(state["counts"])
         self._pending, self._events, self._batch = list(state["pending"]), list(state["events"]), list(state["batch"])
+        if "seen" in state:
+            self.seen.load_state_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v
+                                       for k, v in state["seen"].items()})
         self.outputs = []
 
     def drain(self) -> list[dict]:

@@ -32,7 +32,7 @@ from it (``intervals.users_bootstrap``: box-respecting, asymmetric near 0 and 1)
 as its weight. On generated logs the campaign bootstrap and the binomial Wald interval cover the true
 a, b about 60% of the time at 95% nominal, the shared-user intervals 90-94% (``loopline bench
 quality``). The report's headline is the ``ls`` fit with its parametric shared-user bootstrap interval
-(the campaign bootstrap when the pair counts are missing).
+(the campaign bootstrap when the pair counts are missing, or incomplete because ``max_pairs`` bit).
 
 Similarity figures: Pearson correlation of q_c and p_c (plain and impression-weighted), implied
 precision = a, recall = P(labelled | truly in) = a qbar / (a qbar + b (1 - qbar)) at the
@@ -67,6 +67,7 @@ from statistics import NormalDist
 import numpy as np
 
 from loopline.state.errors import ConfigError
+from loopline.state.quality_counts import BOUND_COUNTERS
 
 __all__ = ["QualityConfig", "fit_ls", "bootstrap_ls", "fit_em", "em_intervals", "report_covariance", "sandwich_ci",
            "param_bootstrap_ls", "fit_gls", "campaign_table", "assess", "adjust_reach", "METHODS", "VERDICTS"]
@@ -284,7 +285,9 @@ def campaign_table(agg: dict, source: str, segment: str, cfg: QualityConfig = Qu
                         m[idx[c1], idx[c2]] = m[idx[c2], idx[c1]] = v
     seen = np.array([float(agg["impressions"][c]) for c in camps])
     return {"campaigns": camps, "q": np.array(q), "p": np.array(p), "n": np.array(n), "skipped": skipped,
-            "m_all": m_all, "m_lab": m_lab, "seen": seen, "has_pairs": bool(agg.get("pairs"))}
+            # pair sums with entries left out (QualityCountsConfig.max_pairs) would understate the covariance
+            "m_all": m_all, "m_lab": m_lab, "seen": seen,
+            "has_pairs": bool(agg.get("pairs")) and not agg.get("pairs_dropped", 0)}
 
 
 def report_covariance(t: dict, a: float, b: float) -> np.ndarray:
@@ -510,7 +513,9 @@ def assess(agg: dict, cfg: QualityConfig = QualityConfig(), methods: tuple = MET
             "truth": {"reports": sum(len(s) for s in agg["truth"].values()),
                       "received": agg["truth_received"], "replaced": agg["truth_replaced"],
                       "segments_without_source": sorted(truth_segments - labelled_segments)},
-            "segments": {"assertions": agg["segment_events"], "repeated": agg["segment_repeats"]}}
+            "segments": {"assertions": agg["segment_events"], "repeated": agg["segment_repeats"]},
+            # how often the counts' bounds bit (state/quality_counts.py); all zero: the counts are exact
+            "bounds": {k: int(agg.get(k, 0)) for k in BOUND_COUNTERS}}
 
 
 # -- quality-adjusted reach --------------------------------------------------------------------------

@@ -8,11 +8,13 @@ labels), then trains on it. Parameters of embedding tables (``nn.Embedding``/``E
 tables, found by type) get Adagrad, which adapts per row and suits sparse, rarely-updated ids; the dense
 rest gets Adam. A model may return ``aux_loss`` (the LoopFM autoencoder's), added to the BCE loss.
 
-Snapshots: ``save(dir, meta)`` writes ``snapshot-<version>.pt`` to a temporary file and renames it into
-place (atomic on POSIX), with the model, the optimizers, the version and ``meta`` (the caller puts the
-consumer offsets there: a snapshot is consistent with the offsets in it, so resuming from it and
-re-reading from those offsets gives the same model as never stopping). ``restore`` loads with
-``torch.load(weights_only=True)``: no pickled code is ever executed.
+Snapshots: ``save(dir, meta)`` writes the model, the optimizers, the version and ``meta`` through
+``loopline.state.snapshots`` (atomic, fsynced, digest in the name, the newest ``keep`` kept) as the
+snapshot of step ``version``; the caller puts the consumer offsets in ``meta``: a snapshot is consistent
+with the offsets in it, so resuming from it and re-reading from those offsets gives the same model as
+never stopping. ``restore`` verifies the digest and loads with ``torch.load(weights_only=True)``: no
+pickled code is ever executed. ``latest_snapshot`` and ``atomic_save`` are thin wrappers kept for callers
+that want a path or a single file.
 
 >>> import torch
 >>> from loopline.model.baseline import LogisticBaseline
@@ -26,15 +28,14 @@ re-reading from those offsets gives the same model as never stopping). ``restore
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
+import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from loopline.state import snapshots
 from loopline.state.errors import ConfigError
 
 __all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save"]
@@ -119,36 +120,30 @@ class OnlineTrainer:
             opt.load_state_dict(st)
         self.version = int(state["version"])
 
-    def save(self, directory: str, meta: dict | None = None) -> str:
-        path = os.path.join(directory, f"snapshot-{self.version:010d}.pt")
-        return atomic_save({**self.state_dict(), "meta": dict(meta or {})}, path)
+    def save(self, directory: str, meta: dict | None = None, keep: int = snapshots.DEFAULT_KEEP) -> str:
+        """Write the snapshot of step ``version`` into ``directory`` (the ``keep`` newest remain)."""
+        return snapshots.SnapshotDir(directory, keep).save({**self.state_dict(), "meta": dict(meta or {})},
+                                                           self.version)
 
     def restore(self, path: str) -> dict:
-        """Load a snapshot written by :meth:`save`; returns its ``meta``."""
-        state = torch.load(path, weights_only=True)
+        """Load a snapshot written by :meth:`save` (verified; ``SnapshotError`` if it is damaged);
+        returns its ``meta``."""
+        state = snapshots.read(path)
         self.load_state_dict(state)
         return state["meta"]
 
 
 def atomic_save(obj, path: str) -> str:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a reader (or a restart after a
-    crash) sees the old file or the whole new one, never a part."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """``torch.save`` ``obj`` to ``path`` durably (temporary, fsync, rename, fsync of the directory): a
+    reader, or a restart after a crash, sees the old file or the whole new one, never a part."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return snapshots.write_atomic(path, buf.getvalue())
 
 
 def latest_snapshot(directory: str) -> str | None:
-    """The newest complete snapshot in ``directory`` (temporary files are never matched)."""
-    if not os.path.isdir(directory):
-        return None
-    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"snapshot-\d{10}\.pt", n))
-    return os.path.join(directory, names[-1]) if names else None
+    """The path of the newest snapshot in ``directory`` that verifies (an older one, with a logged
+    warning, when the newest is damaged); None when there is none. Loads it to check: callers that want
+    the object use ``loopline.state.snapshots.read_latest``."""
+    found = snapshots.read_latest(directory)
+    return None if found is None else found[1]

@@ -1,7 +1,7 @@
 """The VM stage: one vertical model per (vertical, variant), trained continuously on the augmented examples.
 
-Public surface: ``VARIANTS``, ``DEFAULT_VARIANTS``, ``VMStageConfig``, ``VMStage``, ``StepInbox``,
-``parse_variants``, ``transfer_ratio``, ``windowed_report``.
+Public surface: ``VARIANTS``, ``DEFAULT_VARIANTS``, ``OTHER_VERTICAL``, ``VMStageConfig``, ``VMStage``,
+``StepInbox``, ``parse_variants``, ``transfer_ratio``, ``windowed_report``.
 
 Each augmented example (``examples.augmented``: an example, DAS's soft label or null, the FM step that
 produced it) goes to the VMs of its own vertical. Per micro-batch (one FM step's examples of a vertical):
@@ -9,6 +9,13 @@ read each user's LoopFM codes and raw events strictly before the example's time 
 store (once, shared by every variant), then for every variant predict (progressive validation, the
 serving head) and learn. Variants are named recipes over :class:`~loopline.model.vm.VMConfig`; the
 evaluation table trains them side by side in one pass over the same stream order.
+
+**Bounded verticals.** The vertical is whatever string the events carry, and each one costs a learner
+per variant, so at most ``max_verticals`` get learners of their own: the first ones seen, in the order
+the stage sees examples (FM step by FM step, each step in its canonical order, which ``evaluate`` and a
+vm worker share, so both admit the same verticals). Examples of later verticals are trained and scored
+by one shared learner per variant, ``OTHER_VERTICAL``, and counted (:meth:`VMStage.bounds`). Their score
+rows keep their own vertical. A real vertical named ``(other)`` would share that learner.
 
 The transfer ratio (LoopFM, ``shared/papers.md`` section 1) is the fraction of the FM's improvement over
 the base VM that a variant captures: ``TR = (NE(base) - NE(variant)) / (NE(base) - NE(FM))``.
@@ -35,7 +42,7 @@ from .metrics import BinaryMetrics
 from .pipeline import score_row
 from .vm import VMConfig, VMFeaturizer, VMLearner
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "VMStageConfig", "VMStage", "StepInbox", "parse_variants",
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "OTHER_VERTICAL", "VMStageConfig", "VMStage", "StepInbox", "parse_variants",
            "transfer_ratio", "windowed_report"]
 
 _LOOP = {"history": "attention", "sequence": "fm"}
@@ -59,6 +66,8 @@ VARIANTS = {
     "loopfm-sum": {"history": "sum", "sequence": "fm"},
 }
 DEFAULT_VARIANTS = ("base", "kd", "loopfm", "loopfm+kd", "ah", "ah+sa", "loopfm+ah+sa")
+OTHER_VERTICAL = "(other)"  # the shared learner of the verticals beyond VMStageConfig.max_verticals
+OVERFLOW_NAMES = 10  # overflowed vertical names listed in bounds() (the first ones; the count is exact)
 
 
 def parse_variants(text: str) -> tuple:
@@ -86,9 +95,16 @@ class VMStageConfig:
     # LoKA check: each VM's Linear layers dispatched to emulated FP8 (row-wise scales) wherever MERE passes,
     # whatever the speed; ``vm:<variant>@fp8`` are the same models' dispatched predictions
     fp8: bool = False
+    # verticals with learners of their own (first seen, first admitted); later ones share OTHER_VERTICAL's.
+    # Each costs one VM per variant (about 150k parameters and their optimizer state, ~2 MB), so 16
+    # bounds the stage near 250 MB with the 7 default variants; a real deployment has a few surfaces
+    max_verticals: int = 16
 
     def __post_init__(self):
         parse_variants(",".join(self.variants))
+        v = self.max_verticals
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"max_verticals: must be an integer >= 1, got {v!r}")
 
     def config_of(self, variant: str) -> VMConfig:
         return replace(self.vm, **VARIANTS[variant])
@@ -108,6 +124,9 @@ class VMStage:
         self.last_batches: dict[tuple[str, str], object] = {}  # (vertical, variant) -> its newest batch
         self.steps = 0
         self.examples = 0
+        self.verticals: list[str] = []  # the admitted verticals, in the order they were first seen
+        self._admitted: set[str] = set()
+        self.overflow = {"examples": 0, "names": []}  # examples sent to OTHER_VERTICAL; first few names
         self._reads = set().union(*(c.uses for c in self.configs.values()))  # the sequences read, once
         self._L = max(c.seq_len for c in self.configs.values())
 
@@ -119,6 +138,27 @@ class VMStage:
             seed = zlib.crc32(f"{self.cfg.seed}/{vertical}".encode())
             self.learners[key] = VMLearner(self.configs[variant], seed=seed)
         return self.learners[key]
+
+    def vertical_of(self, vertical: str) -> str:
+        """The learner an example of ``vertical`` goes to: its own, admitted now if there is room, or
+        ``OTHER_VERTICAL`` (counted)."""
+        if vertical in self._admitted:
+            return vertical
+        if len(self.verticals) < self.cfg.max_verticals:
+            self._admitted.add(vertical)
+            self.verticals.append(vertical)
+            return vertical
+        self.overflow["examples"] += 1
+        names = self.overflow["names"]
+        if len(names) < OVERFLOW_NAMES and vertical not in names:
+            names.append(vertical)
+        return OTHER_VERTICAL
+
+    def bounds(self) -> dict:
+        """The vertical cap and how often it bit (``overflow_examples``: examples trained by the shared
+        ``OTHER_VERTICAL`` learners)."""
+        return {"verticals": len(self.verticals), "max_verticals": self.cfg.max_verticals,
+                "overflow_examples": self.overflow["examples"], "overflow_names": list(self.overflow["names"])}
 
     def sequences(self, examples: list[dict]) -> tuple[list | None, list | None]:
         """Each example's LoopFM codes and raw events strictly before its ts (history store reads)."""
@@ -134,7 +174,7 @@ class VMStage:
         with every variant's serving prediction (``vm:<variant>``)."""
         by_vertical: dict[str, list[int]] = {}
         for i, e in enumerate(augmented):
-            by_vertical.setdefault(e.get("vertical") or "", []).append(i)
+            by_vertical.setdefault(self.vertical_of(e.get("vertical") or ""), []).append(i)
         preds = [dict() for _ in augmented]
         for vertical in sorted(by_vertical):
             idx = by_vertical[vertical]
@@ -172,18 +212,25 @@ class VMStage:
 
     def state_dict(self) -> dict:
         return {"learners": {f"{vt}\x1f{va}": l.state_dict() for (vt, va), l in self.learners.items()},
-                "metrics": {k: [torch.from_numpy(np.asarray(a).copy()) for a in m.arrays()]
-                            for k, m in self.metrics.items()},
-                "steps": self.steps, "examples": self.examples}
+                "metrics": {k: m.state_dict() for k, m in self.metrics.items()},
+                "steps": self.steps, "examples": self.examples,
+                "verticals": list(self.verticals), "overflow": {**self.overflow, "names": list(self.overflow["names"])}}
 
     def load_state_dict(self, state: dict) -> None:
+        # the admitted verticals in their order (older snapshots: the learners' own, in their order)
+        order = state.get("verticals")
+        if order is None:
+            order = list(dict.fromkeys(k.split("\x1f")[0] for k in state["learners"]))
+            order = [v for v in order if v != OTHER_VERTICAL]
+        self.verticals, self._admitted = list(order), set(order)  # a snapshot's verticals are all kept
+        ov = state.get("overflow") or {}
+        self.overflow = {"examples": int(ov.get("examples", 0)), "names": list(ov.get("names", []))}
         for key, st in state["learners"].items():
             vertical, variant = key.split("\x1f")
             self.learner(vertical, variant).load_state_dict(st)
-        for k, (p, y) in state["metrics"].items():
+        for k, st in state["metrics"].items():
             self.metrics[k] = BinaryMetrics()
-            if len(y):
-                self.metrics[k].update(p.numpy(), y.numpy())
+            self.metrics[k].load_state_dict(st)
         self.steps, self.examples = int(state["steps"]), int(state["examples"])
 
 

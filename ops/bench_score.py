@@ -34,9 +34,9 @@ import orjson
 import torch
 
 from loopline.model.serving import parse_score_request, score_candidates
-from loopline.model.trainer import latest_snapshot
 from loopline.model.verticals import VMStage, VMStageConfig
 from loopline.state.history import HistoryStore
+from loopline.state.snapshots import read_latest
 from loopline.stream.app import TOPICS
 
 from .broker import EmbeddedBroker, create_topics
@@ -109,7 +109,10 @@ def bench_score(repeats: int = 5, requests: int = 200, candidates: int = 100, us
 
 
 def _latency(w: WorkerProcess, work: Path, records, repeats: int, requests: int, n_cand: int, progress: bool) -> dict:
-    snap = torch.load(latest_snapshot(str(work / "worker" / "vm-snapshots")), weights_only=True)
+    found = read_latest(str(work / "worker" / "vm-snapshots"))  # verified, weights_only; read-only
+    if found is None:
+        raise RuntimeError(f"the worker left no good vm snapshot:\n{w.tail()}")
+    snap = found[0]
     # a copy of the worker's store (RocksDB allows one writer); the reads are the ones /score/ makes
     shutil.copytree(work / "worker" / "vm-history", work / "history-copy")
     history = HistoryStore(str(work / "history-copy"))

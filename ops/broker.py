@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from loopline.state.errors import BrokerError, ConfigError
@@ -74,7 +75,9 @@ class EmbeddedBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
-             "--storage-engine", "memory://tansu/"],
+             "--storage-engine", "memory://tansu/",
+             # memory-only: every start is a new cluster, and says so (workers detect the reset)
+             "--cluster-id", f"loopline-{uuid.uuid4().hex[:12]}"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -95,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--data-dir", default=".loopline-data/worker")
     p.add_argument("--web-port", type=int, default=6066)
+    p.add_argument("--web-host", default="127.0.0.1", help="address the HTTP views bind to (loopback by default)")
+    p.add_argument("--web-tables", action="store_true",
+                   help="serve Faust's /table/... and /router/ endpoints (table contents; off by default)")
+    p.add_argument("--view-cache", type=float, default=1.0,
+                   help="seconds an HTTP view's answer is reused (computed off the event loop; 0: every request)")
+    p.add_argument("--on-broker-reset", default="stop", choices=["stop", "reset"],
+                   help="when the broker lost the data this worker's state describes: stop (exit 75, state "
+                        "kept) or reset (empty the data dir, exit 75 for a clean restart)")
+    p.add_argument("--stall", type=float, default=300.0,
+                   help="seconds one batch may take before /healthz reports the role stalled (503)")
+    p.add_argument("--evaluation", action="store_true",
+                   help="honour end_of_log control messages (replay-driven evaluation runs); a production "
+                        "worker counts and ignores them")
     p.add_argument("--app-id", default="loopline")
     p.add_argument("--grace", type=float, default=20.0, help="seconds to stop before the exit is forced")
     p.add_argument("--variants", default="base,loopfm+kd", help="vm role: the VM variants trained (comma-separated)")
@@ -188,13 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .reach import reach_args
     reach_args(p)
 
+    p = sub.add_parser("chaos", help="kill -9s, a broker restart, damaged snapshots, a full disk, view load and a "
+                                     "standby fm on a role-split deployment: the final numbers must not change")
+    p.add_argument("--events", type=int, default=5000, help="lines of the generated log")
+    p.add_argument("--kills", type=int, default=3, help="kill -9s in the kills scenario")
+    p.add_argument("--seed", type=int, default=0, help="seeds the log, the kill moments and the roles killed")
+    p.add_argument("--scenarios", default=None, help="comma-separated subset (default: all, see ops/chaos.py)")
+    p.add_argument("--workdir", default=None, help="keep logs and data directories here")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
-    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score"])
+    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score", "soak"])
     p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=20, help="quality: generated logs to fit")
     p.add_argument("--out", default=None, help="JSON file (default bench-WHAT.json)")
     p.add_argument("--profile", action="store_true", help="also profile the ingest path in-process")
+    p.add_argument("--minutes", type=float, default=10.0, help="soak: minutes of traffic")
+    p.add_argument("--rate", type=float, default=None, help="soak: events/s (default: SoakConfig.rate)")
+    p.add_argument("--speedup", type=float, default=None, help="soak: event-time seconds per wall second")
     p.add_argument("--json", action="store_true")
     return ap
 
@@ -208,8 +233,9 @@ def _run(a) -> int:
         from loopline.stream.app import WorkerConfig
         from .worker import run_worker
         cfg = WorkerConfig(broker=_broker(a), role=a.role, partitions=a.partitions, data_dir=a.data_dir,
-                           web_port=a.web_port, app_id=a.app_id, attribution=_attribution_cfg(a),
-                           vm_variants=_variants(a.variants), vm_serve=a.serve,
+                           web_port=a.web_port, web_host=a.web_host, web_tables=a.web_tables,
+                           view_cache_s=a.view_cache, app_id=a.app_id,
+                           attribution=_attribution_cfg(a), evaluation=a.evaluation, stall_s=a.stall, on_broker_reset=a.on_broker_reset, vm_variants=_variants(a.variants), vm_serve=a.serve,
                            loglevel=a.loglevel, reach=ReachConfig(sample_users=a.reach_sample_users,
                                                                   epoch_s=a.reach_epoch, horizon_epochs=a.reach_horizon))
         run_worker(cfg, grace_s=a.grace)
@@ -296,6 +322,16 @@ def _run(a) -> int:
                          title=f"Loopline report: {a.events or a.dataset}", progress=True, vm_cfg=vm_cfg)
         _emit(out, a.json, "loopline report")
         return 0
+    if a.cmd == "chaos":
+        from .chaos import SCENARIOS, ChaosConfig, format_chaos, run_chaos
+        names = tuple(x.strip() for x in a.scenarios.split(",") if x.strip()) if a.scenarios else SCENARIOS
+        out = run_chaos(ChaosConfig(events=a.events, kills=a.kills, seed=a.seed, scenarios=names,
+                                    workdir=a.workdir))
+        if a.json:
+            _emit(out, True)
+        else:
+            print(format_chaos(out))
+        return 0 if out["ok"] else 1
     if a.cmd == "bench":
         path = a.out or f"bench-{a.what}.json"
         if a.what == "ingest":
@@ -316,6 +352,10 @@ def _run(a) -> int:
         elif a.what == "score":
             from .bench_score import bench_score
             out = bench_score(repeats=a.repeats, out_path=path, progress=not a.json)
+        elif a.what == "soak":  # also writes a PNG of RSS and data-directory size beside the JSON
+            from .bench_soak import SoakConfig, bench_soak
+            extra = {k: v for k, v in (("rate", a.rate), ("speedup", a.speedup)) if v is not None}
+            out = bench_soak(SoakConfig(minutes=a.minutes, **extra), out_path=path, progress=True)
         elif a.what == "fp8":
             from .bench_fp8 import bench_fp8
             out = bench_fp8(repeats=a.repeats, out_path=path)

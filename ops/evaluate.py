@@ -5,14 +5,21 @@ Public surface: ``evaluate_records``, ``summarize``, ``format_table``, ``ingest_
 Events are routed to partitions exactly as ``loopline replay`` sends them (``ops/eventlog.py``), each
 partition's :class:`~loopline.state.ingest.IngestCore` runs over a dict, and at the end of the log every
 open window is closed. The output is design.md's evaluation JSON.
+
+Total on input: every line is accepted or dead-lettered by the ingest core (which never raises), so any
+log gives exit 0; a bad setting (``partitions`` < 1) is a :class:`~loopline.state.errors.ConfigError`
+naming it; a metric that is undefined on the data (an NE with one class only) is ``None``, and so is
+every transfer ratio computed from it.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Iterable
 
 from loopline.state.attribution import AttributionConfig, STAT_NAMES
+from loopline.state.errors import ConfigError
 from loopline.state.ingest import IngestCore
 
 from .eventlog import LogRecord, partition_for
@@ -36,7 +43,12 @@ def summarize(read: int, deadletters: dict[str, int], examples: int, positives: 
     return out
 
 
-def evaluate_records(records: list[LogRecord], partitions: int = 4,
+def _check_partitions(partitions) -> None:
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise ConfigError(f"partitions: must be an integer >= 1, got {partitions!r}")
+
+
+def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
                      cfg: AttributionConfig = AttributionConfig(), progress: bool = False,
                      models: bool = False, stage_cfg=None, vm_cfg=None, scores: bool = False,
                      split_ts: float | None = None, keep_examples: bool = False) -> dict:
@@ -46,7 +58,10 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
     ``models`` (each VM variant with its transfer ratio ``tr``), the same before and after ``split_ts``
     (default: the middle of the examples' event time) under ``windows``; ``scores`` also returns every
     example's score row; ``keep_examples`` returns the labelled examples as ``examples_list`` (in the
-    order attribution emitted them: the monitor's feature drift reads them)."""
+    order attribution emitted them: the monitor's feature drift reads them). ``records`` may be any
+    iterable (a streamed :func:`~loopline.ops.eventlog.read_log`)."""
+    _check_partitions(partitions)
+    total = len(records) if hasattr(records, "__len__") else None
     stores: list[dict] = [{} for _ in range(partitions)]
     cores = [IngestCore(stores[p], p, cfg) for p in range(partitions)]
     offsets = [0] * partitions
@@ -66,6 +81,7 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
             else:
                 dead[o.value["reason"]] = dead.get(o.value["reason"], 0) + 1
 
+    n = 0
     for n, rec in enumerate(records, 1):
         p = partition_for(rec.key, rec.raw, partitions)
         outs = cores[p].handle(rec.raw, offsets[p])
@@ -77,7 +93,8 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
                 core.flush()
         if progress and n % 50000 == 0:
             rate = n / (time.perf_counter() - t0)
-            print(f"evaluate: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
+            eta = f", ETA {(total - n) / rate:.0f}s" if total else ""
+            print(f"evaluate: {n}/{total if total is not None else '?'} events, {rate:,.0f}/s{eta}",
                   file=sys.stderr, flush=True)
     for core in cores:
         outs = core.end_of_log()
@@ -85,7 +102,7 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
         core.flush()
         consume(outs)
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
-    out = summarize(len(records), dead, examples, positives, attribution)
+    out = summarize(n, dead, examples, positives, attribution)
     if models:
         out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts))
     if keep_examples:
@@ -94,11 +111,13 @@ def evaluate_records(records: list[LogRecord], partitions: int = 4,
 
 
 def _with_tr(models: dict) -> dict:
+    """Each VM's transfer ratio ``tr``: None when an NE it needs is undefined on the data."""
     from loopline.model.verticals import transfer_ratio
     base, fm = models.get("vm:base"), models.get("fm")
     for name, r in models.items():
         if name.startswith("vm:") and base and fm:
-            r["tr"] = transfer_ratio(base["ne"], r["ne"], fm["ne"])
+            nes = (base.get("ne"), r.get("ne"), fm.get("ne"))
+            r["tr"] = transfer_ratio(*nes) if all(x is not None for x in nes) else None
     return models
 
 
@@ -117,9 +136,9 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
         now = time.perf_counter()
         if progress and (now - last[0] > 5 or done == total):
             last[0] = now
-            rate = done / (now - t0)
-            print(f"evaluate: models {done}/{total} examples, {rate:,.0f}/s, ETA {(total - done) / rate:.0f}s",
-                  file=sys.stderr, flush=True)
+            rate = done / max(now - t0, 1e-9)
+            eta = f", ETA {(total - done) / rate:.0f}s" if rate > 0 else ""
+            print(f"evaluate: models {done}/{total} examples, {rate:,.0f}/s{eta}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="loopline-history-") as tmp:
         with HistoryStore(tmp) as history:
@@ -142,7 +161,7 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
                                    "fm_flops_per_example": stage.fm.model.flops_per_example()}}
             if vms is not None:
                 result["vm_stage"] = {"variants": list(vms.cfg.variants), "steps": vms.steps,
-                                      "verticals": sorted({vt for vt, _ in vms.learners}),
+                                      "verticals": sorted({vt for vt, _ in vms.learners}), "bounds": vms.bounds(),
                                       "params": {va: sum(p.numel() for p in learner.model.parameters())
                                                  for (_, va), learner in sorted(vms.learners.items())}}
             if rows:
@@ -190,7 +209,11 @@ def format_table(out: dict) -> str:
 def ingest_outputs(records: list[LogRecord], partitions: int = 4, cfg: AttributionConfig = AttributionConfig(),
                    progress: str | None = None, **core_kw):
     """Every output of the in-process ingest cores, record by record, routed exactly as ``replay``
-    sends (``core_kw``: e.g. ``audience=True``); ``progress`` names the periodic stderr line."""
+    sends (``core_kw``: e.g. ``audience=True``); ``progress`` names the periodic stderr line. Windows
+    still open at the end are not closed (no examples at the end), but every line is accepted or
+    dead-lettered."""
+    _check_partitions(partitions)
+    total = len(records) if hasattr(records, "__len__") else None
     cores = [IngestCore({}, p, cfg, **core_kw) for p in range(partitions)]
     offsets = [0] * partitions
     t0 = time.perf_counter()
@@ -205,5 +228,8 @@ def ingest_outputs(records: list[LogRecord], partitions: int = 4, cfg: Attributi
                 core.flush()
         if progress and n % 100_000 == 0:
             rate = n / (time.perf_counter() - t0)
-            print(f"{progress}: {n}/{len(records)} events, {rate:,.0f}/s, ETA {(len(records) - n) / rate:.0f}s",
+            eta = f", ETA {(total - n) / rate:.0f}s" if total else ""
+            print(f"{progress}: {n}/{total if total is not None else '?'} events, {rate:,.0f}/s{eta}",
                   file=sys.stderr, flush=True)
+    for core in cores:  # events still held for the skew check at the end: dead letters, as in evaluate
+        yield from core.drop_held()

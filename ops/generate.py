@@ -46,8 +46,9 @@ source's a, b (and their realized values) so a fit can be checked (see ``_qualit
 
 Malformed lines (``malformed > 0``): ``round(malformed * valid_lines)`` extra lines at random positions,
 cycling through :data:`MALFORMED_KINDS` (each with the reason code ``parse_event`` actually gives, or a
-duplicate reason that the attribution join gives; ``NaN`` / ``1e400`` timestamps are ``bad_ts`` because
-``parse_event`` falls back to a lenient parse for them). Corrupted copies of real events get fresh ids
+reason the ingest core gives: the two duplicates, and ``ts_ahead`` for an impression days after the rest
+of the log; ``NaN`` / ``1e400`` timestamps, 400-digit integers and lone surrogates get the field's reason
+because ``parse_event`` falls back to a lenient parse for them). Corrupted copies of real events get fresh ids
 ``x<n>``; duplicates are exact copies of a valid line from shortly before (within 1,000 lines, so the
 join still remembers the id). No malformed line contains a newline byte. Only the first ``line_too_long``
 line of a log is about 1 MB; the others are about 70 KB.
@@ -188,8 +189,8 @@ class GenerateConfig:
         number("shift_strength", 0, 1)
         number("disorder_s", 0)
         _check_quality(self)
-        if self.start_ts + self.days * 86400.0 > 1e11:
-            _fail("days", "start_ts + days must stay below epoch 1e11", self.days)
+        if self.start_ts + self.days * 86400.0 > 4e9:  # events stay inside EventLimits' range (2100)
+            _fail("days", "start_ts + days must stay below epoch 4e9 (2096)", self.days)
 
 
 # -- the simulation ----------------------------------------------------------------------------------
@@ -437,6 +438,26 @@ def _too_long(obj, rng, st):
     return _d(_with(obj, pad="x" * pad))
 
 
+_HUGE_INT = "1" + "0" * 400  # no float holds it: orjson refuses it, the lenient parser returns an int
+_AHEAD_GAP_S = 2 * 86400.0  # a ts_ahead line is this far past every valid event (max_ahead_s is one day)
+_AHEAD_STEP_S = 1.5 * 86400.0  # and this far from the previous one: they disagree, so none confirms another
+
+
+def _literal(obj: dict, name: str, text: str) -> bytes:
+    """``obj`` as a line whose field ``name`` is the literal JSON ``text`` (what orjson would not write)."""
+    return _d(_with(obj, **{name: "@@"})).replace(b'"' + name.encode() + b'":"@@"',
+                                                   b'"' + name.encode() + b'":' + text.encode())
+
+
+def _ahead(obj, rng, st):
+    """An impression far ahead of the log's event time: the skew check dead-letters it (``ts_ahead``)
+    in any order, in file order (held, then an ordinary event shows it was an outlier) and in
+    event-time order (it sorts after every valid line, and the next one is 1.5 days further)."""
+    k = st["ahead"] = st.get("ahead", -1) + 1
+    slots = int((4.1e9 - st["after_ts"]) // _AHEAD_STEP_S)  # stay inside the plausible range (2100)
+    return _d(_with(obj, ts=round(st["after_ts"] + (k % max(slots, 1)) * _AHEAD_STEP_S, 3)))
+
+
 _BUILDERS = {
     "truncated": ("bad_json", "imp", lambda o, r, s: (lambda b: b[: int(r.integers(1, len(b) - 1))])(_d(o))),
     "trailing_garbage": ("bad_json", "conv", lambda o, r, s: _d(o) + b'}"'),
@@ -470,13 +491,30 @@ _BUILDERS = {
     "empty_campaign": ("bad_value", "imp", lambda o, r, s: _d(_with(o, campaign=""))),
     "value_infinity": ("bad_value", "conv",
                        lambda o, r, s: _d(_with(o, value=0.5)).replace(b'"value":0.5', b'"value":Infinity')),
+    # issue 12: numbers no float (or no field's bound) holds, invalid Unicode, controls, blanks, units, skew
+    "ts_huge_int": ("bad_ts", "imp", lambda o, r, s: _literal(o, "ts", _HUGE_INT)),
+    "value_huge_int": ("bad_value", "conv", lambda o, r, s: _literal(o, "value", "-" + _HUGE_INT)),
+    "value_1e308": ("bad_value", "conv", lambda o, r, s: _d(_with(o, value=1e308))),
+    "truth_impressions_huge": ("bad_value", "imp", lambda o, r, s: _literal(
+        {"type": "truth", "campaign": o["campaign"], "segment": "any", "fraction": 0.5, "ts": o["ts"]},
+        "impressions", "1" + "0" * 30)),
+    "ts_milliseconds": ("bad_ts", "imp", lambda o, r, s: _d(_with(o, ts=int(o["ts"] * 1000)))),
+    "ts_microseconds": ("bad_ts", "conv", lambda o, r, s: _d(_with(o, ts=int(o["ts"] * 1_000_000)))),
+    "user_surrogate": ("bad_string", "imp", lambda o, r, s: _literal(o, "user", '"u\\ud800"')),
+    "attr_key_surrogate": ("bad_string", "imp", lambda o, r, s: _literal(
+        o, "attrs", orjson.dumps({**o["attrs"], "@@": "x"}).decode().replace('"@@"', '"\\udc00"'))),
+    "id_nul": ("bad_string", "conv", lambda o, r, s: _d(_with(o, id=o["id"] + "\x00"))),
+    "ad_control": ("bad_string", "imp", lambda o, r, s: _d(_with(o, ad=o["ad"] + "\x07"))),
+    "user_blank": ("bad_value", "imp", lambda o, r, s: _d(_with(o, user="   "))),
+    "attr_key_empty": ("bad_value", "imp", lambda o, r, s: _d(_with(o, attrs={**o["attrs"], "": "x"}))),
+    "ts_ahead": ("ts_ahead", "imp", _ahead),
     "duplicate_impression": ("duplicate_impression", "imp", None),
     "duplicate_conversion": ("duplicate_conversion", "conv", None),
 }
 
 #: ``(kind, reason)`` of every malformed line the generator can insert, in the order it cycles through.
 #: ``reason`` is what :func:`loopline.state.events.parse_event` raises (checked by the tests), except
-#: for the two duplicates, which parse fine and are rejected by the attribution join.
+#: for the two duplicates and ``ts_ahead``, which parse fine and are rejected by the ingest core.
 MALFORMED_KINDS = tuple((name, spec[0]) for name, spec in _BUILDERS.items())
 
 
@@ -493,10 +531,13 @@ def _malformed(world: _World, n_valid: int) -> list[tuple[int, bytes, str]]:
     assigned = [assigned[i] for i in rng.permutation(m)]
     gaps = rng.integers(0, n_valid + 1, m)
     pos_of = {"imp": np.flatnonzero(~conv_flags), "conv": np.flatnonzero(conv_flags)}
-    state: dict = {}
+    last = max(world.end_ts, float(world.conv_ts.max()) if world.conv_ts.size else world.end_ts)
+    state: dict = {"after_ts": last + _AHEAD_GAP_S}
     out = []
     for k, (name, g) in enumerate(zip(assigned, gaps.tolist())):
         reason, need, build = _BUILDERS[name]
+        if reason == "ts_ahead":
+            g = max(g, 1)  # after a valid line: a partition's first event anchors its event time unchecked
         if not has[need]:
             need = "imp" if has["imp"] else "conv"
         cand = pos_of[need]

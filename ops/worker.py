@@ -18,12 +18,40 @@ from loopline.stream.app import WorkerConfig, build_app
 
 from .broker import create_topics
 
-__all__ = ["run_worker", "WorkerProcess"]
+__all__ = ["run_worker", "WorkerProcess", "check_broker"]
+
+
+def check_broker(cfg: WorkerConfig) -> None:
+    """Before anything starts: is the broker the one this worker's state belongs to (its cluster id,
+    recorded in the data dir)? On a reset, ``stop`` exits 75 with one line; ``reset`` empties the data
+    dir and starts over here (``stream/broker_watch.py``)."""
+    import asyncio
+
+    from loopline.stream.broker_watch import BrokerWatch
+    watch = BrokerWatch(cfg.broker, cfg.data_dir, cfg.on_broker_reset)
+    async def once() -> dict:
+        try:
+            return await watch.identity()
+        finally:
+            await watch.close()
+    identity = asyncio.run(once())
+    recorded = watch.recorded()
+    reason = BrokerWatch.compare(recorded, identity, {}, {})
+    if reason is None:
+        if recorded is None:
+            watch.record(identity)
+    elif cfg.on_broker_reset == "reset":
+        print(f"loopline worker: broker reset detected: {reason}; discarding this worker's state "
+              "(--on-broker-reset reset) and starting over", file=sys.stderr, flush=True)
+        watch.wipe(identity)
+    else:
+        watch.act(reason)
 
 
 def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
     import faust
 
+    check_broker(cfg)
     create_topics(cfg.broker, cfg.topic_partitions())
     app = build_app(cfg)
 
@@ -82,6 +110,8 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
 class WorkerProcess:
     """A ``loopline worker`` in a child process (used by the demo, the benchmark and the tests).
 
+    These are replay-driven evaluation runs, so ``evaluation`` (honour ``end_of_log``) defaults to on.
+
     >>> w = WorkerProcess("kafka://127.0.0.1:9092", "/tmp/w", web_port=6070)
     >>> w.args[3:5]
     ['worker', '--broker']
@@ -89,13 +119,14 @@ class WorkerProcess:
 
     def __init__(self, broker_url: str, data_dir: str, partitions: int = 4, app_id: str = "loopline",
                  web_port: int | None = None, grace_s: float = 10.0, extra: tuple = (),
-                 env: dict | None = None):
+                 env: dict | None = None, evaluation: bool = True):
         from .broker import free_port
         self.port = web_port or free_port()
         self.grace_s = grace_s
         self.args = [sys.executable, "-m", "loopline.ops.cli", "worker", "--broker", broker_url,
                      "--partitions", str(partitions), "--data-dir", data_dir, "--web-port", str(self.port),
-                     "--app-id", app_id, "--grace", str(grace_s), *extra]
+                     "--app-id", app_id, "--grace", str(grace_s),
+                     *(["--evaluation"] if evaluation else []), *extra]
         self.log_path = data_dir.rstrip("/") + ".log"
         self.env = {**os.environ, **(env or {})}
         self.proc = None

@@ -18,7 +18,8 @@ Semantics (all times are event time, ``ts`` of the events):
 * A conversion after the window (or for an impression already labelled) counts as ``late`` (or
   ``extra``). Nothing valid is dropped silently: every outcome has a counter in ``stats``.
 * A second impression (or conversion) with an id already seen is a duplicate: it is dead-lettered with
-  reason ``duplicate_impression`` (``duplicate_conversion``). Ids are remembered for ``dedup_horizon``
+  reason ``duplicate_impression`` (``duplicate_conversion``) and does not move event time (a copy with a
+  later ``ts`` must not close windows). Ids are remembered for ``dedup_horizon``
   after their window closed. Every record keeps the source position ``src`` of the message that wrote
   it, so a message processed again after a crash that left part of its writes in the store finds its
   own writes and is not taken for a duplicate (``IngestCore`` skips messages whose writes were all
@@ -68,12 +69,25 @@ class AttributionConfig:
     bucket_s: float = 600.0  # due-work bucket width: a window closes at most this late (event time);
     # wider buckets mean fewer keys and a smaller schedule record (window + horizon / bucket_s entries)
     dedup_horizon_s: float = 86400.0  # how long an id is remembered after its window closed
+    # Skew (state/ingest.py): an event more than this far ahead of its partition's watermark is held, and
+    # dead-lettered (`ts_ahead`) unless `ahead_confirm` more events agreeing with it (all within
+    # max_ahead_s of each other) follow: one bad clock must not close every open window, while a real
+    # pause in traffic (MovieLens has 63-hour gaps) loses nothing. inf turns the check off.
+    max_ahead_s: float = 86400.0
+    ahead_confirm: int = 2  # later agreeing events that make a jump real (held meanwhile: at most this many
+    # events per partition); 0 accepts every jump at once
 
     def __post_init__(self):
         for name in ("window_s", "lateness_s", "bucket_s", "dedup_horizon_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "bucket_s" and v == 0):
                 raise ConfigError(f"{name}: must be a finite number >= 0 (bucket_s > 0), got {v!r}")
+        v = self.max_ahead_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"max_ahead_s: must be a number > 0 (inf: no skew check), got {v!r}")
+        v = self.ahead_confirm
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"ahead_confirm: must be an integer >= 0, got {v!r}")
         if self.dedup_horizon_s < self.bucket_s:
             raise ConfigError(f"dedup_horizon_s: must be >= bucket_s ({self.bucket_s}), got {self.dedup_horizon_s}")
         if not self.target_kind:
@@ -121,6 +135,11 @@ class AttributionJoin:
     def watermark(self) -> float:
         m = self.meta["max_ts"]
         return -math.inf if m is None else m - self.cfg.lateness_s
+
+    def ahead(self, ts: float) -> float:
+        """How far ``ts`` is beyond the skew limit (``watermark + max_ahead_s``); <= 0 when it is not.
+        A partition with no watermark yet has no limit (its first event anchors event time)."""
+        return ts - (self.watermark + self.cfg.max_ahead_s) if self.meta["max_ts"] is not None else -math.inf
 
     def save(self) -> None:
         """Write the watermark and counters (one small value), and the schedule if it changed.
@@ -191,10 +210,23 @@ class AttributionJoin:
     def process(self, ev: Impression | Conversion, src: Any) -> list[Output]:
         """Apply one valid event (``src`` identifies its message) and return what it emits.
 
-        The caller calls :meth:`save` after a batch, so counters reach the store with it."""
+        The caller calls :meth:`save` after a batch, so counters reach the store with it. A duplicate
+        (dead-lettered) changes nothing but the ``duplicates`` counter: not even event time."""
         out = self._impression(ev, src) if isinstance(ev, Impression) else self._conversion(ev, src)
+        if out and out[0].kind == "deadletter":
+            return out
         out.extend(self.advance(ev.ts))
         return out
+
+    def duplicate_of(self, ev: Impression | Conversion, src: Any) -> str | None:
+        """The duplicate reason :meth:`process` would dead-letter ``ev`` with, or None (reads only)."""
+        if isinstance(ev, Impression):
+            rec = self._get("i:" + ev.id)
+            return "duplicate_impression" if rec is not None and rec["src"] != src else None
+        rec = self._get("i:" + ev.impression)
+        held = self._get("c:" + ev.impression) if rec is None else None
+        seen = rec.get("cv", {}) if rec is not None else {c["id"]: c["src"] for c in held or ()}
+        return "duplicate_conversion" if ev.id in seen and seen[ev.id] != src else None
 
     def _duplicate(self, reason: str, ident: str) -> list[Output]:
         self.stats["duplicates"] += 1

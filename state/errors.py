@@ -3,11 +3,12 @@
     LooplineError                 base: the CLI catches only this, prints ``Type: message``, exits 2
     ├── ConfigError               a bad setting or argument; the message names the field
     ├── InvalidEvent              an event that breaks the contract; carries a short ``reason`` code
+    ├── InvalidMetricInput        scores or labels a metric refuses; the message names the argument
     ├── BrokerError               the embedded broker could not start, or a broker is unreachable
     └── DatasetError              a data set could not be fetched or read
 """
 
-__all__ = ["LooplineError", "ConfigError", "InvalidEvent", "BrokerError", "DatasetError"]
+__all__ = ["LooplineError", "ConfigError", "InvalidEvent", "InvalidMetricInput", "BrokerError", "DatasetError"]
 
 
 class LooplineError(Exception):
@@ -25,6 +26,11 @@ class InvalidEvent(LooplineError, ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class InvalidMetricInput(LooplineError, ValueError):
+    """Scores or labels a metric refuses (not numbers, not finite, outside [0, 1], lengths that differ):
+    the message starts with the argument's name (``p`` or ``y``)."""
 
 
 class BrokerError(LooplineError, RuntimeError):

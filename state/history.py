@@ -24,8 +24,12 @@ which the FM's own sequence encoder reads. Everything is event time, never wall-
 
 ``ts_us`` is ``round(ts * 1e6)`` (microseconds since the epoch; ``ts`` must be >= 0), so bytewise order is
 time order within a user. The 0x00 separator ends the user: ``"u1"``'s keys (``E u1 00 ...``) can never
-interleave with ``"u10"``'s (``E u10 00 ...``), because 0x00 sorts below every byte of a UTF-8 user id;
-that is also why a user id must not contain NUL (``ConfigError`` naming ``user``). ``seq`` orders entries
+interleave with ``"u10"``'s (``E u10 00 ...``), because 0x00 sorts below every byte of a user id. Any
+``str`` is a user id (the event contract rejects odd ones first; this is defence in depth): its UTF-8
+(lone surrogates kept, ``surrogatepass``) is byte-stuffed so it holds no 0x00 (0x00 -> 0x01 0x01, 0x01 ->
+0x01 0x02; ids without either byte are unchanged), and one of more than 1024 bytes is keyed by its first
+1000 bytes, the marker 0x01 0x03 (which stuffing never writes) and the hex BLAKE2b-128 of the whole id. A
+read at any finite ``t`` is clamped to the key range. ``seq`` orders entries
 with the same ``ts``: the first gets 0, a later distinct one the next number, so ties keep insertion
 order. An append is one ``put``; "the last ``L`` strictly before ``t``" is one ``seek_for_prev`` to
 ``(t_us - 1, 0xFFFFFFFF)`` and a reverse scan of at most ``L`` keys.
@@ -85,6 +89,7 @@ as Faust does for its RocksDB tables.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import struct
@@ -174,16 +179,15 @@ def rdict_options(cfg: HistoryConfig = HistoryConfig()) -> tuple[Options, WriteO
 
 
 def _user_bytes(user) -> bytes:
-    if not isinstance(user, str) or not user:
-        raise ConfigError(f"user: must be a non-empty string, got {user!r}")
-    if "\x00" in user:
-        raise ConfigError(f"user: must not contain NUL (0x00), which ends the user in keys, got {user!r}")
-    try:
-        b = user.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ConfigError(f"user: not encodable as UTF-8 ({e.reason}): {user!r}") from None
+    """The user part of a key: any ``str`` (module docstring, key layout); never holds 0x00."""
+    if not isinstance(user, str):
+        raise ConfigError(f"user: must be a string, got {type(user).__name__}")
+    b = user.encode("utf-8", "surrogatepass")
+    if b"\x00" in b or b"\x01" in b:
+        b = b.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
     if len(b) > 1024:
-        raise ConfigError(f"user: at most 1024 bytes of UTF-8, got {len(b)}")
+        b = b[:1000] + b"\x01\x03" + hashlib.blake2b(user.encode("utf-8", "surrogatepass"),
+                                                      digest_size=16).hexdigest().encode("ascii")
     return b
 
 
@@ -202,9 +206,17 @@ def _ts_us_column(tss) -> list[int]:
 
 
 def _t_us(t) -> int:
-    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not math.isfinite(t):
-        raise ConfigError(f"t: must be a finite number of seconds, got {t!r}")
-    return int(round(float(t) * 1e6))
+    """A read's time in key units, clamped to the key range: any ``t`` beyond it (even an integer no
+    float holds, or inf) reads what the last key time reads; any ``t`` <= 0 reads nothing."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"t: must be a number of seconds, got {type(t).__name__}")
+    try:
+        f = float(t)
+    except OverflowError:
+        f = math.inf if t > 0 else -math.inf
+    if math.isnan(f):
+        raise ConfigError(f"t: must be a number of seconds, got {t!r}")
+    return int(round(max(-1.0, min(f, _MAX_TS_S)) * 1e6))
 
 
 def _utf8(s: str) -> bytes:

@@ -1,10 +1,29 @@
 """Ingest for one partition: raw bytes -> validated event -> attribution join -> outputs.
 
-Public surface: ``IngestCore``, ``deadletter_record``, ``output_id``.
+Public surface: ``IngestCore``, ``deadletter_record``, ``output_id``, ``INTERNAL``.
 
 This is the code both paths run: the Faust ingest agent (one ``IngestCore`` per partition over the
-RocksDB-backed table) and ``loopline evaluate`` (over dicts). A raw line never raises out of
-``handle``: anything invalid comes back as a dead-letter output with its reason and the raw bytes.
+RocksDB-backed table) and ``loopline evaluate`` (over dicts). ``handle`` is total: any message value
+(bytes of any kind, a ``str``, ``None`` for a tombstone) gives outputs, never an exception. Anything
+invalid comes back as a dead-letter output with its reason and the raw bytes; an exception nobody
+expected becomes a dead letter with reason :data:`INTERNAL` and the exception's type (a bug to report,
+counted like any reason). Counts always add up: ``read == accepted + sum(deadletter) + held``.
+
+Skew. An impression or conversion whose ``ts`` is more than ``cfg.max_ahead_s`` ahead of the partition's
+watermark is *held* (stored with the partition's counters, so it survives a restart), not applied: one
+producer with a bad clock must not close every open window of the partition. What comes next decides:
+
+* an event that is not ahead: the held events were outliers; each is dead-lettered ``ts_ahead``;
+* an ahead event within ``max_ahead_s`` of every held one: it agrees; once ``ahead_confirm`` events agree
+  with the first, the traffic really jumped (a pause in traffic, a backlog): all of them are applied in
+  arrival order, nothing is lost;
+* an ahead event that disagrees with them: they are dead-lettered, it is held in their place;
+* the end of the log: the held events are dead-lettered (nothing confirmed them).
+
+So a dead-lettered ``ts_ahead`` never moved the watermark. The first event of a partition has no
+watermark to be ahead of: it anchors event time unchecked (the contract's absolute range,
+``EventLimits.min_ts``/``max_ts``, is its guard, and rejects a timestamp in milliseconds anywhere).
+Segment assertions and truth reports do not move event time and are not held.
 
 Crash safety. Writes are buffered and flushed once per batch, in this order: (1) the outbox, the
 batch's outputs; (2) the state changes; then, once the caller knows (1) and (2) are durable (a producer
@@ -15,7 +34,8 @@ After a crash (``kill -9``) the worker restarts from its last committed offset:
 * messages above it are processed again; the join recognizes its own partial writes by ``src``;
 * outputs that may have been lost in the producer's buffer are still in the outbox: ``unacked()``
   returns them for re-sending, and they are removed from it after ``acked``. Re-sent outputs are
-  de-duplicated downstream by ``output_id``.
+  de-duplicated downstream by ``output_id``. The outbox is kept in chunks (``_Outbox``), so that no
+  stored value outgrows one changelog message (``state/sizes.py``) however many or large the outputs.
 
 The meta record is written alone after the others, which also keeps a partition's end offset right on
 the embedded broker (Tansu 0.6 reports the end of a multi-record batch as its first offset + 1).
@@ -31,26 +51,60 @@ the embedded broker (Tansu 0.6 reports the end of a multi-record batch as its fi
 {'unknown_type': 1}
 >>> len(core.unacked())
 1
+>>> core.handle(None, offset=1)[0].value["reason"]  # a tombstone
+'not_object'
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any, Iterable, MutableMapping
 
 from .attribution import AttributionConfig, AttributionJoin, Output
 from .errors import InvalidEvent
-from .events import EventLimits, parse_event
+from .events import Conversion, EventLimits, Impression, parse_event
+from .sizes import CHUNK_BYTES, MAX_DEADLETTER_RAW, size_of
 
-__all__ = ["IngestCore", "deadletter_record", "output_id"]
+__all__ = ["IngestCore", "deadletter_record", "output_id", "INTERNAL"]
 
 _DELETED = object()
+INTERNAL = "internal"  # the last-resort reason: an exception no input should cause (outside events.REASONS)
+
+
+def _as_bytes(raw: Any) -> bytes:
+    """The bytes a dead letter keeps of any message value."""
+    if isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, (bytearray, memoryview)):
+        return bytes(raw)
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogatepass")
+    return b""
+
+
+def _event_of(d: dict) -> Impression | Conversion:
+    """A held event back from its stored ``to_dict()``."""
+    fields = {k: v for k, v in d.items() if k != "type"}
+    return Impression(**fields) if d["type"] == "impression" else Conversion(**fields)
 
 
 def deadletter_record(reason: str, detail: str, raw: bytes, src: Any) -> dict:
-    """The dead-letter topic's value: reason, detail, the raw bytes (base64) and where they came from."""
-    return {"reason": reason, "detail": detail, "raw_b64": base64.b64encode(raw).decode("ascii"),
-            "raw_len": len(raw), "src": src}
+    """The dead-letter topic's value: reason, detail, the raw bytes (base64) and where they came from.
+
+    A line longer than ``MAX_DEADLETTER_RAW`` keeps its first ``MAX_DEADLETTER_RAW`` bytes, its length
+    (``raw_len``) and the SHA-256 of all of it (``raw_sha256``), so that the dead letter fits one message
+    (``state/sizes.py``) whatever the line.
+
+    >>> d = deadletter_record("line_too_long", "", b"x" * (MAX_DEADLETTER_RAW + 1), [0, 7])
+    >>> d["raw_len"] - len(base64.b64decode(d["raw_b64"])), len(d["raw_sha256"])
+    (1, 64)
+    """
+    d = {"reason": reason, "detail": detail, "raw_b64": base64.b64encode(raw[:MAX_DEADLETTER_RAW]).decode("ascii"),
+         "raw_len": len(raw), "src": src}
+    if len(raw) > MAX_DEADLETTER_RAW:
+        d["raw_sha256"] = hashlib.sha256(raw).hexdigest()
+    return d
 
 
 def output_id(o: Output) -> str:
@@ -103,6 +157,83 @@ class _Overlay:
         self.reads.clear()
 
 
+class _Outbox:
+    """The partition's unacknowledged outputs, in chunks that each fit one changelog message.
+
+    Layout: ``<p>|o`` is the index, ``{"chunks": [n, ...], "next": n}``; ``<p>|o|<n>`` a chunk,
+    ``{output id: [kind, key, value]}``. A chunk takes outputs while it is under ``CHUNK_BYTES``; a flush
+    writes the chunks it changed, deletes the emptied ones, and writes the index first (listing every
+    chunk it is about to write): a chunk the index names but the store lacks is read as empty, and chunk
+    numbers are never reused. So a batch's outputs cost a few chunk writes, and an acknowledged batch a
+    few deletions, whatever their number or size. A store written by the single-value outbox (``<p>|o``
+    a dict of outputs) is read as such and rewritten in chunks by the next flush."""
+
+    def __init__(self, store: MutableMapping, prefix: str):
+        self.store = store
+        self.key = prefix + "o"
+        self.entries: dict[str, tuple[int, list, int]] = {}  # output id -> (chunk, output, bytes)
+        self.chunks: dict[int, dict[str, None]] = {}  # chunk -> its output ids, in order (an ordered set)
+        self.sizes: dict[int, int] = {}  # chunk -> its bytes (approximately: the sum of its entries')
+        self.dirty: set[int] = set()
+        self.next = 0
+        self._index = None  # the index as last written
+        idx = store.get(self.key)
+        if isinstance(idx, dict) and "chunks" in idx and "next" in idx:
+            self._index = idx
+            self.next = int(idx["next"])
+            for n in idx["chunks"]:
+                for oid, o in (store.get(f"{self.key}|{n}") or {}).items():
+                    self._add(oid, list(o), n)
+        elif idx:  # the single-value layout: move it into chunks
+            for oid, o in idx.items():
+                self.add(oid, list(o))
+
+    def _add(self, oid: str, o: list, n: int) -> None:
+        size = size_of(oid) + size_of(o) + 2
+        self.entries[oid] = (n, o, size)
+        self.chunks.setdefault(n, {})[oid] = None
+        self.sizes[n] = self.sizes.get(n, 2) + size
+        self.next = max(self.next, n + 1)
+
+    def add(self, oid: str, o: list) -> None:
+        """Keep output ``o`` under ``oid`` (replacing an earlier one with that id)."""
+        self.remove(oid)
+        n = self.next - 1
+        if n not in self.chunks or self.sizes[n] >= CHUNK_BYTES:
+            n = self.next
+        self._add(oid, o, n)
+        self.dirty.add(n)
+
+    def remove(self, oid: str) -> None:
+        e = self.entries.pop(oid, None)
+        if e is not None:
+            n, _, size = e
+            del self.chunks[n][oid]
+            self.sizes[n] -= size
+            self.dirty.add(n)
+
+    def outputs(self) -> list[list]:
+        return [self.entries[oid][1] for n in sorted(self.chunks) for oid in self.chunks[n]]
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        for n in [n for n in self.dirty if not self.chunks.get(n)]:
+            self.chunks.pop(n, None)
+            self.sizes.pop(n, None)
+        index = {"chunks": sorted(self.chunks), "next": self.next}
+        if index != self._index:
+            self.store[self.key] = self._index = index
+        for n in sorted(self.dirty):
+            ck = f"{self.key}|{n}"
+            ids = self.chunks.get(n)
+            if ids:
+                self.store[ck] = {oid: self.entries[oid][1] for oid in ids}
+            elif self.store.get(ck) is not None:
+                del self.store[ck]
+        self.dirty.clear()
+
+
 class IngestCore:
     """Parse, validate and join the events of one partition; count accepted and dead-lettered events."""
 
@@ -118,19 +249,19 @@ class IngestCore:
         self.store = store
         self.overlay = _Overlay(store)
         self.join = AttributionJoin(self.overlay, cfg, prefix=f"{partition}|")
-        self.outbox_key = f"{partition}|o"
-        self.outbox: dict = store.get(self.outbox_key) or {}
+        self.outbox = _Outbox(store, f"{partition}|")
         self._acked: set[str] = set()
-        self._outbox_dirty = False
         meta = self.join.meta
         for k in ("read", "accepted", "redelivered"):
             meta.setdefault(k, 0)
         meta.setdefault("deadletter", {})
         meta.setdefault("through", -1)  # the last offset whose effects are all stored
+        meta.setdefault("held", [])  # events ahead of the watermark awaiting confirmation (module docstring)
         self._durable_through = meta["through"]
 
     def handle(self, raw: bytes, offset: int) -> list[Output]:
-        """Process the message at ``offset`` of this partition; return its examples and dead letters.
+        """Process the message at ``offset`` of this partition; return its examples and dead letters
+        (and those of earlier held messages that it resolved).
 
         State changes are buffered until :meth:`flush` (once per batch of messages: each key is then
         written once, however many messages touched it)."""
@@ -138,27 +269,45 @@ class IngestCore:
         if offset <= self._durable_through:
             meta["redelivered"] += 1
             return []
-        outs = self._compute(raw, [self.partition, offset])
+        src = [self.partition, offset]
+        meta["read"] += 1
+        try:
+            outs = self._compute(raw, src)
+        except Exception as exc:  # noqa: BLE001 - the last resort: a bug must not stop the partition
+            outs = [self._internal(exc, raw, src)]
         meta["through"] = max(meta["through"], offset)
         self._to_outbox(outs)
         return outs
 
     def end_of_log(self) -> list[Output]:
-        """Close every open window: the end of a finite log is the end of event time."""
-        outs = self.join.close_all()
+        """Close every open window: the end of a finite log is the end of event time. Held events
+        (nothing confirmed them) are dead-lettered first."""
+        outs = self._drop_held()
+        outs += self.join.close_all()
         self._to_outbox(outs)
         return outs
+
+    def drop_held(self) -> list[Output]:
+        """Dead-letter every held event (``ts_ahead``): nothing confirmed them (the end of a log)."""
+        outs = self._drop_held()
+        self._to_outbox(outs)
+        return outs
+
+    def _drop_held(self) -> list[Output]:
+        meta, cfg = self.join.meta, self.join.cfg
+        held, meta["held"] = meta["held"], []
+        return [self._deadletter("ts_ahead", f"field 'ts' is {h['ev']['ts']!r}, {h['ahead']:.0f} s ahead of the "
+                                             f"partition's watermark (max_ahead_s {cfg.max_ahead_s:g}) and fewer "
+                                             f"than {cfg.ahead_confirm} later events agreed with it",
+                                 base64.b64decode(h["raw"]), h["src"]) for h in held]
 
     def flush(self, meta: bool = True) -> None:
         """Write the buffered changes: the outbox first, then the state; then the meta record unless
         ``meta=False`` (the worker writes it with :meth:`flush_meta` after a producer flush)."""
-        if self._acked:
-            for oid in self._acked:
-                self._outbox_dirty |= self.outbox.pop(oid, None) is not None
-            self._acked.clear()
-        if self._outbox_dirty:
-            self.store[self.outbox_key] = dict(self.outbox)
-            self._outbox_dirty = False
+        for oid in self._acked:
+            self.outbox.remove(oid)
+        self._acked.clear()
+        self.outbox.flush()
         self.overlay.flush()
         if meta:
             self.flush_meta()
@@ -175,39 +324,92 @@ class IngestCore:
 
     def unacked(self) -> list[Output]:
         """Outputs written to the outbox and never acknowledged (after a restart: possibly never sent)."""
-        return [Output(*v) for v in self.outbox.values()]
+        return [Output(*v) for v in self.outbox.outputs()]
 
     def counts(self) -> dict:
         m = self.join.meta
         return {"read": m["read"], "accepted": m["accepted"], "deadletter": dict(m["deadletter"]),
-                "redelivered": m["redelivered"], "attribution": dict(m["stats"]), "max_ts": m["max_ts"]}
+                "redelivered": m["redelivered"], "held": len(m["held"]), "attribution": dict(m["stats"]),
+                "max_ts": m["max_ts"]}
 
     # -- internals -----------------------------------------------------------------------------------
-    def _compute(self, raw: bytes, src: Any) -> list[Output]:
-        meta = self.join.meta
+    def _compute(self, raw: Any, src: Any) -> list[Output]:
         try:
             ev = parse_event(raw, self.limits)
         except InvalidEvent as exc:
-            meta["read"] += 1
-            return [self._deadletter(exc.reason, exc.detail, raw, src)]
-        if ev.type in ("segment", "truth"):  # for the quality fit only: not part of the attribution join
-            meta["read"] += 1
-            meta["accepted"] += 1
-            if not self.audience:
+            return [self._deadletter(exc.reason, exc.detail, _as_bytes(raw), src)]
+        if ev.type in ("segment", "truth"):  # not part of event time, nor of the attribution join
+            return self._apply(ev, raw, src)
+        meta, cfg = self.join.meta, self.join.cfg
+        held = meta["held"]
+        ahead = self.join.ahead(ev.ts)
+        if ahead <= 0 and not held:  # the usual case
+            return self._apply(ev, raw, src)
+        dup = self._duplicate(ev, raw, src, held)  # a duplicate neither confirms nor refutes a jump
+        if dup is not None:
+            return [dup]
+        if ahead <= 0:  # anything held was an outlier
+            return self._drop_held() + self._apply(ev, raw, src)
+        entry = {"ev": ev.to_dict(), "src": src, "raw": base64.b64encode(_as_bytes(raw)).decode("ascii"),
+                 "ahead": ahead + cfg.max_ahead_s}
+        cluster = [h["ev"]["ts"] for h in held] + [ev.ts]
+        if held and max(cluster) - min(cluster) <= cfg.max_ahead_s:  # it agrees with the held events
+            held = held + [entry]  # (a new list: the stored meta may still refer to the old one)
+            if len(held) <= cfg.ahead_confirm:
+                meta["held"] = held
                 return []
-            return [Output("audience", ev.user if ev.type == "segment" else ev.campaign, ev.to_dict())]
-        outs = self.join.process(ev, src)
-        meta["read"] += 1
-        if any(o.kind == "deadletter" for o in outs):
-            return [self._deadletter(*o.value, raw, src) if o.kind == "deadletter" else o for o in outs]
-        meta["accepted"] += 1
-        if self.history and ev.type == "impression":
-            outs.insert(0, Output("history", ev.user, [ev.user, ev.ts, ev.ad, ev.campaign, "impression", ev.id]))
-        if self.audience and ev.type == "impression":
-            outs.insert(0, Output("audience", ev.user, {"type": "impression", "id": ev.id, "user": ev.user,
-                                                        "ts": ev.ts, "campaign": ev.campaign,
-                                                        "attrs": ev.attrs}))
+            meta["held"] = []  # confirmed: event time really jumped; apply them in arrival order
+            outs: list[Output] = []
+            for h in held:
+                outs += self._apply(_event_of(h["ev"]), base64.b64decode(h["raw"]), h["src"])
+            return outs
+        outs = self._drop_held()
+        if cfg.ahead_confirm == 0:
+            return outs + self._apply(ev, raw, src)
+        meta["held"] = [entry]
         return outs
+
+    def _duplicate(self, ev, raw: Any, src: Any, held: list) -> Output | None:
+        """``ev`` as a duplicate dead letter when its id was seen: by the join, or among the held events."""
+        reason = self.join.duplicate_of(ev, src)
+        if reason is None:
+            if ev.type == "impression":
+                same = any(h["ev"]["type"] == "impression" and h["ev"]["id"] == ev.id for h in held)
+            else:
+                same = any(h["ev"]["type"] == "conversion" and h["ev"]["id"] == ev.id
+                           and h["ev"]["impression"] == ev.impression for h in held)
+            reason = f"duplicate_{ev.type}" if same else None
+        if reason is None:
+            return None
+        self.join.stats["duplicates"] += 1
+        return self._deadletter(reason, f"id {ev.id!r} was already seen", _as_bytes(raw), src)
+
+    def _apply(self, ev, raw: Any, src: Any) -> list[Output]:
+        """Apply one valid event; count it accepted, or dead-lettered (a duplicate, or :data:`INTERNAL`)."""
+        meta = self.join.meta
+        try:
+            if ev.type in ("segment", "truth"):  # for the quality fit only
+                meta["accepted"] += 1
+                if not self.audience:
+                    return []
+                return [Output("audience", ev.user if ev.type == "segment" else ev.campaign, ev.to_dict())]
+            outs = self.join.process(ev, src)
+            if any(o.kind == "deadletter" for o in outs):
+                return [self._deadletter(*o.value, _as_bytes(raw), src) if o.kind == "deadletter" else o
+                        for o in outs]
+            if self.history and ev.type == "impression":
+                outs.insert(0, Output("history", ev.user, [ev.user, ev.ts, ev.ad, ev.campaign, "impression", ev.id]))
+            if self.audience and ev.type == "impression":
+                outs.insert(0, Output("audience", ev.user, {"type": "impression", "id": ev.id, "user": ev.user,
+                                                            "ts": ev.ts, "campaign": ev.campaign,
+                                                            "attrs": ev.attrs}))
+        except Exception as exc:  # noqa: BLE001 - see handle()
+            return [self._internal(exc, raw, src)]
+        meta["accepted"] += 1
+        return outs
+
+    def _internal(self, exc: Exception, raw: Any, src: Any) -> Output:
+        return self._deadletter(INTERNAL, f"{type(exc).__name__}: {ascii(str(exc))[1:-1][:200]}", _as_bytes(raw), src)
 
     def watermark(self) -> float:
         """No example this partition emits later has a ``label_ts`` below this, in a time-ordered stream
@@ -221,5 +423,4 @@ class IngestCore:
 
     def _to_outbox(self, outs: list[Output]) -> None:
         for o in outs:
-            self.outbox[output_id(o)] = list(o)
-            self._outbox_dirty = True
+            self.outbox.add(output_id(o), list(o))

@@ -90,6 +90,7 @@ import orjson
 from .errors import ConfigError
 from .reach_query import Query, evaluate, parse_query
 from .reach_strata import ScoreModel, Strata, allocate, learn_strata, path_of, probe_scores
+from .reach_vocab import Vocabulary
 
 __all__ = ["ReachConfig", "ReachSampler", "Sample", "user_hash", "segment_attr", "query_stats", "merge_stats", "finish",
            "answer", "build_sample", "with_score_model", "ThetaBaseline", "exact_answer"]
@@ -109,18 +110,34 @@ class ReachConfig:
     restratify_epochs: int = 1  # learn the strata again at every this many epoch boundaries
     min_leaf_share: float = 5e-4  # smallest stratum the learner makes, as a share of the population
     attrs: tuple = ()  # attributes the strata may split on; empty: every attribute seen
-    max_values: int = 4096  # distinct values per attribute encoded; more are treated as missing
-    max_attrs: int = 64  # distinct attribute names encoded (the event contract allows 64 per event)
+    # the vocabulary (state/reach_vocab.py): names and values with codes; past a cap a new one is missing
+    # until it is seen more than twice as often as the least used one, which it then replaces (pruned)
+    max_values: int = 4096  # distinct values per attribute encoded
+    max_attrs: int = 64  # distinct attribute names encoded (the event contract allows 64 per event); also
+    # the most segment labels one user holds
+    vocab_candidates: int = 256  # Misra-Gries counters for names (and per name, values) waiting for a code
+    # users whose segment labels are held (labelled before their first impression, or re-coded when they
+    # come back); the oldest labelled are forgotten first. About 200 bytes each
+    max_segment_users: int = 200_000
+    # the reach role's ``reach.answers`` table (stream/reach.py): a partition's share of an answer is
+    # deleted once older than this (wall-clock seconds; its reader waits a few), or when the partition
+    # holds more than max_answers (oldest first)
+    answers_ttl_s: float = 600.0
+    max_answers: int = 10_000
     seed: int = 0  # seeds the user hash: the same seed gives the same sample on every worker
 
     def __post_init__(self):
         for name, lo in (("sample_users", 1), ("max_strata", 1), ("min_per_stratum", 1), ("horizon_epochs", 1),
-                         ("restratify_epochs", 1), ("max_values", 1), ("max_attrs", 1)):
+                         ("restratify_epochs", 1), ("max_values", 1), ("max_attrs", 1), ("vocab_candidates", 1),
+                         ("max_segment_users", 1), ("max_answers", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name}: must be an integer >= {lo}, got {v!r}")
         if not (isinstance(self.epoch_s, (int, float)) and self.epoch_s > 0 and np.isfinite(self.epoch_s)):
             raise ConfigError(f"epoch_s: must be a positive number of seconds, got {self.epoch_s!r}")
+        ttl = self.answers_ttl_s
+        if not (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0 and np.isfinite(ttl)):
+            raise ConfigError(f"answers_ttl_s: must be a positive number of seconds, got {self.answers_ttl_s!r}")
         if not 0 <= self.min_leaf_share < 1:
             raise ConfigError(f"min_leaf_share: must be in [0, 1), got {self.min_leaf_share!r}")
 
@@ -165,10 +182,7 @@ class ReachSampler:
     def __init__(self, cfg: ReachConfig = ReachConfig(), partition: int = 0):
         self.cfg = cfg
         self.partition = partition
-        self.attrs: list[str] = []
-        self.attr_index: dict[str, int] = {}
-        self.values: dict[str, list[str]] = {}
-        self.vocab: dict[str, dict[str, int]] = {}
+        self.vocabulary = Vocabulary(cfg.max_attrs, cfg.max_values, cfg.vocab_candidates, self._pruned)
         self.records: dict[str, list] = {}  # user -> [hash, codes (tuple), {epoch: [stratum, impressions]}]
         self.epochs: dict[int, _Epoch] = {}
         self.current: int | None = None
@@ -176,10 +190,38 @@ class ReachSampler:
         self.cap = [cfg.sample_users]
         self.since_learn = 0
         self.version = 0  # changes whenever the sample does
-        self.counts = {"impressions": 0, "too_old": 0, "restratified": 0}
+        self.counts = {"impressions": 0, "too_old": 0, "restratified": 0,
+                       "segment_users_evicted": 0, "segments_dropped": 0}
         # user -> {segment attr: "yes"} for every user a source labelled (before or after its
-        # impressions: the quality counts' rule), so rules can name a source's segment
+        # impressions: the quality counts' rule), so rules can name a source's segment; at most
+        # max_segment_users users, the least recently labelled forgotten first (a sampled user keeps
+        # the labels its record holds)
         self.segments: dict[str, dict[str, str]] = {}
+
+    # the vocabulary's tables, read by the strata and the samples
+    @property
+    def attrs(self) -> list[str]:
+        return self.vocabulary.attrs
+
+    @property
+    def attr_index(self) -> dict[str, int]:
+        return self.vocabulary.attr_index
+
+    @property
+    def values(self) -> dict[str, list[str]]:
+        return self.vocabulary.values
+
+    @property
+    def vocab(self) -> dict[str, dict[str, int]]:
+        return self.vocabulary.vocab
+
+    def bounds(self) -> dict:
+        """Every bound of this sampler and how often it bit: the vocabulary's caps and pruning
+        (``state/reach_vocab.py``) and the segment labels held."""
+        return {**self.vocabulary.bounds(), "segment_users": len(self.segments),
+                "max_segment_users": self.cfg.max_segment_users,
+                "segment_users_evicted": self.counts["segment_users_evicted"],
+                "segments_dropped": self.counts["segments_dropped"]}
 
     # -- the stream ------------------------------------------------------------------------------------
     def observe(self, user: str, ts: float, attrs: dict, impressions: int = 1) -> None:
@@ -206,7 +248,7 @@ class ReachSampler:
             ent = rec[2].get(e)
             if ent is not None:
                 ent[1] += impressions
-                rec[1] = self._encode(attrs)
+                rec[1] = self._recode(rec[1], attrs, seg)
                 self.version += 1
                 return
             hu = rec[0]
@@ -220,7 +262,7 @@ class ReachSampler:
         if rec is None:
             rec = self.records[user] = [hu, self._encode(attrs), {}]
         else:
-            rec[1] = self._encode(attrs)
+            rec[1] = self._recode(rec[1], attrs, seg)
         rec[2][e] = [leaf, impressions, q]
         heap = ep.heaps[leaf]
         heapq.heappush(heap, (-priority, user))
@@ -234,8 +276,17 @@ class ReachSampler:
         """A ``segment`` event: ``source`` puts ``user`` in ``segment``. A user already in the sample
         gets the attribute at once; a later one with its first impression."""
         key = segment_attr(source, segment)
-        seg = self.segments.setdefault(user, {})
+        seg = self.segments.pop(user, None)
+        if seg is None:
+            seg = {}
+            while len(self.segments) >= self.cfg.max_segment_users:  # forget the least recently labelled
+                del self.segments[next(iter(self.segments))]
+                self.counts["segment_users_evicted"] += 1
+        self.segments[user] = seg  # the most recently labelled last
         if key in seg:
+            return
+        if len(seg) >= self.cfg.max_attrs:
+            self.counts["segments_dropped"] += 1
             return
         seg[key] = "yes"
         rec = self.records.get(user)
@@ -246,25 +297,31 @@ class ReachSampler:
             self.version += 1
 
     def _encode(self, attrs: dict) -> tuple:
-        codes = [-1] * len(self.attrs)
-        for k, v in attrs.items():
-            j = self.attr_index.get(k)
-            if j is None:
-                if len(self.attrs) >= self.cfg.max_attrs:
-                    continue
-                j = self.attr_index[k] = len(self.attrs)
-                self.attrs.append(k)
-                self.values[k], self.vocab[k] = [], {}
-                codes.append(-1)
-            voc = self.vocab[k]
-            c = voc.get(v)
-            if c is None:
-                if len(voc) >= self.cfg.max_values:
-                    continue
-                c = voc[v] = len(voc)
-                self.values[k].append(v)
-            codes[j] = c
-        return tuple(codes)
+        return self.vocabulary.encode(attrs)
+
+    def _recode(self, old: tuple, attrs: dict, seg: dict | None) -> tuple:
+        """A sampled user's codes from its newest impression's ``attrs`` (segments included). A user
+        whose segment labels were forgotten (``max_segment_users``) keeps the ones its record holds."""
+        codes = self._encode(attrs)
+        slots = self.vocabulary.seg_slots
+        if seg is None and slots:
+            carry = [j for j in slots if j < len(old) and old[j] != -1]
+            if carry:
+                keep = list(codes)
+                for j in carry:
+                    if keep[j] == -1:
+                        keep[j] = old[j]
+                codes = tuple(keep)
+        return codes
+
+    def _pruned(self, j: int, code: int | None) -> None:
+        """The vocabulary gave slot ``j`` (``code`` None) or its value ``code`` to another: every
+        sampled user's code for the old one becomes missing."""
+        for rec in self.records.values():
+            codes = rec[1]
+            if j < len(codes) and codes[j] != -1 and (code is None or codes[j] == code):
+                rec[1] = codes[:j] + (-1,) + codes[j + 1:]
+        self.version += 1
 
     def _drop(self, user: str, e: int) -> None:
         rec = self.records[user]
@@ -275,6 +332,8 @@ class ReachSampler:
     def _advance(self, e: int) -> None:
         cfg = self.cfg
         ended, self.current = self.current, e
+        for _ in range(min(e - ended, 64)):  # the vocabulary's hit counts halve at every boundary
+            self.vocabulary.decay()
         for old in [k for k in self.epochs if k <= e - cfg.horizon_epochs]:
             ep = self.epochs.pop(old)
             for heap in ep.heaps:
@@ -327,11 +386,11 @@ class ReachSampler:
         pmin = np.ones(len(recs))
         for k in window:
             ep = self.epochs[k]
-            theta = np.asarray(ep.theta)[ep.strata.assign_codes(cols, self.vocab)]
-            pmin = np.minimum(pmin, np.minimum(1.0, ep.strata.q_codes(cols, self.vocab) * theta))
+            theta = np.asarray(ep.theta)[ep.strata.assign_codes(cols, self.vocab, len(recs))]
+            pmin = np.minimum(pmin, np.minimum(1.0, ep.strata.q_codes(cols, self.vocab, len(recs)) * theta))
         complete = hashes < pmin
         newest = self.epochs[window[-1]].strata if window else self.strata
-        stratum = newest.assign_codes(cols, self.vocab) if len(recs) else np.zeros(0, dtype=np.int32)
+        stratum = newest.assign_codes(cols, self.vocab, len(recs)) if len(recs) else np.zeros(0, dtype=np.int32)
         info = {"partitions": [self.partition], "epochs": window, "epoch_s": self.cfg.epoch_s,
                 "impressions_seen": self.counts["impressions"], "strata_learned": self.counts["restratified"]}
         return Sample(cols, self.values, 1.0 / np.maximum(pmax, 1e-300),
@@ -771,8 +830,8 @@ def with_score_model(st: Strata, cols: dict, values: dict, w: np.ndarray, vocab:
     ``q`` (Neyman allocation for sampling proportional to ``q`` inside strata: ``n_h`` proportional to
     the sum of ``q`` over the stratum)."""
     st.model = ScoreModel.fit(cols, values, w)
-    q = st.model.q_codes(cols, vocab)
-    leaf = st.assign_codes(cols, vocab)
+    q = st.model.q_codes(cols, vocab, len(w))
+    leaf = st.assign_codes(cols, vocab, len(w))
     K = len(st)
     N = np.bincount(leaf, weights=w, minlength=K)
     st.s = (np.bincount(leaf, weights=w * q, minlength=K) / np.maximum(N, 1e-12)).tolist()
@@ -784,8 +843,8 @@ def build_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray,
     """The bottom-k sample of a static population (one epoch) with the given strata and per-stratum
     sizes: what :class:`ReachSampler` holds after that epoch, built with numpy."""
     vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
-    leaf = strata.assign_codes(cols, vocab)
-    q = strata.q_codes(cols, vocab)
+    leaf = strata.assign_codes(cols, vocab, len(hashes))
+    q = strata.q_codes(cols, vocab, len(hashes))
     priority = hashes / q
     order = np.lexsort((priority, leaf))
     leaf_sorted = leaf[order]

@@ -88,9 +88,10 @@ class Strata:
         """A user's within-stratum sampling weight (1 without a score model)."""
         return 1.0 if self.model is None else self.model.q(attrs)
 
-    def q_codes(self, cols: dict, vocab: dict) -> np.ndarray:
-        n = len(next(iter(cols.values()))) if cols else 0
-        return np.ones(n) if self.model is None else self.model.q_codes(cols, vocab)
+    def q_codes(self, cols: dict, vocab: dict, n: int | None = None) -> np.ndarray:
+        """``q`` of many users (``n``: their number, needed only when ``cols`` is empty)."""
+        n = _rows(cols, n)
+        return np.ones(n) if self.model is None else self.model.q_codes(cols, vocab, n)
 
     def assign(self, attrs: dict) -> int:
         """The stratum of a user with attributes ``attrs`` (a dict of strings)."""
@@ -99,10 +100,10 @@ class Strata:
             nd = self.nodes[nd["children"].get(attrs.get(nd["split"]), nd["rest"])]
         return nd["leaf"]
 
-    def assign_codes(self, cols: dict, vocab: dict) -> np.ndarray:
+    def assign_codes(self, cols: dict, vocab: dict, n: int | None = None) -> np.ndarray:
         """Strata of many users at once: ``cols[attr]`` integer codes (-1: missing), ``vocab[attr]``
-        maps a value to its code."""
-        n = len(next(iter(cols.values()))) if cols else 0
+        maps a value to its code (``n``: the number of users, needed only when ``cols`` is empty)."""
+        n = _rows(cols, n)
         node = np.zeros(n, dtype=np.int32)
         for i, nd in enumerate(self.nodes):  # parents come before children
             if nd["split"] is None:
@@ -131,6 +132,11 @@ class Strata:
     def from_dict(cls, d: dict) -> "Strata":
         nodes = [{**nd, "children": dict(nd["children"])} for nd in d["nodes"]]
         return cls(nodes, d.get("s"), d.get("n"))
+
+
+def _rows(cols: dict, n: int | None) -> int:
+    """The number of users in ``cols`` (``n`` when there are no columns: users without attributes)."""
+    return len(next(iter(cols.values()))) if cols else (n or 0)
 
 
 def path_of(key: str) -> list:
@@ -176,8 +182,9 @@ class ScoreModel:
             pair[(a, b)] = {(val(a, c // vb), val(b, c % vb)): 1.0 / max(t[c], t_min) ** 2 for c in np.flatnonzero(t)}
         model = cls(single, pair, 1.0 / t_min ** 2)
         vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
-        q = model.q_codes(cols, vocab)
-        model.scale = float((w * q).sum() / total) if total > 0 else 1.0
+        q = model.q_codes(cols, vocab, len(w))
+        wq = float((w * q).sum())
+        model.scale = wq / total if total > 0 and wq > 0 else 1.0
         return model
 
     def score(self, attrs: dict) -> float:
@@ -189,12 +196,15 @@ class ScoreModel:
         return r
 
     def q(self, attrs: dict) -> float:
-        """The sampling weight of one user: ``sqrt(r)``, scaled to mean 1 on the fitting data."""
+        """The sampling weight of one user: ``sqrt(r)``, scaled to mean 1 on the fitting data (1 when
+        the model was fitted on no attribute at all)."""
+        if not self.single:
+            return 1.0
         return float(np.sqrt(self.score(attrs))) / self.scale
 
-    def q_codes(self, cols: dict, vocab: dict) -> np.ndarray:
+    def q_codes(self, cols: dict, vocab: dict, n: int | None = None) -> np.ndarray:
         """``q`` of many users: ``cols[attr]`` codes (-1: missing) into ``vocab[attr]``."""
-        n = len(next(iter(cols.values()))) if cols else 0
+        n = _rows(cols, n)
         r = np.zeros(n)
         lut_of = {}
         for a, tab in self.single.items():
@@ -216,7 +226,7 @@ class ScoreModel:
             ca = cols[a] if a in cols else np.full(n, -1)
             cb = cols[b] if b in cols else np.full(n, -1)
             r += lut[ca, cb]
-        return np.sqrt(r) / self.scale
+        return np.sqrt(r) / self.scale if self.single else np.ones(n)
 
 
 def probe_scores(cols: dict, values: dict, w: np.ndarray, queries: list | None = None,

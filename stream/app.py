@@ -1,8 +1,12 @@
 """The Faust app: settings, topics and tables shared by every role.
 
-Public surface: ``WorkerConfig``, ``TOPICS``, ``build_app``.
+Public surface: ``WorkerConfig``, ``TOPICS``, ``build_app``, ``CachedView``.
 
 Thin by design: agents (``stream/ingest.py``) call into ``loopline.state``; nothing here computes.
+HTTP views answer through :class:`CachedView`: computed in a worker thread, never on the agents' event
+loop, and reused for ``view_cache_s``. Faust's own ``/table/...`` and ``/router/`` endpoints (table
+contents: user ids, attributes, segment labels; the cluster's addresses) are off unless
+``web_tables`` asks for them.
 Topics are created explicitly with the configured partition count before the worker starts
 (``ops.broker.create_topics``): Tansu would otherwise auto-create them with 4 partitions and a table's
 changelog could disagree with its source topic.
@@ -10,18 +14,30 @@ changelog could disagree with its source topic.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import faust
 import orjson
+from faust.utils import json as faust_json
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopline.state.attribution import AttributionConfig
-from loopline.state.errors import ConfigError
+from loopline.state.errors import ConfigError, LooplineError
 from loopline.state.reach import ReachConfig
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "control_of", "group_id"]
+from .broker_watch import RESET_POLICIES, BrokerWatch
+from .supervise import Health
+
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
+           "CachedView"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
 TOPICS = {
@@ -43,15 +59,20 @@ CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every windo
 # b"fmstep:<step>" to every partition of `examples.augmented` and `fm.embeddings` (the vm role's clock)
 
 ROLES = ("all", "ingest", "fm", "vm", "reach", "monitor")
-# Roles whose input topics another role also reads get a consumer group of their own (see group_id).
-OWN_GROUP_ROLES: tuple = ("monitor", "reach", "vm")
+# Every single role gets a consumer group of its own (see group_id); role ``all`` keeps the app id.
+OWN_GROUP_ROLES: tuple = ("ingest", "fm", "monitor", "reach", "vm")
 
 
 def group_id(cfg: "WorkerConfig") -> str:
     """The Faust app id (= Kafka consumer group) of a worker. Members of one group split every topic
     they subscribe to, so a role that reads a topic another role also reads (vm and monitor both read
     ``examples.augmented``) runs as ``<app id>-<role>``: it then sees every partition of that topic, and
-    several members of that one role still split the partitions among themselves."""
+    several members of that one role still split the partitions among themselves. Ingest and fm have
+    groups of their own too: in one group with members of another role, a second ingest member joining
+    made Faust's assignor fail (``InconsistentGroupProtocolError`` for the fm member, seen on the
+    embedded broker), so a role-split deployment could not scale ingest. A role ``all`` worker and a
+    role ``ingest`` worker hold different tables (``<group>-attribution-changelog``): do not mix the two
+    in one deployment."""
     return f"{cfg.app_id}-{cfg.role}" if cfg.role in OWN_GROUP_ROLES else cfg.app_id
 
 
@@ -84,6 +105,23 @@ class WorkerConfig:
     vm_variants: tuple = ("base", "loopfm+kd")  # the vm role's VM variants (model/verticals.py VARIANTS)
     vm_serve: str = "loopfm+kd"  # the variant ``POST /score/`` answers with
     loglevel: str = "warn"
+    # Started for evaluation (``replay``-driven runs, the demo, the tests): only then does an
+    # ``end_of_log`` control message close windows and finish the fm stage. A production worker counts
+    # the header and ignores it, so nobody who can write to ``events`` can end event time for good.
+    evaluation: bool = False
+    # HTTP views are computed in a worker thread (never on the agents' event loop) and each answer is
+    # reused this long (``--view-cache``): a scraper polling every 100 ms costs one computation a second
+    view_cache_s: float = 1.0
+    view_cache_keys: int = 64  # answers kept per view (one per query string, ``/reach?q=``); LRU beyond
+    # Faust's /table/... (table contents: user ids, attributes, segment labels) and /router/ (every
+    # worker's address) endpoints; off unless asked for (``--web-tables``)
+    web_tables: bool = False
+    # a role inside one batch this long is stalled: /healthz answers 503 (``--stall``)
+    stall_s: float = 300.0
+    # what a worker does when the broker lost the data its state describes (stream/broker_watch.py):
+    # stop (exit 75, state kept) or reset (empty the data dir, exit 75 for a clean restart)
+    on_broker_reset: str = "stop"
+    broker_check_s: float = 10.0  # seconds between checks of the broker's identity and end offsets
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -92,9 +130,20 @@ class WorkerConfig:
             raise ConfigError(f"partitions: must be an integer in 1..256, got {self.partitions!r}")
         if not 0 < self.web_port < 65536:
             raise ConfigError(f"web_port: must be in 1..65535, got {self.web_port}")
+        if self.on_broker_reset not in RESET_POLICIES:
+            raise ConfigError(f"on_broker_reset: must be one of {', '.join(RESET_POLICIES)}, got {self.on_broker_reset!r}")
+        if not isinstance(self.broker_check_s, (int, float)) or not self.broker_check_s > 0:
+            raise ConfigError(f"broker_check_s: must be a positive number of seconds, got {self.broker_check_s!r}")
+        if not isinstance(self.stall_s, (int, float)) or not self.stall_s > 0:
+            raise ConfigError(f"stall_s: must be a positive number of seconds, got {self.stall_s!r}")
+        if not isinstance(self.view_cache_s, (int, float)) or not 0 <= self.view_cache_s <= 3600:
+            raise ConfigError(f"view_cache_s: must be a number of seconds in 0..3600, got {self.view_cache_s!r}")
+        if not isinstance(self.view_cache_keys, int) or self.view_cache_keys < 1:
+            raise ConfigError(f"view_cache_keys: must be an integer >= 1, got {self.view_cache_keys!r}")
 
     def topic_partitions(self) -> dict[str, int]:
-        return {name: self.partitions for name in TOPICS}
+        # fm.lease: one partition, held by the active fm member (stream/fm.py)
+        return {**{name: self.partitions for name in TOPICS}, "fm.lease": 1}
 
 
 class OutputTopic:
@@ -113,20 +162,29 @@ class OutputTopic:
                                             orjson.dumps(value), partition, None, headers)
 
 
-async def read_topic(bootstrap: str, topic: str, partitions: int, quiet_ms: int = 400) -> list:
-    """Every message of ``topic`` from the beginning.
+async def iter_topic(bootstrap: str, topics: tuple | str, partitions: int, start: dict | None = None,
+                     quiet_ms: int = 400, chunk: int = 5000):
+    """The messages of ``topics`` from ``start`` (``{"topic/partition": offset}``; the beginning where
+    absent) up to their current end, in chunks of at most ``chunk`` messages: a catch-up at start-up
+    holds one chunk in memory, never a whole topic.
 
     Reads past the reported end offsets until a poll comes back empty: Tansu was seen to report a
     partition's end offset one short of its last message."""
+    names = (topics,) if isinstance(topics, str) else tuple(topics)
+    start = start or {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        tps = [TopicPartition(t, p) for t in names for p in range(partitions)]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            at = start.get(f"{tp.topic}/{tp.partition}", 0)
+            if at > 0:
+                consumer.seek(tp, at)
+            else:
+                await consumer.seek_to_beginning(tp)
         end = await consumer.end_offsets(tps)
-        out = []
 
         async def behind() -> bool:
             for tp in tps:
@@ -135,13 +193,164 @@ async def read_topic(bootstrap: str, topic: str, partitions: int, quiet_ms: int 
             return False
 
         while True:
-            batch = await consumer.getmany(timeout_ms=quiet_ms, max_records=10000)
-            for msgs in batch.values():
-                out.extend(msgs)
-            if not batch and not await behind():
-                return out
+            batch = await consumer.getmany(timeout_ms=quiet_ms, max_records=chunk)
+            if batch:
+                yield [m for msgs in batch.values() for m in msgs]
+            elif not await behind():
+                return
     finally:
         await consumer.stop()
+
+
+async def follow_topic(bootstrap: str, topics: tuple, partitions: int, start: dict | None = None,
+                       max_records: int = 4000, timeout_ms: int = 100):
+    """Every message of ``topics`` from ``start`` on, for ever: chunks of at most ``max_records`` (an
+    empty chunk after ``timeout_ms`` without data). For a role that reads every partition itself
+    rather than the share a consumer group assigns it (the active fm)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in range(partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            at = (start or {}).get(f"{tp.topic}/{tp.partition}", 0)
+            if at > 0:
+                consumer.seek(tp, at)
+            else:
+                await consumer.seek_to_beginning(tp)
+        while True:
+            batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            yield [m for msgs in batch.values() for m in msgs]
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, partitions: int, quiet_ms: int = 400) -> list:
+    """Every message of ``topic`` from the beginning (for finite reads: results, tests)."""
+    out = []
+    async for msgs in iter_topic(bootstrap, topic, partitions, quiet_ms=quiet_ms):
+        out.extend(msgs)
+    return out
+
+
+_view_log = logging.getLogger("loopline.views")
+_VIEW_THREADS: list = []  # the process's view executor, made on first use
+_VIEW_THREADS_LOCK = threading.Lock()
+_VIEWS: dict = {}  # name -> the process's CachedView of that name (served at /views)
+
+
+def _view_executor() -> ThreadPoolExecutor:
+    with _VIEW_THREADS_LOCK:
+        if not _VIEW_THREADS:  # two threads: a slow fit does not hold every other view up
+            _VIEW_THREADS.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="loopline-view"))
+        return _VIEW_THREADS[0]
+
+
+class CachedView:
+    """One HTTP view's answers, computed off the event loop and reused for a moment.
+
+    A view reads what the agents build (metrics over many predictions, a quality fit, the Prometheus
+    text); on realistic state one took about 2 s, and on the agents' event loop that stalls consumption
+    as long. ``await view.respond(web, compute, key)`` runs ``compute()`` and serializes its answer in a
+    worker thread, shares one computation among concurrent requests for the same ``key``, and answers
+    from the cache while the answer is younger than ``ttl_s``. At most ``max_keys`` answers are kept
+    (least recently used go first, counted in ``evicted``).
+
+    ``compute`` reads structures the loop keeps changing. The GIL keeps each single read whole, but
+    iterating a dict while the loop adds to it raises (``dictionary changed size during iteration``):
+    a computation that raises is retried in the thread (``retried``), and after ``retries`` tries run
+    once on the loop (``on_loop``), where nothing changes under it; an error there is a real one.
+    Loopline's own errors (``LooplineError``: a bad query) belong to the request and propagate at once.
+    What must not be read from another thread (a Faust table: its store picks a partition from the
+    loop's current event) is read by ``prepare`` on the loop, then ``compute(*prepare())`` in the thread.
+
+    >>> calls = []
+    >>> v = CachedView("demo", ttl_s=60.0)
+    >>> async def twice():
+    ...     return [await v.get(lambda: calls.append(1) or len(calls)) for _ in range(2)]
+    >>> asyncio.run(twice()), v.stats["computed"], v.stats["cached"]
+    ([b'1', b'1'], 1, 1)
+    """
+
+    def __init__(self, name: str, ttl_s: float = 1.0, max_keys: int = 64, retries: int = 3,
+                 content_type: str = "application/json"):
+        self.name = name
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self.retries = retries
+        self.content_type = content_type  # JSON answers are serialized in the thread; others are bytes
+        self._answers: OrderedDict = OrderedDict()  # key -> (monotonic time, answer)
+        self._pending: dict = {}  # key -> the computation in flight (shared by concurrent requests)
+        self.stats = {"computed": 0, "cached": 0, "retried": 0, "on_loop": 0, "evicted": 0,
+                      "ms_last": 0.0, "ms_max": 0.0}
+
+    @classmethod
+    def of(cls, name: str, cfg: "WorkerConfig", **kw) -> "CachedView":
+        """A view cache with the worker's ``view_cache_s`` and ``view_cache_keys``, listed at ``/views``."""
+        view = _VIEWS[name] = cls(name, ttl_s=cfg.view_cache_s, max_keys=cfg.view_cache_keys, **kw)
+        return view
+
+    async def respond(self, web, compute: Callable[..., Any], key: Any = None,
+                      prepare: Callable[[], tuple] | None = None):
+        """The view's HTTP response (``web``: the Faust view handling the request)."""
+        return web.bytes(await self.get(compute, key, prepare), content_type=self.content_type)
+
+    async def get(self, compute: Callable[..., Any], key: Any = None,
+                  prepare: Callable[[], tuple] | None = None) -> Any:
+        """``compute(*prepare())``'s answer (serialized when the view is JSON), at most ``ttl_s`` old."""
+        hit = self._answers.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            self._answers.move_to_end(key)
+            self.stats["cached"] += 1
+            return hit[1]
+        fut = self._pending.get(key)
+        if fut is None:
+            fut = self._pending[key] = asyncio.ensure_future(self._compute(key, compute, prepare))
+            fut.add_done_callback(lambda f, key=key: self._done(key, f))
+        return await asyncio.shield(fut)  # a client that goes away does not cancel the others' answer
+
+    def _done(self, key: Any, fut: asyncio.Future) -> None:
+        if self._pending.get(key) is fut:
+            del self._pending[key]
+        if not fut.cancelled():
+            fut.exception()  # retrieved: every waiter has it already
+
+    def _run(self, compute: Callable[..., Any], args: tuple) -> Any:
+        answer = compute(*args)
+        if self.content_type == "application/json":
+            answer = faust_json.dumps(answer)  # what Faust's web.json would send, made in the thread
+            answer = answer if isinstance(answer, bytes) else answer.encode()
+        return answer
+
+    async def _compute(self, key: Any, compute: Callable[..., Any], prepare) -> Any:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        for attempt in range(self.retries + 1):
+            args = prepare() if prepare is not None else ()
+            if attempt == self.retries:  # collided every time: on the loop, where nothing moves
+                self.stats["on_loop"] += 1
+                _view_log.warning("view %s: computed on the event loop after %d collisions", self.name, attempt)
+                answer = self._run(compute, args)
+                break
+            try:
+                answer = await loop.run_in_executor(_view_executor(), self._run, compute, args)
+                break
+            except LooplineError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a read that collided with the agents' writes
+                self.stats["retried"] += 1
+                _view_log.debug("view %s: retrying after %r", self.name, exc)
+        ms = (time.perf_counter() - t0) * 1000
+        self.stats["computed"] += 1
+        self.stats["ms_last"] = round(ms, 3)
+        self.stats["ms_max"] = round(max(self.stats["ms_max"], ms), 3)
+        self._answers[key] = (time.monotonic(), answer)
+        self._answers.move_to_end(key)
+        while len(self._answers) > self.max_keys:
+            self._answers.popitem(last=False)
+            self.stats["evicted"] += 1
+        return answer
 
 
 def build_app(cfg: WorkerConfig) -> faust.App:
@@ -158,6 +367,11 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         web_bind=cfg.web_host,
         web_port=cfg.web_port,
         web_in_thread=False,
+        # Faust's /table/... and /router/ endpoints show table contents and the cluster's addresses
+        web_tables_enabled=cfg.web_tables,
+        web_router_enabled=cfg.web_tables,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 5),
@@ -169,7 +383,45 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         # changelog's "highwater" can be short of the offset a table persisted; the ingest core keeps
         # its own consistency (state/ingest.py), and Faust's check would crash-loop the worker.
         recovery_consistency_check=False,
+        # No standby replicas: with two members of one role, Faust's assignor hands out standby
+        # changelog partitions and then fails its own check (``AssertionError`` in ``on_assignment``,
+        # seen with a second ingest member joining), killing the coordinator. Every role here rebuilds
+        # its state from its changelog or topics when it takes a partition over.
+        table_standby_replicas=0,
     )
+    # every role's progress clock (stream/supervise.py): /healthz fails when one is stalled
+    app.loopline_health = Health([], stall_s=cfg.stall_s)
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        rep = app.loopline_health.report()
+        return web.json(rep, status=200 if rep["live"] else 503)
+
+    @app.page("/readyz")
+    async def readyz(web, request):
+        rep = app.loopline_health.report()
+        return web.json(rep, status=200 if rep["ready"] else 503)
+
+    @app.page("/views")
+    async def views_view(web, request):
+        """Each view's computations: how many, how long (``ms_max``), cache hits, collisions, evictions."""
+        return web.json({name: dict(v.stats, cached_keys=len(v._answers)) for name, v in sorted(_VIEWS.items())})
+
+    # every role's stored input positions ("topic/partition" -> next offset), for the broker watch
+    app.loopline_positions = {}
+    watch = BrokerWatch(cfg.broker, cfg.data_dir, cfg.on_broker_reset)
+
+    @app.timer(cfg.broker_check_s)
+    async def broker_check() -> None:
+        positions = {tp: off for fn in app.loopline_positions.values() for tp, off in fn().items()}
+        try:
+            reason = await watch.check(positions)
+        except Exception as exc:  # noqa: BLE001 - an unreachable broker is the client's to retry, not a reset
+            _view_log.warning("broker check failed (%s: %s); will retry", type(exc).__name__, exc)
+            return
+        if reason is not None:
+            watch.act(reason, await watch.identity())
+
     app.loopline_topics = {
         "events": app.topic("events", key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw", partitions=cfg.partitions),

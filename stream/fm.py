@@ -10,8 +10,14 @@ partition has arrived). Items are then processed in the canonical order, which m
 of ``loopline evaluate``. DAS outputs go to ``examples.augmented`` and ``fm.embeddings``; ``/fm/`` shows
 the progressive metrics.
 
-One fm worker trains the model: two uncoordinated members would each see half the partitions. The
-history store and the stage's snapshots live under the worker's data dir.
+Active and standby. One fm member trains the model; two uncoordinated members would each see half the
+partitions and diverge. Every fm member subscribes to ``fm.lease``, a one-partition topic: the member
+the consumer group assigns its partition 0 is active and reads *every* partition of its inputs with its
+own consumer; the others are standbys (``/fm/`` says ``role``) and wait. When the active member dies,
+the group hands the lease to a standby after the session timeout, and it starts from its own newest
+snapshot (or from the topics, on a machine with none) and catches up: the result is the same as one
+member that never stopped. The history store and the stage's snapshots live under the worker's data
+dir.
 
 Restarts. Every ``SNAPSHOT_EVERY`` training steps the whole stage (models, optimizers, published
 snapshots, the heap of unprocessed items, metrics) is saved atomically with the offset up to which each
@@ -25,59 +31,113 @@ the store from ``history.events``, ``examples`` and ``fm.embeddings``.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 import faust
 import numpy as np
 import orjson
-import torch
 
 from loopline.model.pipeline import FMStage
-from loopline.model.trainer import atomic_save, latest_snapshot
 from loopline.state.history import HistoryStore
+from loopline.state.snapshots import SnapshotDir
 
-from .app import CONTROL_HEADER, WorkerConfig, control_of, read_topic
+from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, follow_topic, read_topic
+from .supervise import supervised
 
 __all__ = ["register_fm"]
 
 BATCH = 4000
 BATCH_WITHIN_S = 0.1
 SNAPSHOT_EVERY = 20  # training steps between snapshots of the whole stage
-KEEP_SNAPSHOTS = 2  # the newest ones; older ones are deleted
+KEEP_SNAPSHOTS = 2  # the newest ones (each is tens of MB); older ones are deleted
+INPUTS = ("history.events", "examples")
+LEASE_TP = ("fm.lease", 0)  # whoever holds this partition in the fm group is the active fm
+
+
+def _mark(control: str) -> tuple | None:
+    """``("watermark" | "end_of_log", ingest partition, time)`` of a control mark, or None if unreadable."""
+    kind, _, rest = control.partition(":")
+    try:
+        if kind == "end_of_log":
+            return kind, int(rest), float("inf")
+        if kind == "watermark":
+            p, _, t = rest.partition(":")
+            t = float(t)
+            return (kind, int(p), t) if t == t else None  # NaN never becomes a watermark
+    except ValueError:
+        pass
+    return None
+
+
+def _history_event(value: bytes) -> tuple | None:
+    """``(user, ts, ad, campaign, kind, id)`` or None when the value is not one."""
+    try:
+        v = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not (isinstance(v, list) and len(v) == 6 and all(isinstance(v[i], str) for i in (0, 2, 3, 4, 5))
+            and isinstance(v[1], (int, float)) and not isinstance(v[1], bool)):
+        return None
+    return tuple(v)
+
+
+_EXAMPLE_STR = ("id", "user", "ad", "campaign", "vertical")
+
+
+def _example(value: bytes) -> dict | None:
+    """A labelled example (the ingest's output) or None when the value is not one."""
+    try:
+        e = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in _EXAMPLE_STR):
+        return None
+    if not all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool) for k in ("ts", "label_ts")):
+        return None
+    if e.get("label") not in (0, 1) or not isinstance(e.get("attrs", {}), dict) or \
+            not isinstance(e.get("features", {}), dict):
+        return None
+    return e
 
 
 def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     topics = app.loopline_topics
-    source = app.topic("history.events", "examples", key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw", partitions=cfg.partitions)
+    # The lease: a one-partition topic in the fm group (created by the worker: WorkerConfig.
+    # topic_partitions); the member Kafka assigns its partition 0 to is the active fm, every other
+    # member a standby that takes over when the group moves the lease.
+    lease = app.topic(LEASE_TP[0], key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", partitions=1)
     snapshots = os.path.join(cfg.data_dir, "fm-snapshots")
-    state: dict = {"stage": None, "finished": False, "rebuilt": None, "restored": None, "snapshot_at": 0}
+    state: dict = {"stage": None, "finished": False, "rebuilt": None, "restored": None, "snapshot_at": 0,
+                   "control_ignored": 0, "bad_values": 0, "task": None, "role": "standby", "active_since": None}
     marks: dict[str, float] = {}  # "topic/partition/ingest partition" -> watermark
     fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed to the stage
 
     async def start_stage() -> None:
-        # the inputs, read whole once: for a rebuild and for the catch-up below (in memory: fine for
-        # replays and the topic sizes here; a seek per partition at larger scale)
-        inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in ("history.events", "examples")}
         history = HistoryStore(os.path.join(cfg.data_dir, "fm-history"))
-        path = latest_snapshot(snapshots)
+        # the one writer of the series: opening removes a killed save's temporaries; the newest snapshot
+        # that verifies loads (an older one, with a warning, when the newest is damaged)
+        state["snapshot_dir"] = SnapshotDir(snapshots, keep=KEEP_SNAPSHOTS)
+        loaded = state["snapshot_dir"].load_latest()
+        path = None if loaded is None else loaded[1]
         # No snapshot: the stage starts over and its replay of the inputs writes the store again, as it
         # was. A snapshot but no store (the snapshots came to a new machine): rebuild the store from the
         # topics, then resume.
         if path is not None and next(history.raw_items(), None) is None:
+            # (the one path that reads its inputs whole: the store is re-created in its own order)
+            inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in INPUTS}
             state["rebuilt"] = await rebuild(history, inputs)
         stage = FMStage(history)
         if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
-            snap = torch.load(path, weights_only=True)
+            snap = loaded[0]  # verified, loaded with weights_only=True
             stage.load_state_dict(snap["stage"])
             marks.update(snap["marks"])
             fed.update(snap["fed"])
             state["finished"], state["snapshot_at"] = snap["finished"], stage.fm.version
             state["restored"] = os.path.basename(path)
         state["stage"] = stage
-        # catch up on everything after the snapshot (or from the start), whatever Faust has committed:
-        # the stage, not the consumer group, knows what it has seen
-        await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for msgs in inputs.values() for m in msgs])
 
     async def rebuild(history: HistoryStore, inputs: dict) -> dict:
         """A worker with an empty store (a new machine) re-creates it from the topics, in the order the
@@ -110,29 +170,37 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             fed[tp] = offset + 1
             control = control_of(headers)
             if control is not None:
-                kind, p, *rest = control.split(":")
-                marks[f"{tp}/{int(p)}"] = float("inf") if kind == "end_of_log" else float(rest[0])
-            elif topic == "history.events":
-                history.append(tuple(orjson.loads(value)))
+                mark = _mark(control)
+                if mark is None:
+                    state["bad_values"] += 1
+                elif mark[0] == "end_of_log" and not cfg.evaluation:
+                    state["control_ignored"] += 1  # only an evaluation run ends event time
+                else:
+                    marks[f"{tp}/{mark[1]}"] = mark[2]
+                continue
+            item = _history_event(value) if topic == "history.events" else _example(value)
+            if item is None:
+                state["bad_values"] += 1  # these topics are Loopline's own; a bad value is counted, never fatal
             else:
-                examples.append(orjson.loads(value))
+                (history if topic == "history.events" else examples).append(item)
         st.feed_events(history)
         st.feed_examples(examples)
         wm = watermark()
-        if wm == float("inf") and not state["finished"]:
-            st.finish()
-            state["finished"] = True
-        elif not state["finished"]:
+        if wm == float("inf"):
+            if not state["finished"]:
+                st.finish()
+                state["finished"] = True
+        else:
+            # a finished stage resumes when later data comes (a new log after an evaluation run):
+            # it never drops data silently
+            state["finished"] = False
             st.advance(wm)
         await publish(st)
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
-            atomic_save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
-                         "finished": state["finished"]}, os.path.join(snapshots, f"snapshot-{st.fm.version:010d}.pt"))
+            state["snapshot_dir"].save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
+                                        "finished": state["finished"]}, st.fm.version)  # fsynced; rotates
             state["snapshot_at"] = st.fm.version  # only once it is on disk: /fm/ must not claim it before
-            for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:  # each is tens of MB
-                if old.startswith("snapshot-"):
-                    os.remove(os.path.join(snapshots, old))
 
     async def publish(st: FMStage) -> None:
         label_ts = {}
@@ -152,16 +220,58 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
                 for q in range(cfg.partitions):
                     await topics[name].send(partition=q, headers=[(CONTROL_HEADER, mark)])
 
-    @app.agent(source, name="fm")
-    async def fm(stream):
-        await start_stage()
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            await handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
-                          for ev in events])
+    health = app.loopline_health
+    health.add("fm")
+    app.loopline_positions["fm"] = lambda: dict(fed)
+
+    @supervised("fm", health)
+    async def run_active(_=None) -> None:
+        """The active member: load the newest snapshot (once), then read every input partition from
+        where the stage stands, whatever Faust has committed (the stage, not the consumer group, knows
+        what it has seen): the catch-up and the live stream are one loop."""
+        health.busy("fm")
+        if state["stage"] is None:
+            await start_stage()
+        health.done("fm")
+        health.ready("fm")
+        async for msgs in follow_topic(cfg.broker, INPUTS, cfg.partitions, start=dict(fed), max_records=BATCH):
+            if msgs:
+                health.busy("fm")
+                await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
+                health.done("fm")
+            else:
+                await asyncio.sleep(BATCH_WITHIN_S)
+
+    async def on_assigned(app, assigned, **kwargs):  # noqa: ANN001 - faust signal signature
+        holds = LEASE_TP in {(tp.topic, tp.partition) for tp in assigned}
+        task = state["task"]
+        if holds and (task is None or task.done()):
+            state["role"], state["active_since"] = "active", time.time()
+            state["task"] = asyncio.ensure_future(run_active(None))
+        elif not holds:
+            if task is not None and not task.done():
+                task.cancel()  # another member holds the lease now; the stage stays in memory
+            state["role"] = "standby"
+            health.ready("fm")  # a standby is ready: it waits
+
+    app.on_partitions_assigned.connect(on_assigned)
+
+    @app.agent(lease, name="fm-lease")
+    async def fm_lease(stream):
+        async for _ in stream.events():  # nothing is sent there: subscribing is the claim
+            pass
+
+    answers = CachedView.of("fm", cfg)  # computed in a thread, never on the agent's loop
+
+    def fm_report() -> dict:
+        st = state["stage"]
+        return {"finished": state["finished"], "models": st.report() if st else {},
+                "counts": st.counts if st else {}, "rebuilt": state["rebuilt"], "restored": state["restored"],
+                "snapshot_at": state["snapshot_at"], "ready": st is not None, "role": state["role"],
+                "active_since": state["active_since"],
+                "dedup": st.seen.counts() if st else {}, "control_ignored": state["control_ignored"],
+                "bad_values": state["bad_values"]}
 
     @app.page("/fm/")
     async def fm_view(web, request):
-        st = state["stage"]
-        return web.json({"finished": state["finished"], "models": st.report() if st else {},
-                         "counts": st.counts if st else {}, "rebuilt": state["rebuilt"], "restored": state["restored"],
-                         "snapshot_at": state["snapshot_at"], "ready": st is not None})
+        return await answers.respond(web, fm_report)

@@ -21,8 +21,9 @@ order, so their alarms can differ from a replay's by a few rows; the windowed fi
 on the order as long as no partition lags the others by more than ``HealthConfig.keep_windows``
 windows.
 
-Metrics (all gauges unless named ``_total``; ``model`` and ``feature`` labels are whatever the
-stream carries):
+Metrics (all gauges unless named ``_total``; ``model`` and ``feature`` labels are what the stream
+carries, at most ``MonitorConfig.max_metric_models`` / ``max_metric_features`` distinct values, the
+first ones exported; the rest stay in ``/drift`` and are counted):
 
     loopline_monitor_examples_total, loopline_monitor_score_rows_total, loopline_monitor_event_time_seconds
     loopline_feature_psi{feature}, loopline_feature_js{feature}      newest window vs its reference
@@ -33,9 +34,13 @@ stream carries):
     loopline_model_examples_total{model}
     loopline_transfer_ratio{model}                                    vm:X against vm:base and fm
     loopline_drift_alarms_total{model,detector}
+    loopline_metric_labels_dropped_total{label}                       label values left out (label: feature | model)
+    loopline_drift_features_pruned_total                              feature names dropped by full drift windows
 """
 
 from __future__ import annotations
+
+import math
 
 import faust
 import orjson
@@ -44,7 +49,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loopline.model.monitor import Monitor, MonitorConfig
 
-from .app import TOPICS, WorkerConfig, control_of, read_topic
+from loopline.state.dedup import RecentIds
+
+from .app import TOPICS, CachedView, WorkerConfig, control_of, iter_topic
+from .supervise import supervised
 
 __all__ = ["register_monitor", "MonitorCollector"]
 
@@ -61,7 +69,7 @@ class MonitorCollector:
         self.monitor = monitor
 
     def collect(self):
-        s = self.monitor.summary()
+        s = self.monitor.metrics_summary()  # feature and model labels capped (MonitorConfig)
 
         def gauge(name, doc, labels=()):
             return GaugeMetricFamily(name, doc, labels=list(labels))
@@ -121,10 +129,44 @@ class MonitorCollector:
             if t.get("tr") is not None:
                 tr.add_metric([model], t["tr"])
         yield tr
+        left = CounterMetricFamily("loopline_metric_labels_dropped", "label values left out of these metrics "
+                                   "(MonitorConfig.max_metric_*), each name counted once", labels=["label"])
+        bounds = self.monitor.bounds()
+        for label, b in sorted(bounds["metric_labels"].items()):
+            left.add_metric([label], b["dropped"])
+        yield left
+        pruned = CounterMetricFamily("loopline_drift_features_pruned", "feature names full drift windows "
+                                     "dropped (DriftConfig.max_features)")
+        pruned.add_metric([], bounds["drift"]["features_pruned"])
+        yield pruned
 
 
 def _canonical(item: dict) -> tuple:
     return (float(item.get("label_ts", item["ts"])), str(item.get("id", "")))
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _well_formed(topic: str, item) -> bool:
+    """An example (``examples.augmented``) or a score row (``model.scores``) the monitor can use: ids,
+    finite times, a 0/1 label and, for a score row, scores that are probabilities."""
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or item.get("label") not in (0, 1):
+        return False
+    if not _number(item.get("ts")) or ("label_ts" in item and not _number(item["label_ts"])):
+        return False
+    if topic == "model.scores":
+        scores = item.get("scores")
+        return isinstance(scores, dict) and bool(scores) and all(
+            isinstance(k, str) and _number(v) and 0 <= v <= 1 for k, v in scores.items())
+    soft = item.get("soft_label")
+    return soft is None or (_number(soft) and 0 <= soft <= 1)
+
+
+def _row_id(item: dict) -> str:
+    scores = item.get("scores")
+    return f"{item.get('id')}|{min(scores) if isinstance(scores, dict) and scores else ''}"
 
 
 def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConfig = MonitorConfig()) -> None:
@@ -136,6 +178,10 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
                        value_serializer="raw", partitions=cfg.partitions)
     fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed
     state = {"ready": False}
+    stats = {"bad_values": 0}
+    # re-sent outputs (the fm or a vm restarted after its snapshot) count once: examples by id, score
+    # rows by id and producing stage (each stage sends one row per example)
+    seen = {"examples.augmented": RecentIds(), "model.scores": RecentIds()}
 
     def handle(messages) -> None:
         examples, rows = [], []
@@ -149,28 +195,47 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
             try:
                 item = orjson.loads(value)
             except orjson.JSONDecodeError:
-                continue  # not ours to judge: these topics are written by Loopline's own stages
+                item = None
+            if not _well_formed(topic, item):
+                stats["bad_values"] += 1  # these topics are Loopline's own; a bad value is counted, never fatal
+                continue
+            if not seen[topic].first(_row_id(item), _canonical(item)[0]):
+                continue
             (examples if topic == "examples.augmented" else rows).append(item)
         # canonical order (label time, id) within what arrived together: a catch-up reads whole
         # partitions one after another, and the health windows only keep the newest few open
         monitor.observe_examples(sorted(examples, key=_canonical))
         monitor.observe_scores(sorted(rows, key=_canonical))
 
+    health = app.loopline_health
+    health.add("monitor")
+    app.loopline_positions["monitor"] = lambda: dict(fed)
+
     @app.agent(source, name="monitor")
+    @supervised("monitor", health)
     async def monitor_agent(stream):
-        msgs = []  # catch up from the beginning, whatever the group has committed
-        for topic in inputs:
-            msgs += await read_topic(cfg.broker, topic, cfg.partitions)
-        handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
+        # catch up from the beginning, whatever the group has committed, a chunk at a time
+        health.busy("monitor")
+        async for msgs in iter_topic(cfg.broker, inputs, cfg.partitions, chunk=20000):
+            handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
         state["ready"] = True
+        health.done("monitor")
+        health.ready("monitor")
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            health.busy("monitor")
             handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
                     for ev in events])
+            health.done("monitor")
+
+    # both computed in a thread, never on the agent's loop
+    metrics_answers = CachedView.of("metrics", cfg, content_type=CONTENT_TYPE)
+    drift_answers = CachedView.of("drift", cfg)
 
     @app.page("/metrics")
     async def metrics_view(web, request):
-        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE)
+        return await metrics_answers.respond(web, lambda: generate_latest(registry))
 
     @app.page("/drift")
     async def drift_view(web, request):
-        return web.json({"ready": state["ready"], **monitor.report()})
+        return await drift_answers.respond(web, lambda: {"ready": state["ready"], "stream": dict(stats),
+                                                         **monitor.report()})

@@ -10,8 +10,10 @@ batch. ``GET /quality`` returns the aggregates of the partitions this worker hol
 ``?fit=0``, the fit over them; ``loopline quality --workers URL,...`` sums every worker's partitions
 and fits (a worker holds only part of the users, so its own fit is partial when there are several).
 
-Delivery is at least once: an impression re-sent after an ingest crash is counted again (segment
-assertions and truth reports are idempotent by construction).
+Delivery is at least once; effects are exactly once: an impression re-sent after an ingest crash or
+redelivered after this worker's is recognized by its id among its user's latest ids (kept in the user's
+record, written with the counts) and counted once; segment assertions and truth reports are
+idempotent by construction.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import faust
 import orjson
 
 from loopline.model.quality import QualityConfig, assess
-from loopline.state.quality_counts import QualityCounts, merge_aggregates
+from loopline.state.quality_counts import QualityCounts, load_aggregate, merge_aggregates
 
-from .app import WorkerConfig
+from .app import CachedView, WorkerConfig
+from .supervise import supervised
 from .ingest import _in_partition_of
 
 __all__ = ["register_quality"]
@@ -48,9 +51,14 @@ def register_quality(app: faust.App, cfg: WorkerConfig, qcfg: QualityConfig = Qu
     app.on_partitions_revoked.connect(_drop)
     app.on_partitions_assigned.connect(_drop)
 
+    health = app.loopline_health
+    health.ready("quality")  # nothing to catch up: its state is a table
+
     @app.agent(source, name="quality")
+    @supervised("quality", health)
     async def quality(stream):
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            health.busy("quality")
             by_partition: dict[int, list] = {}
             for ev in events:
                 by_partition.setdefault(ev.message.partition, []).append(ev)
@@ -68,6 +76,7 @@ def register_quality(app: faust.App, cfg: WorkerConfig, qcfg: QualityConfig = Qu
                             log.warning("quality: unreadable audience value at %s/%s: %s", p,
                                         ev.message.offset, exc)
                     qc.flush()
+            health.done("quality")
 
     def held_partitions() -> list[int]:
         try:
@@ -76,14 +85,24 @@ def register_quality(app: faust.App, cfg: WorkerConfig, qcfg: QualityConfig = Qu
             return []
         return sorted(tp.partition for tp in tps if tp.topic == "audience")
 
-    @app.page("/quality")
-    async def quality_view(web, request):
+    answers = CachedView.of("quality", cfg)  # the fit in a thread, never on the agent's loop
+
+    def aggregates() -> tuple:
+        """On the loop (a Faust table is read there): the held partitions' aggregates."""
         parts = {}
         for p in held_partitions():
-            agg = table.get(f"{p}|agg")
+            agg = load_aggregate(table, f"{p}|")  # reassembled from its chunks
             if agg is not None:
                 parts[str(p)] = agg
-        out = {"partitions": parts, "stats": dict(stats)}
-        if request.query.get("fit", "1") != "0":
+        return parts, dict(stats)
+
+    def quality_report(fit: bool, parts: dict, counters: dict) -> dict:
+        out = {"partitions": parts, "stats": counters}
+        if fit:
             out["fit"] = assess(merge_aggregates(parts.values()), qcfg)
-        return web.json(out)
+        return out
+
+    @app.page("/quality")
+    async def quality_view(web, request):
+        fit = request.query.get("fit", "1") != "0"
+        return await answers.respond(web, lambda *a: quality_report(fit, *a), key=fit, prepare=aggregates)

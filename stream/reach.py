@@ -21,12 +21,16 @@ Public surface: ``register_reach``, ``changelog_topic``.
   on each partition by the worker holding it, into the table ``reach.answers`` keyed by the query id:
   the value of that key in partition ``p`` is partition ``p``'s share (its sums), so a reader of the
   table's changelog (:func:`changelog_topic`) merges the shares of all partitions
-  (``loopline reach --broker``). Faust assigns the same partition numbers of ``audience`` and
+  (``loopline reach --broker``). Answers are for the reader waiting on them: before answering, a
+  partition deletes its answers older than ``ReachConfig.answers_ttl_s`` (wall-clock seconds) and,
+  oldest first, any past ``max_answers`` (counted as ``answers_expired`` in ``/reach``'s stats), so
+  the table and its changelog stay bounded. Faust assigns the same partition numbers of ``audience`` and
   ``reach.queries`` to the same worker (co-partitioned topics), so each share comes from the sample
   of its own partition.
 
-Delivery is at least once: an impression re-sent after an ingest crash counts twice in its user's
-impressions (users are not affected: the sample keys on the user).
+Delivery is at least once; effects are exactly once: an impression re-sent after an ingest crash or
+rebalance is dropped by its id (:class:`~loopline.state.dedup.RecentIds`, per partition, rebuilt with the
+sample), so it counts once in its user's impressions.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from loopline.state.dedup import RecentIds
 from loopline.state.errors import ConfigError
 from loopline.state.reach import ReachSampler, Sample, finish, merge_stats, query_stats
 from loopline.state.reach_query import parse_query
 
-from .app import WorkerConfig, group_id
+from .app import CachedView, WorkerConfig, group_id
+from .supervise import supervised
 
 __all__ = ["register_reach", "changelog_topic"]
 
@@ -60,16 +66,18 @@ def changelog_topic(cfg: WorkerConfig) -> str:
     return f"{group_id(cfg)}-{ANSWERS}-changelog"
 
 
-def _apply(sampler: ReachSampler, value: bytes) -> bool:
+def _apply(sampler: ReachSampler, seen: RecentIds, value: bytes) -> bool:
     v = orjson.loads(value)
     if isinstance(v, dict) and v.get("type") == "segment":
         sampler.assert_segment(str(v["user"]), str(v["source"]), str(v["segment"]))
-        return True
+        return False  # True counts impressions only
     if not isinstance(v, dict) or v.get("type") != "impression":
         return False
     attrs = v.get("attrs") or {}
     if not isinstance(attrs, dict):
         raise TypeError("attrs is not an object")
+    if "id" in v and not seen.first(str(v["id"]), float(v["ts"])):
+        return False  # a re-sent impression (ingest's outbox after a restart) counts once
     sampler.observe(str(v["user"]), float(v["ts"]), attrs)
     return True
 
@@ -80,13 +88,17 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
                partitions=cfg.partitions)
     source = app.topic("audience", **raw)
     queries = app.topic("reach.queries", **raw)
-    answers = app.Table(ANSWERS, default=None, partitions=cfg.partitions)
+    answer_table = app.Table(ANSWERS, default=None, partitions=cfg.partitions)
+    answered: dict[int, dict[str, float]] = {}  # partition -> query id -> answered at (wall clock), oldest first
     samplers: dict[int, ReachSampler] = {}
+    seen: dict[int, RecentIds] = {}  # partition -> impression ids applied within the de-duplication horizon
+    impressions: dict[int, int] = {}  # partition -> impressions applied to its sample (repeats excluded)
     applied: dict[int, int] = {}  # partition -> next offset not yet in its sampler
     rebuilding: dict[int, asyncio.Task] = {}
     snaps: dict[int, tuple] = {}  # partition -> (sampler version, built at, Sample)
-    stats = {"values": 0, "impressions": 0, "bad_values": 0, "rebuilds": 0, "rebuilt_messages": 0,
-             "queries_http": 0, "queries_table": 0}
+    stats = {"values": 0, "impressions": 0, "impression_repeats": 0, "bad_values": 0, "rebuilds": 0, "rebuilt_messages": 0,
+             "queries_http": 0, "queries_table": 0,
+             "answers_expired": 0}
 
     async def rebuild(p: int) -> None:
         try:
@@ -95,11 +107,11 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
             log.warning("reach: rebuilding partition %d failed (%s); will retry", p, exc)
 
     async def _rebuild(p: int) -> None:
-        sampler = ReachSampler(rcfg, p)
+        sampler, ids = ReachSampler(rcfg, p), RecentIds()
         consumer = AIOKafkaConsumer(bootstrap_servers=cfg.broker, enable_auto_commit=False,
                                     max_partition_fetch_bytes=4 * 1024 * 1024)
         await consumer.start()
-        nxt = 0
+        nxt = n_impressions = 0
         try:
             tp = TopicPartition("audience", p)
             consumer.assign([tp])
@@ -110,7 +122,7 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
                 msgs = batch.get(tp, [])
                 for m in msgs:
                     try:
-                        _apply(sampler, m.value)
+                        n_impressions += _apply(sampler, ids, m.value)
                     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                         stats["bad_values"] += 1
                     nxt = m.offset + 1
@@ -119,7 +131,9 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
                     break
         finally:
             await consumer.stop()
-        samplers[p], applied[p] = sampler, nxt
+        samplers[p], seen[p], applied[p], impressions[p] = sampler, ids, nxt, n_impressions
+        stats["impressions"] = sum(impressions.values())
+        stats["impression_repeats"] = sum(s.repeats for s in seen.values())
         snaps.pop(p, None)
         stats["rebuilds"] += 1
         log.info("reach: partition %d rebuilt from %d messages", p, nxt)
@@ -146,14 +160,22 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
             if p not in mine:  # moved to another worker: a later return must rebuild
                 samplers.pop(p, None)
                 snaps.pop(p, None)
+                seen.pop(p, None)
+                impressions.pop(p, None)
         for p in mine:
             ensure(p)
 
     app.on_partitions_assigned.connect(on_assigned)
 
+    health = app.loopline_health
+    app.loopline_positions["reach"] = lambda: {f"audience/{p}": n for p, n in applied.items()}
+    health.ready("reach")  # a partition's rebuild waits inside a batch: a rebuild that hangs is a stall
+
     @app.agent(source, name="reach")
+    @supervised("reach", health)
     async def reach(stream):
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            health.busy("reach")
             for ev in events:
                 p, off = ev.message.partition, ev.message.offset
                 await ready(p)
@@ -161,11 +183,14 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
                     continue
                 stats["values"] += 1
                 try:
-                    stats["impressions"] += _apply(samplers[p], ev.value)
+                    impressions[p] += _apply(samplers[p], seen[p], ev.value)
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                     stats["bad_values"] += 1  # counted and logged, never fatal
                     log.warning("reach: unreadable audience value at %s/%s: %s", p, off, exc)
                 applied[p] = off + 1
+            stats["impressions"] = sum(impressions.values())
+            stats["impression_repeats"] = sum(s.repeats for s in seen.values())
+            health.done("reach")
 
     def sample_of(p: int) -> Sample:
         sampler = samplers[p]
@@ -189,33 +214,66 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
                 log.warning("reach: unreadable query at %s/%s: %s", p, ev.message.offset, exc)
                 continue
             stats["queries_table"] += 1
-            out = {"id": qid, "q": text, "partition": p}
+            expire(p)
+            out = {"id": qid, "q": text, "partition": p, "answered_at": time.time()}
             await ready(p)
             try:
                 out["stats"] = query_stats(sample_of(p), parse_query(text), rcfg.min_per_stratum)
             except ConfigError as exc:
                 out["error"] = str(exc)
-            answers[qid] = out
+            answer_table[qid] = out
+            answered[p].pop(qid, None)
+            answered[p][qid] = out["answered_at"]
+
+    def expire(p: int) -> None:
+        """Delete partition ``p``'s answers older than ``answers_ttl_s`` and, oldest first, those past
+        ``max_answers`` (room for the one about to be written). Runs inside the query agent, on an
+        event of partition ``p``: Faust writes the deletion (a tombstone) to that changelog partition."""
+        idx = answered.get(p)
+        if idx is None:  # first query here since start: the answers recovered from the changelog
+            found = [(float(v.get("answered_at", 0.0)), k) for k, v in list(answer_table.items())
+                     if isinstance(v, dict) and v.get("partition") == p]
+            idx = answered[p] = {k: t for t, k in sorted(found)}
+        now = time.time()
+        while idx:
+            qid, at = next(iter(idx.items()))
+            if now - at <= rcfg.answers_ttl_s and len(idx) < rcfg.max_answers:
+                break
+            del idx[qid]
+            try:
+                del answer_table[qid]
+            except KeyError:  # another partition's expiry removed the local copy; the tombstone went out
+                pass
+            stats["answers_expired"] += 1
+
+    # computed in a thread, never on the agents' loop; one cached answer per query text (LRU-bounded)
+    answers = CachedView.of("reach", cfg)
+
+    def summary() -> dict:
+        parts = held()
+        out = {"partitions": parts, "partitions_total": cfg.partitions, "stats": dict(stats),
+               "rebuilding": sorted(rebuilding), "samples": {}}
+        for p in parts:
+            out["samples"][str(p)] = {**sample_of(p).describe(), "memory": samplers[p].memory(),
+                                      "counts": dict(samplers[p].counts), "bounds": samplers[p].bounds()}
+        return out
+
+    def answer(q) -> dict:
+        t0 = time.perf_counter()
+        parts = held()
+        merged = merge_stats([query_stats(sample_of(p), q, rcfg.min_per_stratum) for p in parts]) if parts \
+            else {"strata": {}, "borrow": {}, "n_min": rcfg.min_per_stratum}
+        return {**finish(merged, q.text), "partitions": parts, "partitions_total": cfg.partitions,
+                "stats": merged, "worker_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     @app.page("/reach")
     async def reach_view(web, request):
         text = request.query.get("q")
-        parts = held()
         if text is None:
-            out = {"partitions": parts, "partitions_total": cfg.partitions, "stats": dict(stats),
-                   "rebuilding": sorted(rebuilding), "samples": {}}
-            for p in parts:
-                out["samples"][str(p)] = {**sample_of(p).describe(), "memory": samplers[p].memory(),
-                                          "counts": dict(samplers[p].counts)}
-            return web.json(out)
+            return await answers.respond(web, summary)
         stats["queries_http"] += 1
-        t0 = time.perf_counter()
         try:
             q = parse_query(text)
+            return await answers.respond(web, lambda: answer(q), key=text)
         except ConfigError as exc:
             return web.json({"error": str(exc)}, status=400)
-        merged = merge_stats([query_stats(sample_of(p), q, rcfg.min_per_stratum) for p in parts]) if parts \
-            else {"strata": {}, "borrow": {}, "n_min": rcfg.min_per_stratum}
-        out = {**finish(merged, q.text), "partitions": parts, "partitions_total": cfg.partitions,
-               "stats": merged, "worker_ms": round((time.perf_counter() - t0) * 1000, 3)}
-        return web.json(out)

@@ -28,25 +28,49 @@ import os
 import faust
 import numpy as np
 import orjson
-import torch
 from faust.web import View
 
 from loopline.kernels.dispatch import TABLE_KEY, apply_table, dispatch_model
 from loopline.model.serving import parse_score_request, score_candidates
-from loopline.model.trainer import atomic_save, latest_snapshot
 from loopline.model.verticals import StepInbox, VMStage, VMStageConfig
 from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
+from loopline.state.snapshots import SnapshotDir
 
-from .app import WorkerConfig, control_of, read_topic
+from .app import CachedView, WorkerConfig, control_of, read_topic
+from .supervise import supervised
 
 __all__ = ["register_vm"]
 
 BATCH = 4000
 BATCH_WITHIN_S = 0.1
 SNAPSHOT_EVERY = 20  # FM steps between snapshots of the VM stage
-KEEP_SNAPSHOTS = 2
+KEEP_SNAPSHOTS = 2  # the newest ones; older ones are deleted
 INPUTS = ("examples.augmented", "fm.embeddings")
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _item(topic: str, value: bytes) -> dict | None:
+    """An augmented example or a code row as the fm role writes them, or None when it is not one."""
+    try:
+        v = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("id"), str) or not isinstance(v.get("user"), str):
+        return None
+    if not (_num(v.get("ts")) and _num(v.get("label_ts"))):
+        return None
+    if topic == "examples.augmented":
+        ok = isinstance(v.get("fm_step"), int) and v.get("label") in (0, 1) and isinstance(v.get("vertical"), str) \
+            and (v.get("soft_label") is None or (_num(v["soft_label"]) and 0 <= v["soft_label"] <= 1))
+    else:
+        code = v.get("code")
+        ok = isinstance(v.get("step"), int) and isinstance(code, list) and all(_num(c) for c in code) \
+            and (v.get("fm_version") is None or isinstance(v.get("fm_version"), int))
+    return v if ok else None
 
 
 def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
@@ -62,7 +86,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
                        partitions=cfg.partitions)
     snapshots = os.path.join(cfg.data_dir, "vm-snapshots")
     state: dict = {"stage": None, "inbox": None, "history": None, "serving": {}, "restored": None,
-                   "snapshot_at": -1, "fp8": {}}
+                   "snapshot_at": -1, "fp8": {}, "bad_values": 0}
     fed: dict[str, int] = {}
 
     async def start_stage() -> None:
@@ -70,9 +94,12 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         history = HistoryStore(os.path.join(cfg.data_dir, "vm-history"))
         stage = VMStage(history, stage_cfg)
         done = -1
-        path = latest_snapshot(snapshots)
-        if path is not None:
-            snap = torch.load(path, weights_only=True)
+        # the one writer of the series: opening removes a killed save's temporaries; the newest snapshot
+        # that verifies loads (an older one, with a warning, when the newest is damaged)
+        state["snapshot_dir"] = SnapshotDir(snapshots, keep=KEEP_SNAPSHOTS)
+        loaded = state["snapshot_dir"].load_latest()
+        if loaded is not None:
+            snap, path = loaded  # verified, loaded with weights_only=True
             stage.load_state_dict(snap["stage"])
             done = int(snap["done"])
             state["fp8"].update(snap.get("fp8_tables") or {})
@@ -114,10 +141,14 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             if control is not None:
                 if control.startswith("fmstep:"):
                     inbox.mark(tp, int(control.split(":")[1]))
-            elif topic == "examples.augmented":
-                inbox.add_example(orjson.loads(value))
             else:
-                inbox.add_code(orjson.loads(value))
+                item = _item(topic, value)
+                if item is None:
+                    state["bad_values"] += 1  # these topics are Loopline's own; counted, never fatal
+                elif topic == "examples.augmented":
+                    inbox.add_example(item)
+                else:
+                    inbox.add_code(item)
         trained = False
         for step, codes, examples in inbox.ready():
             state["history"].append_embeddings(_code_rows(codes))
@@ -146,20 +177,26 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         refresh_serving(stage)
         tables = dict(state["fp8"])
         # the decision tables go with the snapshot (``loopline fp8 report --snapshot`` prints the first)
-        atomic_save({"stage": snap, "done": done, "fp8_tables": tables,
-                     TABLE_KEY: tables[min(tables)] if tables else None},
-                    os.path.join(snapshots, f"snapshot-{done:010d}.pt"))
+        state["snapshot_dir"].save({"stage": snap, "done": done, "fp8_tables": tables,
+                                    TABLE_KEY: tables[min(tables)] if tables else None}, done)  # fsynced; rotates
         state["snapshot_at"] = done  # only once it is on disk
-        for old in sorted(os.listdir(snapshots))[:-KEEP_SNAPSHOTS]:
-            if old.startswith("snapshot-"):
-                os.remove(os.path.join(snapshots, old))
+
+    health = app.loopline_health
+    health.add("vm")
+    app.loopline_positions["vm"] = lambda: dict(fed)
 
     @app.agent(source, name="vm")
+    @supervised("vm", health)
     async def vm(stream):
+        health.busy("vm")
         await start_stage()
+        health.done("vm")
+        health.ready("vm")
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            health.busy("vm")
             await handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
                           for ev in events])
+            health.done("vm")
 
     @app.timer(2.0)
     async def snapshot_when_idle() -> None:
@@ -168,15 +205,21 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         if stage is not None and not state.get("busy") and last > state["snapshot_at"]:
             await save(stage, last)
 
+    answers = CachedView.of("vm", cfg)  # computed in a thread, never on the agent's loop
+
+    def vm_report() -> dict:
+        stage = state["stage"]
+        return {"ready": stage is not None, "models": stage.report() if stage else {},
+                "steps": stage.steps if stage else 0, "examples": stage.examples if stage else 0,
+                "bounds": stage.bounds() if stage else {},
+                "last_step": state.get("last_step", -1), "snapshot_at": state["snapshot_at"],
+                "restored": state["restored"], "bad_values": state["bad_values"], "serving": {
+                    "variant": cfg.vm_serve, "verticals": sorted(state["serving"]),
+                    "fp8": {vt: t["summary"] for vt, t in sorted(state["fp8"].items())}}}
+
     @app.page("/vm/")
     async def vm_view(web, request):
-        stage = state["stage"]
-        return web.json({"ready": stage is not None, "models": stage.report() if stage else {},
-                         "steps": stage.steps if stage else 0, "examples": stage.examples if stage else 0,
-                         "last_step": state.get("last_step", -1), "snapshot_at": state["snapshot_at"],
-                         "restored": state["restored"], "serving": {
-                             "variant": cfg.vm_serve, "verticals": sorted(state["serving"]),
-                             "fp8": {vt: t["summary"] for vt, t in sorted(state["fp8"].items())}}})
+        return await answers.respond(web, vm_report)
 
     @app.page("/score/")
     class Score(View):

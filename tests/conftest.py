@@ -33,3 +33,35 @@ def start_worker(broker, tmp_path):
     yield _start
     for w in started:
         w.stop()
+
+
+# Property-based fuzzing (hypothesis): CI runs a bounded number of examples per property; `make fuzz`
+# (HYPOTHESIS_PROFILE=fuzz) runs many more. Properties are marked `fuzz`.
+try:
+    import os as _os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=150, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("fuzz", max_examples=5000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - scripts/setup.sh installs it
+    pass
+
+
+def wait_for(fn, timeout: float, what: str, every: float = 0.5, proc=None):
+    """Poll ``fn()`` until it returns something other than None/False; fail naming ``what`` (and the
+    worker's log tail when ``proc``, a :class:`WorkerProcess`, died or the time ran out)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got is not None and got is not False:
+            return got
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"worker exited while waiting for {what}:\n{proc.tail()}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                         + (f":\n{proc.tail()}" if proc is not None else ""))

@@ -148,3 +148,22 @@ def test_a_stage_restored_from_its_snapshot_continues_exactly(tmp_path):
     b.feed_examples(rest)
     b.finish()
     assert b.report() == one.report()
+
+
+def test_a_re_sent_example_trains_once_even_after_a_snapshot_round_trip(tmp_path):
+    exs = examples(400)
+    once, twice = stage(tmp_path, "once"), stage(tmp_path, "twice")
+    once.run(exs)
+    # a stream that delivers the first half, snapshots, restores, then gets the first half again
+    # (the ingest outbox re-sending after a restart) and the rest
+    twice.feed_events((e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]) for e in exs)
+    twice.feed_examples(exs[:200])
+    twice.advance(exs[150]["ts"])
+    restored = stage(tmp_path, "restored")
+    restored.history = twice.history
+    restored.load_state_dict(twice.state_dict())
+    restored.feed_examples(exs[:200] + exs[200:])
+    restored.finish()
+    assert restored.counts["examples"] == once.counts["examples"] == len(exs)
+    assert restored.seen.counts()["repeats"] == 200
+    assert restored.report() == once.report()

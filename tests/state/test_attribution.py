@@ -153,3 +153,13 @@ def test_labels_match_a_batch_reference_on_random_sorted_streams(seed):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"^{field}"):
         AttributionConfig(**{field: value})
+
+
+def test_a_duplicate_does_not_move_event_time():
+    """A dead-lettered line must leave the join as it was (issue 12): a copy of an id with a later ts
+    closed every window it passed."""
+    j = AttributionJoin({}, CFG)
+    j.process(imp(1, 0), src=0)
+    dup = j.process(imp(1, 500), src=1)
+    assert [o.kind for o in dup] == ["deadletter"] and j.meta["max_ts"] == 0.0
+    assert labels(j.process(conv(1, 1, 50), src=2)) == {"i1": 1}

@@ -141,3 +141,19 @@ def test_state_survives_a_flush_and_reload():
     for e in evs[300:]:
         second.learn_one(e)
     assert second.aggregate() == _count(evs).aggregate()
+
+
+def test_a_re_sent_impression_counts_once_across_batches_and_restarts():
+    store = {}
+    qc = QualityCounts(store, prefix="0|")
+    imp = {"type": "impression", "id": "i1", "user": "u1", "campaign": "c1", "ts": 1.0}
+    qc.learn_one(imp)
+    qc.learn_one({**imp, "id": "i2"})
+    qc.flush()
+    again = QualityCounts(store, prefix="0|")  # a restarted worker over the same table
+    again.learn_one(imp)  # the ingest outbox re-sends it
+    again.flush()
+    agg = again.aggregate()
+    assert agg["impressions"]["c1"] == 2 and agg["impression_events"] == 2
+    assert agg["impression_repeats"] == 1
+    assert agg["pairs"]["c1"]["c1"] == 4  # n_uc = 2, not 3

@@ -2,7 +2,7 @@
 
 import orjson
 
-from loopline.state.quality_counts import QualityCounts
+from loopline.state.quality_counts import QualityCounts, load_aggregate
 from loopline.stream.app import WorkerConfig, build_app
 
 VALUES = [
@@ -24,5 +24,5 @@ async def test_agent_counts_audience_values_per_partition(tmp_path):
     want = QualityCounts({})
     for v in VALUES:
         want.learn_one(v)
-    assert table["1|agg"] == want.aggregate()
-    assert table.get("0|agg") is None
+    assert load_aggregate(table, "1|") == want.aggregate()
+    assert load_aggregate(table, "0|") is None

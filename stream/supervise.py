@@ -1,0 +1,114 @@
+"""The exception policy and liveness of every role's agent: a worker is never alive but stalled.
+
+Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``.
+
+* **Exception policy.** An agent body wrapped in :func:`supervised` that raises anything unexpected
+  makes the whole process exit with ``EXIT_AGENT_FAILED`` (70) after one line on stderr naming the role
+  and the error. Faust's own policy would restart the agent in the same process, where it fails again
+  (the fm's history store stays locked by the dead agent: ``lock hold by current process``) while the
+  worker keeps answering; a supervisor (systemd, Kubernetes, the tests) restarts a process that exits,
+  and every role resumes from its newest durable state (RocksDB, changelogs, snapshots), as after a
+  ``kill -9``. The exit is ``os._exit``: stores are not flushed, which is the crash the roles already
+  recover from, and nothing half-written is flushed over good state.
+* **Liveness.** Each role reports when it starts handling a batch (:meth:`Health.busy`) and when it is
+  done (:meth:`Health.done`). ``/healthz`` fails (HTTP 503) when a role has been inside one batch for
+  longer than ``stall_s``: input is pending and no progress is made. ``/readyz`` is 200 once every role
+  has finished its start-up (catch-up, rebuilds: :meth:`Health.ready`), 503 before.
+
+>>> h = Health(["fm"], stall_s=60)
+>>> h.report(now=0.0)["live"], h.report(now=0.0)["ready"]
+(True, False)
+>>> h.ready("fm"); h.busy("fm", now=10.0)
+>>> h.report(now=100.0)["live"]
+False
+>>> h.done("fm", now=101.0); h.report(now=102.0)["live"]
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import traceback
+
+__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED"]
+
+EXIT_AGENT_FAILED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process
+
+
+class Health:
+    """Per-role progress clocks behind ``/healthz`` and ``/readyz``."""
+
+    def __init__(self, roles, stall_s: float = 300.0):
+        self.stall_s = stall_s
+        self.roles = {r: {"ready": False, "busy_since": None, "batches": 0, "last_done": None} for r in roles}
+
+    def add(self, role: str) -> None:
+        self.roles.setdefault(role, {"ready": False, "busy_since": None, "batches": 0, "last_done": None})
+
+    def ready(self, role: str) -> None:
+        self.add(role)
+        self.roles[role]["ready"] = True
+
+    def busy(self, role: str, now: float | None = None) -> None:
+        self.add(role)
+        r = self.roles[role]
+        if r["busy_since"] is None:
+            r["busy_since"] = time.monotonic() if now is None else now
+
+    def done(self, role: str, now: float | None = None) -> None:
+        self.add(role)
+        r = self.roles[role]
+        r["busy_since"], r["batches"] = None, r["batches"] + 1
+        r["last_done"] = time.monotonic() if now is None else now
+
+    def failed(self, role: str) -> None:
+        """The role's agent is dead: it stays stalled (should the process not exit)."""
+        self.add(role)
+        self.roles[role]["busy_since"] = float("-inf")
+
+    def report(self, now: float | None = None) -> dict:
+        now = time.monotonic() if now is None else now
+        roles = {}
+        for name, r in self.roles.items():
+            stuck = None if r["busy_since"] is None else now - r["busy_since"]
+            roles[name] = {"ready": r["ready"], "batches": r["batches"],
+                           "busy_s": None if stuck is None else round(stuck, 3),
+                           "stalled": stuck is not None and stuck > self.stall_s}
+        return {"live": not any(v["stalled"] for v in roles.values()),
+                "ready": all(v["ready"] for v in roles.values()), "stall_s": self.stall_s, "roles": roles}
+
+
+def _fail(role: str, exc: BaseException) -> None:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
+    detail = " ".join(str(exc).split())[:300]
+    print(f"loopline worker: the {role} agent failed ({type(exc).__name__}: {detail}{at}); exiting with "
+          f"{EXIT_AGENT_FAILED} for a supervisor to restart it", file=sys.stderr, flush=True)
+    traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(EXIT_AGENT_FAILED)
+
+
+def supervised(role: str, health: Health | None = None, exit_on_error: bool = True):
+    """Wrap an agent body: an unexpected exception ends the process (see the module docstring).
+    Cancellation (a rebalance, a shutdown) passes through untouched."""
+    import asyncio
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def body(stream):
+            try:
+                await fn(stream)
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the policy: any unexpected error ends the process
+                if health is not None:
+                    health.failed(role)
+                if not exit_on_error:
+                    raise
+                _fail(role, exc)
+        return body
+    return wrap
