@@ -173,13 +173,15 @@ class FMStage:
                 click = (e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click")
                 heapq.heappush(self._pending, (e["label_ts"], 0, click[5], click))
 
-    def advance(self, until: float) -> int:
+    def advance(self, until: float, max_steps: int | None = None) -> int:
         """Process everything fed with time <= ``until`` in (time, kind, id) order; micro-batches are
         cut by count, so a partial batch waits for the next call (or :meth:`finish`). A caller that
         only advances to a watermark below which nothing more can arrive gets exactly the numbers of
-        a single pass over the whole stream. Returns the examples trained on."""
-        done = 0
-        while self._pending and self._pending[0][0] <= until:
+        a single pass over the whole stream. ``max_steps`` stops after that many training steps (a
+        streaming caller yields to its event loop between steps; :meth:`pending_before` says whether
+        more is ready). Returns the examples trained on."""
+        done = steps = 0
+        while self._pending and self._pending[0][0] <= until and (max_steps is None or steps < max_steps):
             _, is_example, _, item = heapq.heappop(self._pending)
             if not is_example:
                 self._events.append(item)
@@ -187,7 +189,12 @@ class FMStage:
             self._batch.append(item)
             if len(self._batch) == self.cfg.trainer.batch_size:
                 done += self._flush_batch()
+                steps += 1
         return done
+
+    def pending_before(self, until: float) -> bool:
+        """Whether anything fed with time <= ``until`` still waits to be processed."""
+        return bool(self._pending) and self._pending[0][0] <= until
 
     def finish(self) -> int:
         """End of the stream: process everything left, including a last partial batch."""

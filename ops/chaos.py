@@ -42,9 +42,10 @@ All four are compared exactly (``==``), never within a tolerance.
   numbers are "the run without kills" of the next scenario.
 * ``kills``: the log is replayed at a steady pace over about the time the FM needs for it (evaluate's
   model time), and ``kills`` times, at seeded moments between 10% and 120% of that span, a seeded role
-  is killed with ``kill -9`` and at once restarted on its data directory (several kills of one role may
-  land while it is still starting: that is a moment too). The final numbers must equal evaluate's and
-  the clean run's (the ``view_load`` run, or one made here when that scenario is not selected).
+  is killed with ``kill -9`` and at once restarted on its data directory. The roles come in shuffled
+  rounds of four, so four kills hit every role; a kill may land while the role is still starting from
+  the previous one, which is a moment too. The final numbers must equal evaluate's and the clean run's
+  (the ``view_load`` run, or one made here when that scenario is not selected).
 * ``broker_restart``: half the log goes in, the broker is killed with ``kill -9`` and started again on
   the same port (memory-only: a new, empty cluster with a new cluster id). The chosen policy is the
   default, ``--on-broker-reset stop``: every worker must exit 75 with the ``broker reset detected`` line
@@ -330,6 +331,7 @@ class _Deployment:
         w = self.workers[name]
         if w.proc.poll() is None:
             w.kill9()
+        w.stop()  # already exited: closes its log file
 
     def port(self, name: str) -> int:
         return self.workers[name].port
@@ -362,6 +364,11 @@ class _Deployment:
                                   progress=False))
 
     def close(self) -> None:
+        """SIGTERM to every worker at once, then each one's ``stop`` (which waits, and kills after its grace)."""
+        import signal
+        for w in self.workers.values():
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
         for w in self.workers.values():
             try:
                 w.stop()
@@ -466,91 +473,144 @@ def _expected_marks(ctx: _Context, chunks: list) -> list[dict]:
     return out
 
 
-class _MarkWatch:
-    """Follows partition 0 of ``history.events`` in a thread and records, per ingest partition, the
-    newest watermark mark ingest sent (it sends one after each batch's outputs to every partition)."""
+def _load_clients(targets: list, clients: int, pause_s: float, on, stop, results) -> None:
+    """In a process of its own (its GIL is not the measuring process's): ``clients`` threads request the
+    ``(port, key, path, body)`` targets round-robin while ``on`` is set; the status counts per target go
+    to ``results`` when ``stop`` is set."""
+    lock = threading.Lock()
+    statuses: dict[str, dict] = {}
 
-    def __init__(self, bootstrap: str):
-        self.bootstrap = bootstrap
-        self.marks: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="chaos-marks", daemon=True)
-        self.thread.start()
+    def client(i: int) -> None:
+        n = i
+        while not stop.is_set():
+            if not on.wait(0.1):
+                continue
+            port, key, path, body = targets[n % len(targets)]
+            n += 1
+            status, _ = _get(port, path, timeout=10.0, body=body)
+            with lock:
+                per = statuses.setdefault(key, {})
+                s = str(status) if status is not None else "no answer"
+                per[s] = per.get(s, 0) + 1
+            if pause_s:
+                time.sleep(pause_s)
 
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._follow())
-        except BaseException as exc:  # noqa: BLE001 - reported by the waiter
-            self.error = exc
-
-    async def _follow(self) -> None:
-        from loopline.stream.app import control_of, follow_topic
-        async for msgs in follow_topic(self.bootstrap, ("history.events",), 1, max_records=5000, timeout_ms=20):
-            for m in msgs:
-                kind, _, rest = (control_of(m.headers) or "").partition(":")
-                if kind == "watermark":  # b"watermark:<ingest partition>:<time>" (stream/app.py)
-                    p, _, t = rest.partition(":")
-                    self.marks[int(p)] = max(self.marks.get(int(p), -math.inf), float(t))
-            if self.stop.is_set():
-                return
-
-    def past(self, want: dict) -> bool:
-        if self.error is not None:
-            raise ChaosFailure(f"following ingest's marks failed: {self.error!r}")
-        return all(self.marks.get(p, -math.inf) >= t for p, t in want.items())
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(15)
+    results.put(statuses)
 
 
 class _ViewLoad:
-    """``clients`` threads requesting every view of every worker, back to back; statuses counted per view."""
+    """The view load: every view of every worker of ``dep``, from ``clients`` threads in a child process."""
 
     def __init__(self, dep: _Deployment, clients: int, pause_s: float):
-        self.dep, self.clients, self.pause_s = dep, clients, pause_s
-        self.on = threading.Event()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.statuses: dict[str, dict] = {}
-        self.requests = 0
+        import multiprocessing
+        mp = multiprocessing.get_context("spawn")
         q = urllib.parse.quote(QUERIES[1])
         common = ("/healthz", "/readyz", "/views")
-        self.paths = {"ingest": ("/ingest/",) + common, "fm": ("/fm/",) + common, "vm": ("/vm/", "POST /score/") + common,
-                      "reach": ("/reach", f"/reach?q={q}", "/quality") + common}
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self, i: int) -> None:
         score = json.dumps({"user": "u1", "vertical": "feed",
                             "candidates": [{"ad": f"a{k}", "campaign": f"c{k % 7}"} for k in range(100)]}).encode()
-        targets = [(name, path) for name, paths in self.paths.items() for path in paths]
-        n = i
-        while not self.stop.is_set():
-            if not self.on.wait(0.1):
-                continue
-            name, path = targets[n % len(targets)]
-            n += 1
-            post = path.startswith("POST ")
-            status, _ = _get(self.dep.port(name), path[5:] if post else path, timeout=10.0,
-                             body=score if post else None)
-            key = f"{name} {path}"
-            with self.lock:
-                self.requests += 1
-                per = self.statuses.setdefault(key, {})
-                s = str(status) if status is not None else "no answer"
-                per[s] = per.get(s, 0) + 1
-            if self.pause_s:
-                time.sleep(self.pause_s)
+        paths = {"ingest": ("/ingest/",) + common, "fm": ("/fm/",) + common, "vm": ("/vm/", "POST /score/") + common,
+                 "reach": ("/reach", f"/reach?q={q}", "/quality") + common}
+        targets = [(dep.port(name), f"{name} {path}", path.removeprefix("POST "),
+                    score if path.startswith("POST ") else None) for name, ps in paths.items() for path in ps]
+        self.on, self.stop, self.results = mp.Event(), mp.Event(), mp.Queue()
+        self.proc = mp.Process(target=_load_clients, args=(targets, clients, pause_s, self.on, self.stop, self.results),
+                               daemon=True, name="chaos-view-load")
+        self.proc.start()
+        self.statuses: dict = {}
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        import queue
+        if self.stop.is_set():
+            return self.statuses
         self.stop.set()
         self.on.set()
-        for t in self.threads:
-            t.join(15)
+        try:
+            self.statuses = self.results.get(timeout=60)
+        except queue.Empty:
+            self.statuses = {"(the load process)": {"no answer": 1}}
+        self.proc.join(10)
+        return self.statuses
+
+    @property
+    def requests(self) -> int:
+        return sum(sum(v.values()) for v in self.statuses.values())
 
     def bad(self) -> dict:
         return {k: {s: c for s, c in v.items() if s == "no answer" or s.startswith("5")}
                 for k, v in self.statuses.items()
                 if any(s == "no answer" or s.startswith("5") for s in v)}
+
+
+async def _phases(dep: _Deployment, chunks: list, marks: list, loaded: tuple, load: _ViewLoad | None) -> tuple:
+    """Send each chunk and time ingest on it: from the first send until ingest's watermark marks (followed
+    on partition 0 of ``history.events``) show every partition past it. One producer and one follower
+    for all chunks, so neither's start-up is timed. Returns ``(phases, run id)``; the end-of-log marks
+    go last."""
+    import uuid
+
+    from aiokafka import AIOKafkaProducer
+
+    from loopline.stream.app import control_of, follow_topic
+
+    from .eventlog import partition_for
+    from .replay import MAX_REQUEST, send_end_of_log
+    ctx = dep.ctx
+    P = ctx.cfg.partitions
+    seen: dict[int, float] = {}
+
+    async def follow() -> None:
+        async for msgs in follow_topic(dep.broker.bootstrap, ("history.events",), 1, max_records=5000, timeout_ms=10):
+            for m in msgs:
+                kind, _, rest = (control_of(m.headers) or "").partition(":")
+                if kind == "watermark":  # b"watermark:<ingest partition>:<time>" (stream/app.py)
+                    p, _, t = rest.partition(":")
+                    seen[int(p)] = max(seen.get(int(p), -math.inf), float(t))
+
+    producer = AIOKafkaProducer(bootstrap_servers=dep.broker.bootstrap, max_request_size=MAX_REQUEST, linger_ms=5,
+                                max_batch_size=256 * 1024, request_timeout_ms=30000)
+    await producer.start()
+    follower = asyncio.ensure_future(follow())
+    phases = []
+    try:
+        for i, (chunk, on) in enumerate(zip(chunks, loaded)):
+            on = on and load is not None
+            if on:
+                load.on.set()
+            t = time.perf_counter()
+            deadline = time.monotonic() + ctx.cfg.wait
+            futures = [await producer.send("events", r.raw, key=r.key, partition=partition_for(r.key, r.raw, P))
+                       for r in chunk]
+            await asyncio.gather(*futures)
+            while not all(seen.get(p, -math.inf) >= w for p, w in marks[i].items()):
+                if follower.done():
+                    raise ChaosFailure(f"following ingest's marks failed: {follower.exception()!r}")
+                dep.check_alive()
+                if time.monotonic() > deadline:
+                    raise ChaosFailure(f"timed out waiting for ingest to process chunk {i + 1}")
+                await asyncio.sleep(0.005)
+            dt = time.perf_counter() - t
+            if on:
+                load.on.clear()
+            phases.append({"events": len(chunk), "loaded": on, "seconds": round(dt, 3),
+                           "events_per_s": round(len(chunk) / dt, 1)})
+            ctx.say(f"{dep.name}: chunk {i + 1}/{len(chunks)} ({'loaded' if on else 'unloaded'}) ingested at "
+                    f"{len(chunk) / dt:,.0f} events/s")
+        run_id = uuid.uuid4().hex[:12]
+        await send_end_of_log(producer, P, run_id)
+    finally:
+        follower.cancel()
+        try:
+            await follower
+        except BaseException:  # noqa: BLE001 - cancelled, or its error already reported
+            pass
+        await producer.stop()
+    return phases, run_id
 
 
 async def _groups(bootstrap: str) -> dict:
@@ -573,47 +633,33 @@ def _clean_run(ctx: _Context, load: bool) -> dict:
     """The deployment without faults; with ``load``, the ``view_load`` measurement (module docstring)."""
     cfg = ctx.cfg
     dep = _Deployment(ctx, "view_load" if load else "clean")
-    watch = clients = None
+    clients = None
     try:
         dep.start_broker()
         _start_roles(dep)
         ctx.say(f"{dep.name}: broker and workers up")
+        if not load:
+            got = _final(dep, dep.replay(ctx.records)["run_id"])
+            ctx.say(f"{dep.name}: final numbers read")
+            ctx.clean = got
+            return got
         n = len(ctx.records)
         cuts = [round(n * i / 4) for i in range(5)]
         chunks = [ctx.records[a:b] for a, b in zip(cuts, cuts[1:])]
         loaded = (False, True, True, False)  # ABBA: a trend in the machine's load cancels
         marks = _expected_marks(ctx, chunks)
-        watch = _MarkWatch(dep.broker.bootstrap)
-        if load:
-            clients = _ViewLoad(dep, cfg.clients, cfg.client_pause_s)
+        clients = _ViewLoad(dep, cfg.clients, cfg.client_pause_s)
         groups_before = asyncio.run(_groups(dep.broker.bootstrap))
-        phases, run_id = [], None
-        for i, (chunk, on) in enumerate(zip(chunks, loaded)):
-            if clients is not None and on:
-                clients.on.set()
-            t = time.monotonic()
-            sent = dep.replay(chunk, end_of_log=False)
-            dep.wait(lambda i=i: watch.past(marks[i]), f"ingest to process chunk {i + 1}", every=0.01)
-            dt = time.monotonic() - t
-            if clients is not None:
-                clients.on.clear()
-            phases.append({"events": len(chunk), "loaded": bool(load and on), "seconds": round(dt, 3),
-                           "events_per_s": round(len(chunk) / dt, 1)})
-            ctx.say(f"{dep.name}: chunk {i + 1}/4 ({'loaded' if load and on else 'unloaded'}) ingested at "
-                    f"{len(chunk) / dt:,.0f} events/s")
-        run_id = asyncio.run(_end_of_log(dep))
+        phases, run_id = asyncio.run(_phases(dep, chunks, marks, loaded, clients))
         groups_after = asyncio.run(_groups(dep.broker.bootstrap))
+        clients.close()
         got = _final(dep, run_id)
         ctx.say(f"{dep.name}: final numbers read")
     finally:
         if clients is not None:
             clients.close()
-        if watch is not None:
-            watch.stop.set()
         dep.close()
     ctx.clean = got
-    if not load:
-        return got
 
     def rate(on: bool) -> float:
         ps = [p for p in phases if p["loaded"] == on]
@@ -630,23 +676,6 @@ def _clean_run(ctx: _Context, load: bool) -> dict:
                                             "phases": phases},
                    requests={"total": clients.requests, "by_view": clients.statuses, "bad": clients.bad()},
                    groups={"before": groups_before, "after": groups_after})
-
-
-async def _end_of_log(dep: _Deployment) -> str:
-    """Send the end-of-log marks alone (every chunk went without them); returns the run id."""
-    import uuid
-
-    from aiokafka import AIOKafkaProducer
-
-    from .replay import send_end_of_log
-    run_id = uuid.uuid4().hex[:12]
-    producer = AIOKafkaProducer(bootstrap_servers=dep.broker.bootstrap)
-    await producer.start()
-    try:
-        await send_end_of_log(producer, dep.ctx.cfg.partitions, run_id)
-    finally:
-        await producer.stop()
-    return run_id
 
 
 # -- kills -------------------------------------------------------------------------------------------------
@@ -675,7 +704,10 @@ def _kills(ctx: _Context) -> dict:
     n = len(ctx.records)
     cuts = [round(n * i / n_chunks) for i in range(n_chunks + 1)]
     actions = [(span * i / n_chunks, "send", i) for i in range(n_chunks)]
-    actions += [(rng.uniform(0.1, 1.2) * span, "kill", rng.choice(ROLES)) for _ in range(cfg.kills)]
+    roles: list = []
+    while len(roles) < cfg.kills:  # shuffled rounds: any four kills in a row hit every role once
+        roles += rng.sample(ROLES, len(ROLES))
+    actions += [(rng.uniform(0.1, 1.2) * span, "kill", role) for role in roles[:cfg.kills]]
     actions.sort(key=lambda a: (a[0], a[1] == "kill"))
     dep = _Deployment(ctx, "kills")
     done = []
@@ -736,6 +768,14 @@ def _broker_restart(ctx: _Context) -> dict:
             exits[name] = {"code": rc, "after_s": round(time.monotonic() - t_kill, 1), "line": _last_line(w)}
         kept = {name: len(os.listdir(dep.specs[name][1])) > 1 for name in dep.workers}
         ctx.say(f"broker_restart: workers exited with {[e['code'] for e in exits.values()]}")
+        # Before they noticed, the old workers' producers re-sent what was in flight into the new broker
+        # (aiokafka reconnects to the same address and retries): counted here, then cleared, as an operator
+        # must (a restart for the memory-only broker; on Kafka, delete and re-create Loopline's topics).
+        stale = asyncio.run(_topic_ends(dep.broker.bootstrap))
+        dep.broker.stop()
+        dep.start_broker(port)
+        ctx.say(f"broker_restart: {sum(stale.values())} messages the old workers re-sent into the new broker "
+                "before they stopped; broker restarted empty again")
         for name in list(dep.workers):
             dep.set_extra(name, ("--on-broker-reset", "reset"))
             dep.start(name)
@@ -751,9 +791,27 @@ def _broker_restart(ctx: _Context) -> dict:
               "every worker kept its data directory (policy stop)": all(kept.values()),
               "every worker restarted with --on-broker-reset reset discarded its state": all(wiped.values())}
     return _result(ctx, "replayed half the log, killed the broker (kill -9) and restarted it empty on the same "
-                   "port; under the default policy (stop) every worker stopped; restarted with "
-                   "--on-broker-reset reset and the whole log replayed from its source", got, checks,
-                   exits=exits, policy="stop, then reset by the operator")
+                   "port; under the default policy (stop) every worker stopped; the broker was cleared of what "
+                   "their producers had re-sent into it, the workers restarted with --on-broker-reset reset and "
+                   "the whole log replayed from its source", got, checks,
+                   exits=exits, stale_messages=stale, policy="stop, then reset by the operator")
+
+
+async def _topic_ends(bootstrap: str) -> dict:
+    """Messages per topic a broker holds (the sum of its partitions' end offsets), non-empty topics only."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        out = {}
+        for topic in sorted(await consumer.topics()):
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            n = sum((await consumer.end_offsets(tps)).values()) if tps else 0
+            if n:
+                out[topic] = n
+        return out
+    finally:
+        await consumer.stop()
 
 
 # -- corrupt_snapshot --------------------------------------------------------------------------------------
@@ -774,7 +832,6 @@ def _corrupt_snapshot(ctx: _Context) -> dict:
         sent = dep.replay(ctx.records)
         dep.wait(lambda: all(len(_snapshots(dep.specs[r][1], s)) >= 2 for r, s in series.items()),
                  "two fm and two vm snapshots", every=0.05)
-        progress = {r: _progress_of(dep, r) for r in series}
         for role in series:
             dep.kill9(role)
         damaged = {}
@@ -787,8 +844,7 @@ def _corrupt_snapshot(ctx: _Context) -> dict:
                 f.truncate(size // 2)
             with open(os.path.join(d, ".snapshot-chaos.tmp"), "wb") as f:
                 f.write(b"left by a killed save")
-            damaged[role] = {"truncated": names[-1], "bytes": [size, size // 2], "previous": names[-2],
-                             "progress": progress[role]}
+            damaged[role] = {"truncated": names[-1], "bytes": [size, size // 2], "previous": names[-2]}
         ctx.say(f"corrupt_snapshot: fm and vm killed; newest snapshots truncated "
                 f"({', '.join(v['truncated'] for v in damaged.values())})")
         for role in series:

@@ -27,12 +27,19 @@ Semantics (all times are event time, ``ts`` of the events):
 * Due work sits in time buckets of ``bucket_s`` seconds; a bucket is processed once the watermark passes
   its end, so closing costs O(due items), never a scan. ``close_all()`` ends event time (end of a log).
 
+* An impression remembers at most ``max_conversions`` conversion ids (held before it, or applied to
+  it); one more is counted (``conversions_dropped``) and changes nothing, so that a record stays small.
+
 Storage layout (why it is fast in a Faust table, where every key written is a changelog message): the
-records live *inside* their due bucket, in chunks of at most ``CHUNK`` records (``b:<bucket>:<n>``);
+records live *inside* their due bucket, in chunks of at most ``CHUNK`` records and ``CHUNK_BYTES``
+(``b:<bucket>:<n>``; a record that outgrows its chunk moves to a new chunk of its bucket);
 an open impression sits in the bucket of its window's end, a closed one (kept for de-duplication) in the
 bucket of its forget time, held conversions in the bucket of their orphan time. Events arrive roughly in
 time order, so a batch of events touches a handful of chunks, and a flush writes each once. An in-memory
-index (record key -> chunk) is rebuilt from the chunks when a partition's join is created.
+index (record key -> chunk) is rebuilt from the chunks when a partition's join is created. The schedule
+(bucket -> number of chunks) is kept in ranges of ``SCHEDULE_SPAN`` buckets (``s:<range>``, the live
+ranges listed under ``s``): a one-second bucket and a day of horizon make ~86,400 live buckets. So no
+value outgrows one changelog message (``state/sizes.py``).
 
 >>> j = AttributionJoin({}, AttributionConfig(window_s=100, lateness_s=0))
 >>> j.process(Impression("i1", 0.0, "u1", "a1", "c1", "feed"), src=0)
@@ -54,11 +61,18 @@ from typing import Any, MutableMapping, NamedTuple
 
 from .errors import ConfigError
 from .events import Conversion, Impression
+from .sizes import CHUNK_BYTES, size_of
 
-__all__ = ["AttributionConfig", "AttributionJoin", "Output", "STAT_NAMES"]
+__all__ = ["AttributionConfig", "AttributionJoin", "Output", "STAT_NAMES", "MAX_AHEAD_CONFIRM", "MAX_CONVERSIONS"]
 
 STAT_NAMES = ("impressions", "conversions", "positives", "negatives", "closed_at_end", "orphan",
-              "late", "extra", "other_kind", "duplicates")
+              "late", "extra", "other_kind", "duplicates", "conversions_dropped")
+# Held events are kept in the partition's meta record (state/ingest.py), each with its line (up to
+# ~150 KiB for a 64 KiB line): more than this many would outgrow one message (state/sizes.py)
+MAX_AHEAD_CONFIRM = 4
+# Conversions remembered per impression (~2 KiB each at most, with 256-character id and kind): more would
+# let one record outgrow one message
+MAX_CONVERSIONS = 256
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,10 @@ class AttributionConfig:
     # pause in traffic (MovieLens has 63-hour gaps) loses nothing. inf turns the check off.
     max_ahead_s: float = 86400.0
     ahead_confirm: int = 2  # later agreeing events that make a jump real (held meanwhile: at most this many
-    # events per partition); 0 accepts every jump at once
+    # events per partition, MAX_AHEAD_CONFIRM at most); 0 accepts every jump at once
+    # conversion ids an impression remembers, held or applied (de-duplication; at most MAX_CONVERSIONS);
+    # one more is counted `conversions_dropped` and changes nothing: a few per impression are normal
+    max_conversions: int = 64
 
     def __post_init__(self):
         for name in ("window_s", "lateness_s", "bucket_s", "dedup_horizon_s"):
@@ -86,8 +103,11 @@ class AttributionConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ConfigError(f"max_ahead_s: must be a number > 0 (inf: no skew check), got {v!r}")
         v = self.ahead_confirm
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"ahead_confirm: must be an integer >= 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_AHEAD_CONFIRM:
+            raise ConfigError(f"ahead_confirm: must be an integer from 0 to {MAX_AHEAD_CONFIRM}, got {v!r}")
+        v = self.max_conversions
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_CONVERSIONS:
+            raise ConfigError(f"max_conversions: must be an integer from 1 to {MAX_CONVERSIONS}, got {v!r}")
         if self.dedup_horizon_s < self.bucket_s:
             raise ConfigError(f"dedup_horizon_s: must be >= bucket_s ({self.bucket_s}), got {self.dedup_horizon_s}")
         if not self.target_kind:
@@ -107,6 +127,8 @@ class AttributionJoin:
 
     CHUNK = 128  # records per chunk value: a chunk is rewritten whole on every flush that touches it,
     # so smaller chunks re-serialize each record fewer times (512 measured 6% slower in the benchmark)
+    CHUNK_BYTES = CHUNK_BYTES  # and bytes per chunk (state/sizes.py)
+    SCHEDULE_SPAN = 2048  # buckets per schedule range (~16 bytes each: ~32 KiB a range)
 
     def __init__(self, store: MutableMapping, cfg: AttributionConfig = AttributionConfig(), prefix: str = ""):
         self.store = store
@@ -114,17 +136,30 @@ class AttributionJoin:
         self.p = prefix
         meta = store.get(self.p + "m")
         self.meta = meta if meta is not None else {"max_ts": None, "stats": {k: 0 for k in STAT_NAMES}}
+        for k in STAT_NAMES:  # a counter added since the record was written
+            self.meta["stats"].setdefault(k, 0)
         # schedule: {bucket id: number of chunks}; kept in memory, written by save() when it changed
         sched = store.get(self.p + "s") or {}
-        self.nchunks = {int(b): n for b, n in sched.items()}
+        self._sched_dirty: set[int] = set()  # schedule ranges to write
+        if isinstance(sched, dict):  # one value (the earlier layout): written in ranges by the next save
+            self.nchunks = {int(b): n for b, n in sched.items()}
+            self._sched_dirty.update(b // self.SCHEDULE_SPAN for b in self.nchunks)
+        else:
+            self.nchunks = {int(b): n for r in sched for b, n in (store.get(f"{self.p}s:{r}") or {}).items()}
         self.buckets = sorted(self.nchunks)
-        self._sched_dirty = False
+        self._ranges: dict[int, int] = {}  # schedule range -> its live buckets
+        for b in self.buckets:
+            r = b // self.SCHEDULE_SPAN
+            self._ranges[r] = self._ranges.get(r, 0) + 1
         self.index: dict[str, str] = {}  # record key -> chunk key
+        self.sizes: dict[str, int] = {}  # chunk key -> its bytes (the sum of its records')
         for b, n in self.nchunks.items():
             for c in range(n):
                 ck = self._chunk_key(b, c)
-                for key in store.get(ck) or ():
+                chunk = store.get(ck) or {}
+                for key, rec in chunk.items():
                     self.index[key] = ck
+                self.sizes[ck] = 2 + sum(self._size(key, rec) for key, rec in chunk.items())
 
     # -- storage -------------------------------------------------------------------------------------
     @property
@@ -146,8 +181,17 @@ class AttributionJoin:
 
         Copies: a Faust table may serialize a value after later in-place updates."""
         if self._sched_dirty:
-            self.store[self.p + "s"] = {str(b): n for b, n in self.nchunks.items()}
-            self._sched_dirty = False
+            # the list first: a range it names that a crash kept from the store reads as empty
+            self.store[self.p + "s"] = sorted(self._ranges)
+            span = self.SCHEDULE_SPAN
+            for r in sorted(self._sched_dirty):
+                lo, hi = bisect.bisect_left(self.buckets, r * span), bisect.bisect_left(self.buckets, (r + 1) * span)
+                key = f"{self.p}s:{r}"
+                if lo < hi:
+                    self.store[key] = {str(b): self.nchunks[b] for b in self.buckets[lo:hi]}
+                elif self.store.get(key) is not None:
+                    del self.store[key]
+            self._sched_dirty.clear()
         self.store[self.p + "m"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.meta.items()}
 
     def _chunk_key(self, b: int, c: int) -> str:
@@ -159,35 +203,65 @@ class AttributionJoin:
             return None
         return self.store.get(ck)[key]
 
+    @staticmethod
+    def _size(key: str, rec: Any) -> int:
+        return size_of(rec) + size_of(key) + 2  # "key":rec,
+
+    def _chunk_size(self, ck: str, chunk: dict) -> int:
+        """The bytes of chunk ``ck`` (measured when first seen: a chunk written before a crash whose
+        schedule was not saved is found again by key)."""
+        size = self.sizes.get(ck)
+        if size is None:
+            size = self.sizes[ck] = 2 + sum(self._size(key, rec) for key, rec in chunk.items())
+        return size
+
+    def _sched_changed(self, b: int) -> None:
+        self._sched_dirty.add(b // self.SCHEDULE_SPAN)
+
     def _put(self, key: str, rec: Any, due: float | None = None) -> None:
         """Store ``rec`` in its current chunk, or (``due`` given) in the bucket due at ``due``."""
         ck = self.index.get(key)
-        if due is not None or ck is None:
-            if ck is not None:
-                self._drop(key)
-            b = int(due // self.cfg.bucket_s)
-            n = self.nchunks.get(b)
-            if n is None:
-                n = self.nchunks[b] = 1
-                bisect.insort(self.buckets, b)
-                self._sched_dirty = True
-            ck = self._chunk_key(b, n - 1)
-            chunk = self.store.get(ck) or {}
-            if len(chunk) >= self.CHUNK:
-                self.nchunks[b] = n + 1
-                self._sched_dirty = True
-                ck, chunk = self._chunk_key(b, n), {}
-            self.index[key] = ck
-        else:
+        size = self._size(key, rec)
+        if due is None and ck is not None:  # in place, unless it outgrows its chunk: then a new one
             chunk = self.store.get(ck)
+            grown = self._chunk_size(ck, chunk) - self._size(key, chunk[key]) + size
+            if grown <= self.CHUNK_BYTES or len(chunk) == 1:
+                chunk[key] = rec
+                self.sizes[ck] = grown
+                self.store[ck] = chunk
+                return
+            b = int(ck.rsplit(":", 2)[1])
+        else:
+            b = int(due // self.cfg.bucket_s)
+        if ck is not None:
+            self._drop(key)
+        n = self.nchunks.get(b)
+        if n is None:
+            n = self.nchunks[b] = 1
+            bisect.insort(self.buckets, b)
+            r = b // self.SCHEDULE_SPAN
+            self._ranges[r] = self._ranges.get(r, 0) + 1
+            self._sched_changed(b)
+        ck = self._chunk_key(b, n - 1)
+        chunk = self.store.get(ck) or {}
+        if chunk and (len(chunk) >= self.CHUNK or self._chunk_size(ck, chunk) + size > self.CHUNK_BYTES):
+            self.nchunks[b] = n + 1
+            self._sched_changed(b)
+            ck, chunk = self._chunk_key(b, n), {}
+        self.index[key] = ck
+        base = self._chunk_size(ck, chunk)
         chunk[key] = rec
+        self.sizes[ck] = base + size
         self.store[ck] = chunk
 
     def _drop(self, key: str) -> None:
         ck = self.index.pop(key, None)
         if ck is not None:
             chunk = self.store.get(ck)
-            chunk.pop(key, None)
+            size = self._chunk_size(ck, chunk)
+            old = chunk.pop(key, None)
+            if old is not None:
+                self.sizes[ck] = size - self._size(key, old)
             self.store[ck] = chunk
 
     def _example(self, rec: dict, label: int, label_ts: float, conv: dict | None) -> Output:
@@ -268,6 +342,9 @@ class AttributionJoin:
                 self.stats["conversions"] += 1
                 return []
         self.stats["conversions"] += 1
+        if len(seen) >= self.cfg.max_conversions:  # a record must stay small (module docstring)
+            self.stats["conversions_dropped"] += 1
+            return []
         c = {"id": conv.id, "ts": conv.ts, "value": conv.value, "src": src, "kind": conv.kind}
         if rec is None:  # before its impression: hold it until the watermark passes its ts
             if held:
@@ -291,9 +368,8 @@ class AttributionJoin:
             self.stats["late"] += 1
             return []
         out = [self._example(rec, 1, c["ts"], c)]
-        rec["pos"] = True
-        rec["by"] = c["src"]
-        self._close(key, rec)
+        # a copy: a stored record is never changed in place (the chunks' byte counts rely on it)
+        self._close(key, dict(rec, pos=True, by=c["src"]))
         return out
 
     # -- time ----------------------------------------------------------------------------------------
@@ -328,9 +404,14 @@ class AttributionJoin:
                 del self.index[key]
                 out.extend(self._due(key, rec, at_end))
             del self.store[ck]
+            self.sizes.pop(ck, None)
         self.buckets.remove(b)
         del self.nchunks[b]
-        self._sched_dirty = True
+        r = b // self.SCHEDULE_SPAN
+        self._ranges[r] -= 1
+        if not self._ranges[r]:
+            del self._ranges[r]
+        self._sched_changed(b)
         return out
 
     def _due(self, key: str, rec: Any, at_end: bool) -> list[Output]:

@@ -168,6 +168,8 @@ class _Outbox:
     few deletions, whatever their number or size. A store written by the single-value outbox (``<p>|o``
     a dict of outputs) is read as such and rewritten in chunks by the next flush."""
 
+    CHUNK_BYTES = CHUNK_BYTES  # (a test may set a smaller one on an instance)
+
     def __init__(self, store: MutableMapping, prefix: str):
         self.store = store
         self.key = prefix + "o"
@@ -199,7 +201,7 @@ class _Outbox:
         """Keep output ``o`` under ``oid`` (replacing an earlier one with that id)."""
         self.remove(oid)
         n = self.next - 1
-        if n not in self.chunks or self.sizes[n] >= CHUNK_BYTES:
+        if n not in self.chunks or self.sizes[n] >= self.CHUNK_BYTES:
             n = self.next
         self._add(oid, o, n)
         self.dirty.add(n)

@@ -224,6 +224,8 @@ class QualityCounts:
     """One partition's counts over ``store``; feed it the ``audience`` topic's values with
     :meth:`learn_one` and call :meth:`flush` once per batch."""
 
+    CHUNK_BYTES = CHUNK_BYTES  # the aggregate's chunks (module docstring; a test may use a smaller one)
+
     def __init__(self, store: MutableMapping, prefix: str = "", cfg: QualityCountsConfig = QualityCountsConfig()):
         self.store = store
         self.p = prefix
@@ -408,7 +410,7 @@ class QualityCounts:
             i = at.get(path)
             if i is None:  # a new entry: the section's last chunk, or a new one
                 chunks, sizes = self._chunks[section], self._sizes[section]
-                if not chunks or sizes[-1] >= CHUNK_BYTES:
+                if not chunks or sizes[-1] >= self.CHUNK_BYTES:
                     chunks.append([])
                     sizes.append(2)
                 i = at[path] = len(chunks) - 1

@@ -11,12 +11,13 @@ of ``loopline evaluate``. DAS outputs go to ``examples.augmented`` and ``fm.embe
 the progressive metrics.
 
 Active and standby. One fm member trains the model; two uncoordinated members would each see half the
-partitions and diverge. Every fm member subscribes to ``fm.lease``, a one-partition topic: the member
-the consumer group assigns its partition 0 is active and reads *every* partition of its inputs with its
-own consumer; the others are standbys (``/fm/`` says ``role``) and wait. When the active member dies,
-the group hands the lease to a standby after the session timeout, and it starts from its own newest
-snapshot (or from the topics, on a machine with none) and catches up: the result is the same as one
-member that never stopped. The history store and the stage's snapshots live under the worker's data
+partitions and diverge. Every fm member joins a lease group (``<group>-lease``, sticky assignor) on
+``fm.lease``, a one-partition topic: the member holding its partition is active and reads *every*
+partition of its inputs with its own consumer; the others are standbys (``/fm/`` says ``role``) and
+wait. A member joining leaves the lease where it is; when the active member dies, the group hands the
+lease to a standby after the session timeout, and it starts from its own newest snapshot (or from the
+topics, on a machine with none) and catches up: the result is the same as one member that never
+stopped. The history store and the stage's snapshots live under the worker's data
 dir.
 
 Restarts. Every ``SNAPSHOT_EVERY`` training steps the whole stage (models, optimizers, published
@@ -36,6 +37,8 @@ import os
 import time
 
 import faust
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 import numpy as np
 import orjson
 
@@ -43,8 +46,8 @@ from loopline.model.pipeline import FMStage
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
-from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, follow_topic, read_topic
-from .supervise import supervised
+from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, follow_topic, group_id, read_topic
+from .supervise import off_loop, supervised
 
 __all__ = ["register_fm"]
 
@@ -53,7 +56,7 @@ BATCH_WITHIN_S = 0.1
 SNAPSHOT_EVERY = 20  # training steps between snapshots of the whole stage
 KEEP_SNAPSHOTS = 2  # the newest ones (each is tens of MB); older ones are deleted
 INPUTS = ("history.events", "examples")
-LEASE_TP = ("fm.lease", 0)  # whoever holds this partition in the fm group is the active fm
+LEASE = TopicPartition("fm.lease", 0)  # whoever holds it in the lease group is the active fm
 
 
 def _mark(control: str) -> tuple | None:
@@ -104,14 +107,9 @@ def _example(value: bytes) -> dict | None:
 
 def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     topics = app.loopline_topics
-    # The lease: a one-partition topic in the fm group (created by the worker: WorkerConfig.
-    # topic_partitions); the member Kafka assigns its partition 0 to is the active fm, every other
-    # member a standby that takes over when the group moves the lease.
-    lease = app.topic(LEASE_TP[0], key_type=bytes, value_type=bytes, key_serializer="raw",
-                      value_serializer="raw", partitions=1)
     snapshots = os.path.join(cfg.data_dir, "fm-snapshots")
     state: dict = {"stage": None, "finished": False, "rebuilt": None, "restored": None, "snapshot_at": 0,
-                   "control_ignored": 0, "bad_values": 0, "task": None, "role": "standby", "active_since": None}
+                   "control_ignored": 0, "bad_values": 0, "task": None, "role": "standby", "active_since": None, "holds": False}
     marks: dict[str, float] = {}  # "topic/partition/ingest partition" -> watermark
     fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed to the stage
 
@@ -186,16 +184,24 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         st.feed_events(history)
         st.feed_examples(examples)
         wm = watermark()
-        if wm == float("inf"):
-            if not state["finished"]:
-                st.finish()
-                state["finished"] = True
-        else:
+        if wm != float("inf"):
             # a finished stage resumes when later data comes (a new log after an evaluation run):
             # it never drops data silently
             state["finished"] = False
-            st.advance(wm)
-        await publish(st)
+        # one training step at a time, publishing and snapshotting between steps and yielding to the
+        # event loop: a long catch-up never holds views, timers and heartbeats for its whole length
+        while st.pending_before(wm) and state["holds"]:
+            await off_loop(st.advance, wm, 1)
+            await publish(st)
+            await maybe_snapshot(st)
+            await asyncio.sleep(0)
+        if wm == float("inf") and not state["finished"] and state["holds"]:
+            await off_loop(st.finish)  # the last partial batch
+            state["finished"] = True
+            await publish(st)
+            await maybe_snapshot(st)
+
+    async def maybe_snapshot(st: FMStage) -> None:
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
             state["snapshot_dir"].save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
@@ -235,6 +241,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         health.done("fm")
         health.ready("fm")
         async for msgs in follow_topic(cfg.broker, INPUTS, cfg.partitions, start=dict(fed), max_records=BATCH):
+            if not state["holds"]:
+                return  # the lease went to another member
             if msgs:
                 health.busy("fm")
                 await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
@@ -242,24 +250,46 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             else:
                 await asyncio.sleep(BATCH_WITHIN_S)
 
-    async def on_assigned(app, assigned, **kwargs):  # noqa: ANN001 - faust signal signature
-        holds = LEASE_TP in {(tp.topic, tp.partition) for tp in assigned}
-        task = state["task"]
-        if holds and (task is None or task.done()):
-            state["role"], state["active_since"] = "active", time.time()
-            state["task"] = asyncio.ensure_future(run_active(None))
-        elif not holds:
-            if task is not None and not task.done():
-                task.cancel()  # another member holds the lease now; the stage stays in memory
-            state["role"] = "standby"
+    def lease_changed(holds: bool) -> None:
+        """The lease came or went. Losing it stops the active loop at its next step boundary (never in
+        the middle of a training step, which runs in a thread); the stage stays in memory."""
+        state["holds"] = holds
+        state["role"] = "active" if holds else "standby"
+        if not holds:
             health.ready("fm")  # a standby is ready: it waits
+            return
+        task = state["task"]
+        if task is None or task.done():
+            state["active_since"] = time.time()
+            state["task"] = asyncio.ensure_future(run_active(None))
 
-    app.on_partitions_assigned.connect(on_assigned)
+    class LeaseListener(ConsumerRebalanceListener):
+        async def on_partitions_revoked(self, revoked):
+            if LEASE in revoked:
+                lease_changed(False)
 
-    @app.agent(lease, name="fm-lease")
-    async def fm_lease(stream):
-        async for _ in stream.events():  # nothing is sent there: subscribing is the claim
-            pass
+        async def on_partitions_assigned(self, assigned):
+            lease_changed(LEASE in assigned)
+
+    @app.task
+    @supervised("fm", health)
+    async def hold_lease(_=None) -> None:
+        """Membership of the lease group: a consumer of ``fm.lease`` (one partition) in a group of its
+        own with the sticky assignor, so the member holding the lease keeps it when another joins and a
+        standby gets it only when the holder leaves or dies (after ``session_timeout_s``)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.broker, group_id=f"{group_id(cfg)}-lease", enable_auto_commit=False,
+            partition_assignment_strategy=(StickyPartitionAssignor,),
+            session_timeout_ms=int(cfg.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(max(1.0, cfg.session_timeout_s / 5) * 1000),
+            rebalance_timeout_ms=int(cfg.session_timeout_s * 2000))
+        await consumer.start()
+        try:
+            consumer.subscribe([LEASE.topic], listener=LeaseListener())
+            while True:
+                await consumer.getmany(timeout_ms=1000)  # nothing is sent there: membership is the claim
+        finally:
+            await consumer.stop()  # leave the group: a standby takes over at once on a clean stop
 
     answers = CachedView.of("fm", cfg)  # computed in a thread, never on the agent's loop
 

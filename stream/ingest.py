@@ -71,9 +71,12 @@ def route_of(raw: bytes | None, partitions: int) -> tuple[bytes, int] | None:
     >>> route_of(b'not json', 4) is None, route_of(None, 4) is None
     (True, True)
     """
-    if raw is None:
+    if not isinstance(raw, bytes):
         return None
-    key, _ = event_key(raw)
+    try:
+        key, _ = event_key(raw)
+    except Exception:  # noqa: BLE001 - routing is a hint: the core, where it lands, dead-letters the line
+        return None
     if key is None:
         return None
     return key, (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -33,7 +33,7 @@ import sys
 import time
 import traceback
 
-__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED"]
+__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop"]
 
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process
 
@@ -81,6 +81,20 @@ class Health:
                 "ready": all(v["ready"] for v in roles.values()), "stall_s": self.stall_s, "roles": roles}
 
 
+_TRAINING: list = []  # one thread for training steps, made on first use
+
+
+async def off_loop(fn, *args):
+    """Run a training step in the process's one training thread, so the event loop keeps serving views,
+    timers and heartbeats while torch computes (it releases the GIL in its kernels). One thread: the
+    steps of a stage stay in order and never run concurrently."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    if not _TRAINING:
+        _TRAINING.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopline-train"))
+    return await asyncio.get_running_loop().run_in_executor(_TRAINING[0], fn, *args)
+
+
 def _fail(role: str, exc: BaseException) -> None:
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
@@ -99,9 +113,9 @@ def supervised(role: str, health: Health | None = None, exit_on_error: bool = Tr
 
     def wrap(fn):
         @functools.wraps(fn)
-        async def body(stream):
+        async def body(*args):
             try:
-                await fn(stream)
+                await fn(*args)
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - the policy: any unexpected error ends the process

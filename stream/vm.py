@@ -38,7 +38,7 @@ from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
 from .app import CachedView, WorkerConfig, control_of, read_topic
-from .supervise import supervised
+from .supervise import off_loop, supervised
 
 __all__ = ["register_vm"]
 
@@ -152,7 +152,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         trained = False
         for step, codes, examples in inbox.ready():
             state["history"].append_embeddings(_code_rows(codes))
-            for row in stage.step(examples):
+            for row in await off_loop(stage.step, examples):
                 await topics["model.scores"].send(key=row["user"], value=row)
             state["last_step"] = step
             trained = True

@@ -37,7 +37,7 @@ def _output_ids(bootstrap: str) -> dict[str, list]:
 
 def test_end_of_log_is_ignored_and_a_restart_resends_only_what_was_not_acknowledged(broker, start_worker, tmp_path):
     path = tmp_path / "events.jsonl"
-    write_log(GenerateConfig(users=60, days=1, seed=2, malformed=0.02), str(path))
+    write_log(GenerateConfig(users=40, days=1, seed=2, malformed=0.02), str(path))
     records = read_log(str(path))
     w = start_worker("w1", extra=INGEST, evaluation=False)
     asyncio.run(replay(broker.bootstrap, records, 4, end_of_log=True, run_id="intruder", progress=False))
