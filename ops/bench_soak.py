@@ -15,7 +15,7 @@ thread sends, at ``rate`` events/s of wall time:
   return from a ring of the ``returning_pool`` latest users), from a rotating set of campaigns ``c<n>``
   (one retires and a new one starts every ``campaign_every`` impressions), on the three usual verticals
   or (``new_vertical_share``) on one of a rotating set of new ones, with attribute values of which some
-  are new (a new ``geo``, a new ``interest``, now and then a new attribute name);
+  are new (a new ``geo`` or ``interest`` of a new user, a new attribute name on some impressions);
 * clicks (and some purchases) keyed by their impression id, routed like ``loopline replay`` routes them
   (:func:`~loopline.ops.eventlog.partition_for`);
 * at an event time that runs ``speedup`` times faster than the wall clock, so attribution windows close,
@@ -93,8 +93,9 @@ class SoakConfig:
 
     minutes: float = 10.0  # wall-clock length of the traffic (start-up of the workers not included)
     rate: float = 25.0  # events/s of wall time (impressions and conversions). Each impression becomes a
-    # training example for the FM and two VMs in the same process: on the shared 2-core machine the
-    # role-all worker fell behind at 40/s and kept about level at 25/s (see ingest_lag_* and fm_lag_*)
+    # training example of the FM and two VMs in the same process: on the 2-core machine the role-all
+    # worker kept up at 25/s for ten minutes (ingest lag ~90 events, fm lag under 300 examples
+    # throughout) and fell behind at 40/s (with other jobs running); ingest_lag_* and fm_lag_* say
     speedup: float = 3000.0  # seconds of event time per second of wall time
     sample_every: float = 3.0  # seconds between two samples of RSS, data directory and views
     partitions: int = 4
@@ -105,7 +106,10 @@ class SoakConfig:
     returning_pool: int = 5000  # returning users are drawn from this many latest users
     campaign_every: int = 400  # impressions between two campaign rotations (30 campaigns live at once)
     new_vertical_share: float = 0.05  # impressions on a rotating, ever-new vertical
-    vertical_every: int = 2000  # impressions between two new verticals
+    vertical_every: int = 300  # impressions between two new verticals: at the default rate the VM's
+    # vertical cap (16) bites within the warm-up, so later growth is not learners still being added
+    new_attr_share: float = 0.08  # impressions carrying an attribute name never seen before (reach
+    # encodes at most 64 names per partition: at the default rate this bites within the warm-up too)
     base_ctr: float = 0.05  # about this many impressions are clicked
     purchase_rate: float = 0.1  # clicks followed by a purchase
 
@@ -114,7 +118,7 @@ class SoakConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= lo:
                 raise ConfigError(f"{name}: must be a finite number > {lo:g}, got {v!r}")
-        for name in ("new_user_share", "new_vertical_share", "base_ctr", "purchase_rate"):
+        for name in ("new_user_share", "new_vertical_share", "new_attr_share", "base_ctr", "purchase_rate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ConfigError(f"{name}: must be a number in [0, 1], got {v!r}")
@@ -155,9 +159,6 @@ class SoakTraffic:
         if r.random() < 0.02:
             attrs["interest"] = f"topic{n}"
             self.new_values += 1
-        if r.random() < 0.01:
-            attrs[f"k{n}"] = "1"
-            self.new_values += 1
         user = (f"u{n}", attrs)
         if len(self.pool) < self.cfg.returning_pool:
             self.pool.append(user)
@@ -196,6 +197,9 @@ class SoakTraffic:
             self.impressions += 1
             iid = f"i{self.impressions}"
             user, attrs = self._user()
+            if r.random() < self.cfg.new_attr_share:
+                self.new_values += 1
+                attrs = {**attrs, f"k{self.new_values}": "1"}
             c = self._campaign()
             ts = round(ts, 3)
             ev = {"type": "impression", "id": iid, "ts": ts, "user": user, "ad": f"a{c}_{r.randrange(4)}",
@@ -329,6 +333,14 @@ def _dir_mb(path: str) -> float:
             except OSError:  # RocksDB removed it meanwhile
                 pass
     return total / 2**20
+
+
+def _dir_breakdown(path: str) -> dict:
+    """MB under each top-level entry of ``path`` (which store grows), largest first."""
+    sizes = {}
+    for entry in os.scandir(path):
+        sizes[entry.name] = _dir_mb(entry.path) if entry.is_dir() else entry.stat().st_size / 2**20
+    return {k: round(v, 2) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])}
 
 
 def _request(port: int, path: str, body: bytes | None = None, timeout: float = 30.0):
@@ -537,6 +549,7 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
                 prober.probe()  # after the last send
                 samples.append(last := _sample(elapsed, producer, prober, str(work / "worker")))
                 monitor_dir = _dir_mb(str(work / "monitor")) if monitor else None
+                breakdown = _dir_breakdown(str(work / "worker"))
             finally:
                 for th in (producer, prober):
                     if th is not None:
@@ -555,7 +568,7 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
         "distinct_verticals": traffic.distinct_verticals, "new_attribute_values": traffic.new_values,
         "event_days": round((producer.sim_ts - cfg.start_ts) / 86400, 2),
         **_growth(samples, elapsed, "rss_mb"),
-        "data_dir_mb": last["data_dir_mb"],
+        "data_dir_mb": last["data_dir_mb"], "data_dir_breakdown_mb": breakdown,
         "ingested": last["ingested"], "labelled_examples": last["labelled"], "fm_examples": last["fm_examples"],
         # did the worker keep up? lags after warm-up and at the end (growing: the rate is too high)
         "ingest_lag_warm": _mean_near(samples, elapsed / 3, "ingest_lag"), "ingest_lag_end": last["ingest_lag"],

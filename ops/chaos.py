@@ -41,7 +41,7 @@ All four are compared exactly (``==``), never within a tolerance.
   consumer group changed members (no rebalance) and the final numbers equal evaluate's. Its final
   numbers are "the run without kills" of the next scenario.
 * ``kills``: the log is replayed at a steady pace over about the time the FM needs for it (evaluate's
-  model time), and ``kills`` times, at seeded moments between 10% and 120% of that span, a seeded role
+  model time), and ``kills`` times, at seeded moments between 10% and 150% of that span, a seeded role
   is killed with ``kill -9`` and at once restarted on its data directory. The roles come in shuffled
   rounds of four, so four kills hit every role; a kill may land while the role is still starting from
   the previous one, which is a moment too. The final numbers must equal evaluate's and the clean run's
@@ -377,14 +377,24 @@ class _Deployment:
         self.broker.stop()
 
 
+def _reasons(w) -> list[str]:
+    """The one-line reasons a worker gave for stopping (``loopline worker: ...``, not the start-up line;
+    once the app runs, its logging prefixes stderr lines with a time stamp)."""
+    try:
+        text = w.tail(200_000)
+    except OSError:
+        return []
+    return [ln[ln.index("loopline worker:"):] for ln in text.splitlines()
+            if "loopline worker:" in ln and "loopline worker: role=" not in ln]
+
+
 def _last_line(w) -> str:
-    """The worker's last ``loopline worker:`` line (its one-line reason), else its last log line."""
+    """The worker's last one-line reason, else its last log line."""
     try:
         lines = [ln for ln in w.tail(20000).splitlines() if ln.strip()]
     except OSError:
         return "(no log)"
-    mine = [ln for ln in lines if ln.startswith("loopline worker:")]
-    return (mine or lines or ["(empty log)"])[-1][:400]
+    return (_reasons(w) or lines or ["(empty log)"])[-1][:400]
 
 
 def _start_roles(dep: _Deployment, roles=ROLES) -> None:
@@ -707,7 +717,9 @@ def _kills(ctx: _Context) -> dict:
     roles: list = []
     while len(roles) < cfg.kills:  # shuffled rounds: any four kills in a row hit every role once
         roles += rng.sample(ROLES, len(ROLES))
-    actions += [(rng.uniform(0.1, 1.2) * span, "kill", role) for role in roles[:cfg.kills]]
+    # up to 1.5 spans: the fm and the vm are still busy after the last chunk (a third of the windows
+    # close with the end of the log)
+    actions += [(rng.uniform(0.1, 1.5) * span, "kill", role) for role in roles[:cfg.kills]]
     actions.sort(key=lambda a: (a[0], a[1] == "kill"))
     dep = _Deployment(ctx, "kills")
     done = []
@@ -894,7 +906,7 @@ def _fill(path: str) -> int:
 def _disk_full(ctx: _Context) -> dict:
     cfg = ctx.cfg
     dep = _Deployment(ctx, "disk_full")
-    mount = str(dep.dir / "fm-disk")
+    mount = str(dep.dir / "fm")  # the fm's data directory itself (its log, fm.log, stays outside)
     method, why = cfg.disk, None
     if method in ("auto", "tmpfs"):
         why = _mount_tmpfs(mount, cfg.tmpfs_mb)
@@ -905,11 +917,11 @@ def _disk_full(ctx: _Context) -> dict:
         else:
             method = "simulated"
     flag = str(dep.dir / "disk-full.flag")
-    ballast = os.path.join(mount, "ballast")
+    ballast = os.path.join(mount, ".chaos-ballast")
     try:
         dep.start_broker()
         env = {ENV_DISK_FULL: flag} if method == "simulated" else {}
-        dep.start("fm", data_dir=os.path.join(mount, "fm"), env=env)
+        dep.start("fm", env=env)
         for role in ("ingest", "vm", "reach"):
             dep.start(role)
         dep.wait_ready(ROLES)
@@ -931,7 +943,7 @@ def _disk_full(ctx: _Context) -> dict:
             raise ChaosFailure(f"disk_full: the fm kept running {cfg.wait:.0f}s on a full disk") from None
         exit_s = time.monotonic() - t_full
         line = _last_line(fm)
-        reasons = [ln for ln in fm.tail(20000).splitlines() if ln.startswith("loopline worker:")]
+        reasons = _reasons(fm)
         ctx.say(f"disk_full: fm exited {rc} after {exit_s:.1f}s: {line[:160]}")
         if method == "tmpfs":
             os.remove(ballast)

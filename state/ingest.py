@@ -191,15 +191,20 @@ class _Outbox:
                 self.add(oid, list(o))
 
     def _add(self, oid: str, o: list, n: int) -> None:
-        size = size_of(oid) + size_of(o) + 2
+        size = size_of([oid, o])  # ("oid":[...], as in the chunk)
         self.entries[oid] = (n, o, size)
-        self.chunks.setdefault(n, {})[oid] = None
-        self.sizes[n] = self.sizes.get(n, 2) + size
-        self.next = max(self.next, n + 1)
+        ids = self.chunks.get(n)
+        if ids is None:
+            ids = self.chunks[n] = {}
+            self.sizes[n] = 2
+            self.next = max(self.next, n + 1)
+        ids[oid] = None
+        self.sizes[n] += size
 
     def add(self, oid: str, o: list) -> None:
         """Keep output ``o`` under ``oid`` (replacing an earlier one with that id)."""
-        self.remove(oid)
+        if oid in self.entries:
+            self.remove(oid)
         n = self.next - 1
         if n not in self.chunks or self.sizes[n] >= self.CHUNK_BYTES:
             n = self.next

@@ -234,7 +234,7 @@ class QualityCounts:
         self.agg, members, legacy = got if got is not None else (empty_aggregate(), {}, False)
         # where each entry of the aggregate is stored (the module docstring's layout)
         self._chunks: dict[str, list[list[tuple]]] = {s: members.get(s, []) for s in SECTIONS}
-        self._sizes: dict[str, list[int]] = {s: [sum(size_of(list(path)) + _VALUE_ROOM for path in c) for c in chunks]
+        self._sizes: dict[str, list[int]] = {s: [2 + sum(size_of(list(path)) + _VALUE_ROOM for path in c) for c in chunks]
                                              for s, chunks in self._chunks.items()}
         self._at = {s: {path: i for i, c in enumerate(chunks) for path in c} for s, chunks in self._chunks.items()}
         self._touched: set[tuple[str, tuple]] = set()  # (section, path) entries changed since the last flush

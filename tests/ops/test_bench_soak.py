@@ -35,6 +35,7 @@ def test_traffic_is_valid_in_event_time_order_and_never_repeats_an_id():
     assert len({e.campaign for e in imps.values()}) > 60
     assert len({e.vertical for e in imps.values()}) > 10
     assert len({e.attrs["geo"] for e in imps.values()}) > 40
+    assert len({k for e in imps.values() for k in e.attrs}) > 100  # new attribute names
 
 
 def test_a_bad_setting_names_its_field(capsys):
@@ -54,6 +55,7 @@ def test_a_short_soak_reports_memory_views_and_bounds(tmp_path, capsys):
     users = [s["users"] for s in out["samples"]]
     assert users == sorted(users) and users[-1] > users[0] and out["distinct_users"] == users[-1]
     assert out["rss_mb_end"] > 100 and out["rss_mb_warm"] > 100 and out["data_dir_mb"] > 0
+    assert abs(sum(out["data_dir_breakdown_mb"].values()) - out["data_dir_mb"]) < 1
     assert abs(out["rss_growth_after_warmup"] - (out["rss_mb_end"] / out["rss_mb_warm"] - 1)) < 1e-3
     assert out["monitor"]["rss_mb_end"] > 100
     for view in ("/ingest/", "/fm/", "/vm/", "/reach", "/reach?q=...", "/quality", "/metrics", "/drift"):

@@ -12,6 +12,7 @@ import pytest
 
 from loopline.ops.eventlog import order_records
 from loopline.ops.replay import read_topic, collect_results, replay
+from loopline.state.sizes import MAX_DEADLETTER_RAW
 
 from ..malformed_corpus import CASES, CONV, IMP, with_
 
@@ -49,6 +50,7 @@ def test_every_malformed_line_is_dead_lettered_with_its_reason_and_the_worker_li
     dead = [orjson.loads(m.value) for m in asyncio.run(read_topic(broker.bootstrap, "deadletter", 4))]
     by_raw = {base64.b64decode(d["raw_b64"]): d for d in dead}
     for raw, reason in bad.items():
-        assert by_raw[raw]["reason"] == reason, raw[:60]  # the raw bytes come back whole, 1 MB line included
-        assert by_raw[raw]["detail"]
+        d = by_raw[raw[:MAX_DEADLETTER_RAW]]  # the raw bytes come back whole; the 1 MB line its first 512 KiB
+        assert d["reason"] == reason and d["raw_len"] == len(raw), raw[:60]
+        assert d["detail"]
     assert w.proc.poll() is None and w.ingest_counts() is not None, "the worker must survive bad input"
