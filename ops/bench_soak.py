@@ -35,7 +35,8 @@ is the first third), ``rss_mb_end`` the mean of the last three, ``rss_growth_aft
 relative difference; ``views_p99_ms`` is each view's 99th percentile over the whole run (with one
 request every 3 s, ten minutes give 200: the p99 is about the second-worst), ``..._after_warmup`` the
 same without the first third. Whether the worker kept up: ``ingest_lag_*`` (events sent, not yet read)
-and ``fm_lag_*`` (examples labelled, not yet trained on) after warm-up and at the end.
+and ``fm_lag_*`` (examples labelled, not yet trained on; two views read moments apart, so it can dip
+below 0) after warm-up and at the end. ``data_dir_breakdown_mb`` says which store holds the bytes.
 
 >>> t = SoakTraffic(SoakConfig(seed=1))
 >>> evs = t.tick(1_700_000_000.0, 1_700_000_600.0, 50)

@@ -376,7 +376,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 5),
         broker_rebalance_timeout=cfg.session_timeout_s * 2,
-        producer_max_request_size=16 * 1024 * 1024,  # a dead-lettered 1 MB line is ~1.4 MB in base64
+        producer_max_request_size=16 * 1024 * 1024,  # a batch of messages; each one is <= 1 MiB (state/sizes.py)
         consumer_max_fetch_size=4 * 1024 * 1024,
         table_cleanup_interval=3600.0,
         # Tansu 0.6 reports a partition's end offset as the first offset of its last batch + 1, so a

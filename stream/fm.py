@@ -204,8 +204,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     async def maybe_snapshot(st: FMStage) -> None:
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
-            state["snapshot_dir"].save({"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed),
-                                        "finished": state["finished"]}, st.fm.version)  # fsynced; rotates
+            snap = {"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed), "finished": state["finished"]}
+            await off_loop(state["snapshot_dir"].save, snap, st.fm.version)  # fsynced, rotates; off the loop
             state["snapshot_at"] = st.fm.version  # only once it is on disk: /fm/ must not claim it before
 
     async def publish(st: FMStage) -> None:

@@ -50,6 +50,7 @@ from loopline.state.events import event_key
 from loopline.state.ingest import IngestCore
 
 from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of
+from .supervise import supervised
 
 __all__ = ["register_ingest", "FORWARD_HEADER", "route_of"]
 
@@ -163,9 +164,14 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                 for q in range(cfg.partitions):
                     await topics[name].send(value=None, partition=q, headers=[(CONTROL_HEADER, mark.encode())])
 
+    health = app.loopline_health
+    health.ready("ingest")  # its state is a table: nothing to catch up on before the stream
+
     @app.agent(topics["events"], name="ingest")
+    @supervised("ingest", health)
     async def ingest(stream):
         async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
+            health.busy("ingest")
             by_partition: dict[int, list] = {}
             for ev in events:
                 by_partition.setdefault(ev.message.partition, []).append(ev)
@@ -216,6 +222,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     await settle(core, pending)
                     with _in_partition_of(last):
                         core.flush(meta=False)
+            health.done("ingest")
 
     view = CachedView.of("ingest", cfg)
 

@@ -174,11 +174,13 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         # copied now, while it is the state after step `done`: the agent may train on during the flush
         snap = copy.deepcopy(stage.state_dict())
         await app.producer.flush()  # the score rows of steps <= done are out before the snapshot says so
-        refresh_serving(stage)
+        # in the training thread (never beside a step): LoKA's timing of the serving copies and the
+        # fsynced write take seconds, which the event loop must not wait out
+        await off_loop(refresh_serving, stage)
         tables = dict(state["fp8"])
         # the decision tables go with the snapshot (``loopline fp8 report --snapshot`` prints the first)
-        state["snapshot_dir"].save({"stage": snap, "done": done, "fp8_tables": tables,
-                                    TABLE_KEY: tables[min(tables)] if tables else None}, done)  # fsynced; rotates
+        await off_loop(state["snapshot_dir"].save, {"stage": snap, "done": done, "fp8_tables": tables,
+                                                    TABLE_KEY: tables[min(tables)] if tables else None}, done)
         state["snapshot_at"] = done  # only once it is on disk
 
     health = app.loopline_health
