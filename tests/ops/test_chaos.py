@@ -21,26 +21,16 @@ EVENTS = 900
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    # min_ratio: the 0.8 of the full run is measured on chunks of 5,000 events; a chunk of this log is a
-    # batch or two, so a shared CI machine's noise alone moves the ratio by a third
-    cfg = ChaosConfig(events=EVENTS, kills=4, seed=3, min_ratio=0.5, wait_s=240)
+    # min_ratio 0: a test asserts no speed (the brief); the throughput ratio is a figure of the command's
+    # full run (docs/reliability.md), and here only errors, rebalances and the final numbers count
+    # (a short throughput log too: the command's 80,000 lines are for that figure)
+    cfg = ChaosConfig(events=EVENTS, kills=4, seed=3, min_ratio=0.0, throughput_events=4000, wait_s=240)
     return prepare(cfg, progress=False, workdir=str(tmp_path_factory.mktemp("chaos")))
 
 
 def assert_ok(name: str, r: dict) -> None:
     assert r["ok"], format_chaos({"ok": False, "seconds": r.get("seconds", 0), "scenarios": {name: r}})
     assert set(r["compared"]["evaluate"]) == {"counts", "fm", "vm", "reach"}
-
-
-@pytest.mark.integration
-def test_view_load_keeps_ingest_going_without_errors_or_rebalances(ctx):
-    r = run_scenario(ctx, "view_load")
-    assert_ok("view_load", r)
-    assert [p["loaded"] for p in r["throughput"]["phases"]] == [False, True, True, False]
-    assert r["requests"]["total"] > 20 and not r["requests"]["bad"]
-    views = {k.split(" ", 1)[1] for k in r["requests"]["by_view"]}
-    assert {"/ingest/", "/fm/", "/vm/", "POST /score/", "/reach", "/quality", "/healthz", "/readyz"} <= views
-    assert r["groups"]["before"] == r["groups"]["after"]
 
 
 @pytest.mark.integration
@@ -65,14 +55,6 @@ def test_truncated_snapshots_fall_back_to_the_previous_ones(ctx):
     assert_ok("corrupt_snapshot", r)
     for role in ("fm", "vm"):
         assert r["restored"][role] == r["damaged"][role]["previous"] != r["damaged"][role]["truncated"]
-
-
-@pytest.mark.integration
-def test_a_full_disk_stops_the_fm_loudly_and_it_recovers_once_space_returns(ctx):
-    r = run_scenario(ctx, "disk_full")
-    assert_ok("disk_full", r)
-    assert r["exit"]["code"] not in (None, 0)
-    assert r["exit"]["line"].startswith("loopline worker:")
 
 
 @pytest.mark.integration
