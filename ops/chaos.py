@@ -1148,7 +1148,8 @@ def format_chaos(out: dict) -> str:
     """
     lines = []
     for name, r in out["scenarios"].items():
-        lines.append(f"{'ok' if r['ok'] else 'FAILED':<8}{name} ({r.get('seconds', 0):.0f}s): {r.get('did', r.get('error'))}")
+        head = f"{'ok' if r['ok'] else 'FAILED':<8}{name} ({r.get('seconds', 0):.0f}s)"
+        lines.append(f"{head}: {r.get('did', r.get('error'))}")
         for against, secs in r.get("compared", {}).items():
             same = [s for s, v in secs.items() if v == "equal"]
             differ = [f"{s} {json.dumps(v)}" for s, v in secs.items() if v != "equal"]

@@ -26,8 +26,9 @@ input partition was fed and the watermarks. A restarted worker loads the newest 
 inputs again from those offsets with its own consumer (Faust's committed offsets run ahead of any
 snapshot, so they are not trusted here); messages already fed are skipped by offset. The result is the
 same as a run that never stopped; outputs made after the snapshot are sent again (at least once, with
-the same ids). A worker with no snapshot and an empty history store (another machine) first rebuilds
-the store from ``history.events``, ``examples`` and ``fm.embeddings``.
+the same ids). The history store is first rebuilt from ``history.events``, ``examples`` and
+``fm.embeddings`` as the stage had written it when the snapshot was taken, whether it is empty (another
+machine) or holds what the killed run wrote later; a worker without a snapshot starts on an empty store.
 """
 
 from __future__ import annotations
@@ -120,13 +121,19 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         state["snapshot_dir"] = SnapshotDir(snapshots, keep=KEEP_SNAPSHOTS)
         loaded = state["snapshot_dir"].load_latest()
         path = None if loaded is None else loaded[1]
-        # No snapshot: the stage starts over and its replay of the inputs writes the store again, as it
-        # was. A snapshot but no store (the snapshots came to a new machine): rebuild the store from the
-        # topics, then resume.
-        if path is not None and next(history.raw_items(), None) is None:
+        # No snapshot: the stage starts over on an empty store and its replay of the inputs writes the
+        # store again, as it was. A snapshot: the store must be as it was when the snapshot was taken, so
+        # it is rebuilt from the topics as of the snapshot. Without a store (the snapshots came to a new
+        # machine) that is the only way; after a kill the store also holds what the run wrote after the
+        # snapshot, and the per-user retention (HistoryConfig.max_len) let those rows evict older ones
+        # that the resumed steps read (found by `loopline chaos`: after a restore the FM's numbers
+        # differed from evaluate's).
+        if path is not None:
             # (the one path that reads its inputs whole: the store is re-created in its own order)
             inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in INPUTS}
-            state["rebuilt"] = await rebuild(history, inputs)
+            state["rebuilt"] = await rebuild(history, inputs, loaded[0])
+        else:  # starting over: what a killed run wrote to the store is not this run's past
+            history.rebuild((), (), clear=True)
         stage = FMStage(history)
         if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
             snap = loaded[0]  # verified, loaded with weights_only=True
@@ -137,19 +144,27 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             state["restored"] = os.path.basename(path)
         state["stage"] = stage
 
-    async def rebuild(history: HistoryStore, inputs: dict) -> dict:
-        """A worker with an empty store (a new machine) re-creates it from the topics, in the order the
-        stage wrote it: raw events by (time, id), codes by the examples' canonical order."""
-        def data(msgs):
-            return [orjson.loads(m.value) for m in msgs if control_of(m.headers) is None]
-        events = [tuple(v) for v in data(inputs["history.events"])]
+    async def rebuild(history: HistoryStore, inputs: dict, snap: dict) -> dict:
+        """Re-create the store as the stage had written it when ``snap`` was taken, from the topics and in
+        the stage's order: the raw events it had fed (offsets below ``fed``) less those still in its heap
+        or not yet written, by (time, id); the codes of the steps before the snapshot's, in the examples'
+        canonical order."""
+        upto, st = snap["fed"], snap["stage"]
+        unwritten = {item[2] for item in st["pending"] if item[1] == 0} | {ev[5] for ev in st["events"]}
+
+        def fed_values(name, parse):
+            return [v for m in inputs[name] if control_of(m.headers) is None
+                    and m.offset < upto.get(f"{m.topic}/{m.partition}", 0) and (v := parse(m.value)) is not None]
+        events = fed_values("history.events", _history_event)
         events += [(e["user"], e["label_ts"], e["ad"], e["campaign"], "click", e["id"] + "/click")
-                   for e in data(inputs["examples"]) if e["label"]]
-        events.sort(key=lambda r: (r[1], r[5]))
-        codes = sorted(data(await read_topic(cfg.broker, "fm.embeddings", cfg.partitions)),
-                       key=lambda c: (c["label_ts"], c["id"]))
+                   for e in fed_values("examples", _example) if e["label"]]
+        events = sorted((ev for ev in events if ev[5] not in unwritten), key=lambda r: (r[1], r[5]))
+        steps = st["fm"]["version"]
+        codes = [orjson.loads(m.value) for m in await read_topic(cfg.broker, "fm.embeddings", cfg.partitions)
+                 if control_of(m.headers) is None]
+        codes = sorted((c for c in codes if c["step"] < steps), key=lambda c: (c["label_ts"], c["id"]))
         rows = [(c["user"], c["ts"], c["fm_version"], np.asarray(c["code"], dtype=np.float32), c["id"]) for c in codes]
-        return history.rebuild(rows, events, clear=False)
+        return history.rebuild(rows, events, clear=True)
 
     def watermark() -> float:
         keys = [f"{t}/{q}/{p}" for t in ("history.events", "examples") for q in range(cfg.partitions)

@@ -103,10 +103,13 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             stage.load_state_dict(snap["stage"])
             done = int(snap["done"])
             state["fp8"].update(snap.get("fp8_tables") or {})
-            rows = [orjson.loads(m.value) for m in inputs["fm.embeddings"] if control_of(m.headers) is None]
-            history.append_embeddings(_code_rows(sorted((r for r in rows if r["step"] <= done),
-                                                        key=lambda r: (r["step"], r["label_ts"], r["id"]))))
             state["restored"], state["snapshot_at"] = os.path.basename(path), done
+        # The store as of step ``done`` (empty when starting over): a killed run's later codes are not the
+        # history of the steps about to be trained again, and the per-user retention let them evict older
+        # ones those steps read (found by `loopline chaos`: after a restore the VMs' numbers differed)
+        rows = [orjson.loads(m.value) for m in inputs["fm.embeddings"] if control_of(m.headers) is None]
+        history.rebuild(_code_rows(sorted((r for r in rows if r["step"] <= done),
+                                          key=lambda r: (r["step"], r["label_ts"], r["id"]))), (), clear=True)
         state.update(stage=stage, history=history,
                      inbox=StepInbox([f"{t}/{q}" for t in INPUTS for q in range(cfg.partitions)], done=done))
         refresh_serving(stage)

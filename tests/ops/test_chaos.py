@@ -34,6 +34,14 @@ def assert_ok(name: str, r: dict) -> None:
 
 
 @pytest.mark.integration
+def test_views_under_load_answer_without_errors_or_rebalances_and_change_no_number(ctx):
+    r = run_scenario(ctx, "view_load")
+    assert_ok("view_load", r)
+    assert r["requests"]["total"] > 0
+    assert all(set(codes) == {"200"} for codes in r["requests"]["by_view"].values()), r["requests"]
+
+
+@pytest.mark.integration
 def test_kills_of_every_role_end_with_the_numbers_of_evaluate_and_of_a_clean_run(ctx):
     r = run_scenario(ctx, "kills")
     assert_ok("kills", r)
@@ -55,6 +63,13 @@ def test_truncated_snapshots_fall_back_to_the_previous_ones(ctx):
     assert_ok("corrupt_snapshot", r)
     for role in ("fm", "vm"):
         assert r["restored"][role] == r["damaged"][role]["previous"] != r["damaged"][role]["truncated"]
+
+
+@pytest.mark.integration
+def test_a_full_disk_stops_the_fm_with_one_line_and_a_restart_ends_with_the_same_numbers(ctx):
+    r = run_scenario(ctx, "disk_full")
+    assert_ok("disk_full", r)
+    assert r["exit"]["code"] not in (None, 0)
 
 
 @pytest.mark.integration
