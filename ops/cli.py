@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Faust's /table/... and /router/ endpoints (table contents; off by default)")
     p.add_argument("--view-cache", type=float, default=1.0,
                    help="seconds an HTTP view's answer is reused (computed off the event loop; 0: every request)")
+    p.add_argument("--view-stale", type=float, default=30.0,
+                   help="seconds an expired answer is still served at once while a new one is computed "
+                        "(0: wait for it)")
     p.add_argument("--on-broker-reset", default="stop", choices=["stop", "reset"],
                    help="when the broker lost the data this worker's state describes: stop (exit 75, state "
                         "kept) or reset (empty the data dir, exit 75 for a clean restart)")
@@ -234,7 +237,7 @@ def _run(a) -> int:
         from .worker import run_worker
         cfg = WorkerConfig(broker=_broker(a), role=a.role, partitions=a.partitions, data_dir=a.data_dir,
                            web_port=a.web_port, web_host=a.web_host, web_tables=a.web_tables,
-                           view_cache_s=a.view_cache, app_id=a.app_id,
+                           view_cache_s=a.view_cache, view_stale_s=a.view_stale, app_id=a.app_id,
                            attribution=_attribution_cfg(a), evaluation=a.evaluation, stall_s=a.stall, on_broker_reset=a.on_broker_reset, vm_variants=_variants(a.variants), vm_serve=a.serve,
                            loglevel=a.loglevel, reach=ReachConfig(sample_users=a.reach_sample_users,
                                                                   epoch_s=a.reach_epoch, horizon_epochs=a.reach_horizon))

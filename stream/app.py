@@ -36,7 +36,7 @@ from loopline.state.reach import ReachConfig
 from .broker_watch import RESET_POLICIES, BrokerWatch
 from .supervise import Health
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
+__all__ = ["WorkerConfig", "TOPICS", "build_app", "make_table", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
            "CachedView"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
@@ -97,6 +97,11 @@ class WorkerConfig:
     partitions: int = 4  # partitions of every Loopline topic (and table changelog)
     data_dir: str = ".loopline-data"  # RocksDB tables live here; one folder per worker
     store: str = "rocksdb://"  # table store; memory:// for quick unit tests
+    # RocksDB memory of each Faust table, per partition (``table_options``): Faust's own defaults are three
+    # 64 MiB memtables and a 2 GiB block cache per partition's database, so a worker's RSS kept growing
+    # for hours under traffic (``loopline bench soak``) before reaching a bound of several GiB
+    table_write_buffer_mb: int = 4
+    table_block_cache_mb: int = 8
     web_port: int = 6066  # HTTP views, bound to web_host
     web_host: str = "127.0.0.1"
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
@@ -112,6 +117,9 @@ class WorkerConfig:
     # HTTP views are computed in a worker thread (never on the agents' event loop) and each answer is
     # reused this long (``--view-cache``): a scraper polling every 100 ms costs one computation a second
     view_cache_s: float = 1.0
+    # an expired answer this young is served at once while a new one is computed (``--view-stale``; 0:
+    # every expired answer waits for its computation)
+    view_stale_s: float = 30.0
     view_cache_keys: int = 64  # answers kept per view (one per query string, ``/reach?q=``); LRU beyond
     # Faust's /table/... (table contents: user ids, attributes, segment labels) and /router/ (every
     # worker's address) endpoints; off unless asked for (``--web-tables``)
@@ -138,6 +146,12 @@ class WorkerConfig:
             raise ConfigError(f"stall_s: must be a positive number of seconds, got {self.stall_s!r}")
         if not isinstance(self.view_cache_s, (int, float)) or not 0 <= self.view_cache_s <= 3600:
             raise ConfigError(f"view_cache_s: must be a number of seconds in 0..3600, got {self.view_cache_s!r}")
+        for name in ("table_write_buffer_mb", "table_block_cache_mb"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096:
+                raise ConfigError(f"{name}: must be an integer number of MiB in 1..4096, got {v!r}")
+        if not isinstance(self.view_stale_s, (int, float)) or not 0 <= self.view_stale_s <= 86400:
+            raise ConfigError(f"view_stale_s: must be a number of seconds in 0..86400, got {self.view_stale_s!r}")
         if not isinstance(self.view_cache_keys, int) or self.view_cache_keys < 1:
             raise ConfigError(f"view_cache_keys: must be an integer >= 1, got {self.view_cache_keys!r}")
 
@@ -257,6 +271,12 @@ class CachedView:
     from the cache while the answer is younger than ``ttl_s``. At most ``max_keys`` answers are kept
     (least recently used go first, counted in ``evicted``).
 
+    An expired answer younger than ``stale_s`` is still answered at once (``stale``, with its ``Age``
+    header) while its recomputation runs in the background: a request never waits for a computation
+    that takes longer than the poll interval (``/reach`` over a large sample, ``/quality``'s fit), so a
+    view's latency is that of reading bytes, whatever the state's size. The next request gets the new
+    answer. Only a key nobody asked for within ``stale_s`` waits for its computation.
+
     ``compute`` reads structures the loop keeps changing. The GIL keeps each single read whole, but
     iterating a dict while the loop adds to it raises (``dictionary changed size during iteration``):
     a computation that raises is retried in the thread (``retried``), and after ``retries`` tries run
@@ -274,41 +294,55 @@ class CachedView:
     """
 
     def __init__(self, name: str, ttl_s: float = 1.0, max_keys: int = 64, retries: int = 3,
-                 content_type: str = "application/json"):
+                 content_type: str = "application/json", stale_s: float = 0.0):
         self.name = name
         self.ttl_s = ttl_s
+        self.stale_s = stale_s
         self.max_keys = max_keys
         self.retries = retries
         self.content_type = content_type  # JSON answers are serialized in the thread; others are bytes
         self._answers: OrderedDict = OrderedDict()  # key -> (monotonic time, answer)
         self._pending: dict = {}  # key -> the computation in flight (shared by concurrent requests)
-        self.stats = {"computed": 0, "cached": 0, "retried": 0, "on_loop": 0, "evicted": 0,
+        self.stats = {"computed": 0, "cached": 0, "stale": 0, "retried": 0, "on_loop": 0, "evicted": 0,
                       "ms_last": 0.0, "ms_max": 0.0}
 
     @classmethod
     def of(cls, name: str, cfg: "WorkerConfig", **kw) -> "CachedView":
         """A view cache with the worker's ``view_cache_s`` and ``view_cache_keys``, listed at ``/views``."""
-        view = _VIEWS[name] = cls(name, ttl_s=cfg.view_cache_s, max_keys=cfg.view_cache_keys, **kw)
+        view = _VIEWS[name] = cls(name, ttl_s=cfg.view_cache_s, max_keys=cfg.view_cache_keys,
+                                  stale_s=cfg.view_stale_s, **kw)
         return view
 
     async def respond(self, web, compute: Callable[..., Any], key: Any = None,
                       prepare: Callable[[], tuple] | None = None):
         """The view's HTTP response (``web``: the Faust view handling the request)."""
-        return web.bytes(await self.get(compute, key, prepare), content_type=self.content_type)
+        answer, age = await self._lookup(compute, key, prepare)
+        return web.bytes(answer, content_type=self.content_type, headers={"Age": str(int(age))})
 
     async def get(self, compute: Callable[..., Any], key: Any = None,
                   prepare: Callable[[], tuple] | None = None) -> Any:
-        """``compute(*prepare())``'s answer (serialized when the view is JSON), at most ``ttl_s`` old."""
+        """``compute(*prepare())``'s answer (serialized when the view is JSON), at most ``ttl_s`` old, or
+        at most ``stale_s`` while a newer one is being computed."""
+        return (await self._lookup(compute, key, prepare))[0]
+
+    async def _lookup(self, compute, key, prepare) -> tuple:
+        """(answer, its age in seconds)."""
         hit = self._answers.get(key)
-        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+        age = None if hit is None else time.monotonic() - hit[0]
+        if age is not None and age < self.ttl_s:
             self._answers.move_to_end(key)
             self.stats["cached"] += 1
-            return hit[1]
+            return hit[1], age
         fut = self._pending.get(key)
         if fut is None:
             fut = self._pending[key] = asyncio.ensure_future(self._compute(key, compute, prepare))
             fut.add_done_callback(lambda f, key=key: self._done(key, f))
-        return await asyncio.shield(fut)  # a client that goes away does not cancel the others' answer
+        if age is not None and age < self.stale_s:
+            self._answers.move_to_end(key)
+            self.stats["stale"] += 1
+            return hit[1], age
+        # a client that goes away does not cancel the others' answer
+        return await asyncio.shield(fut), 0.0
 
     def _done(self, key: Any, fut: asyncio.Future) -> None:
         if self._pending.get(key) is fut:
@@ -351,6 +385,17 @@ class CachedView:
             self._answers.popitem(last=False)
             self.stats["evicted"] += 1
         return answer
+
+
+def make_table(app: faust.App, cfg: WorkerConfig, name: str) -> faust.Table:
+    """A role's Faust table (str keys, JSON values, ``None`` default), with bounded RocksDB memory: at
+    most two memtables of ``table_write_buffer_mb`` and a ``table_block_cache_mb`` block cache per
+    partition's database."""
+    mb = 1 << 20
+    return app.Table(name, default=None, partitions=cfg.partitions,
+                     options={"write_buffer_size": cfg.table_write_buffer_mb * mb, "max_write_buffer_number": 2,
+                              "block_cache_size": cfg.table_block_cache_mb * mb,
+                              "block_cache_compressed_size": cfg.table_block_cache_mb * mb})
 
 
 def build_app(cfg: WorkerConfig) -> faust.App:

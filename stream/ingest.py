@@ -49,7 +49,7 @@ from faust.streams import _current_event  # the context Faust tables use to pick
 from loopline.state.events import event_key
 from loopline.state.ingest import IngestCore
 
-from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of
+from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, make_table
 from .supervise import supervised
 
 __all__ = ["register_ingest", "FORWARD_HEADER", "route_of"]
@@ -108,7 +108,7 @@ def _in_partition_of(event):
 def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
     topics = app.loopline_topics
     # keys are str, values JSON (the app's table serializer defaults)
-    table = app.Table("attribution", default=None, partitions=cfg.partitions)
+    table = make_table(app, cfg, "attribution")
     cores: dict[int, IngestCore] = {}  # cached per partition; dropped on every rebalance
 
     async def _drop_cores(app, tps, **kwargs):  # noqa: ANN001 - faust signal signature

@@ -26,7 +26,7 @@ import orjson
 from loopline.model.quality import QualityConfig, assess
 from loopline.state.quality_counts import QualityCounts, load_aggregate, merge_aggregates
 
-from .app import CachedView, WorkerConfig
+from .app import CachedView, WorkerConfig, make_table
 from .supervise import supervised
 from .ingest import _in_partition_of
 
@@ -41,7 +41,7 @@ BATCH_WITHIN_S = 0.1
 def register_quality(app: faust.App, cfg: WorkerConfig, qcfg: QualityConfig = QualityConfig()) -> None:
     source = app.topic("audience", key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=cfg.partitions)
-    table = app.Table("quality", default=None, partitions=cfg.partitions)
+    table = make_table(app, cfg, "quality")
     counts: dict[int, QualityCounts] = {}  # per partition; dropped on every rebalance
     stats = {"values": 0, "bad_values": 0}
 

@@ -48,7 +48,7 @@ from loopline.state.errors import ConfigError
 from loopline.state.reach import ReachSampler, Sample, finish, merge_stats, query_stats
 from loopline.state.reach_query import parse_query
 
-from .app import CachedView, WorkerConfig, group_id
+from .app import CachedView, WorkerConfig, group_id, make_table
 from .supervise import supervised
 
 __all__ = ["register_reach", "changelog_topic"]
@@ -88,7 +88,7 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
                partitions=cfg.partitions)
     source = app.topic("audience", **raw)
     queries = app.topic("reach.queries", **raw)
-    answer_table = app.Table(ANSWERS, default=None, partitions=cfg.partitions)
+    answer_table = make_table(app, cfg, ANSWERS)
     answered: dict[int, dict[str, float]] = {}  # partition -> query id -> answered at (wall clock), oldest first
     samplers: dict[int, ReachSampler] = {}
     seen: dict[int, RecentIds] = {}  # partition -> impression ids applied within the de-duplication horizon

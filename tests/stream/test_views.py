@@ -21,7 +21,7 @@ from loopline.ops.generate import GenerateConfig, write_log
 from loopline.ops.replay import replay
 from loopline.ops.worker import WorkerProcess
 from loopline.state.errors import ConfigError
-from loopline.stream.app import TOPICS, CachedView, WorkerConfig, build_app
+from loopline.stream.app import TOPICS, CachedView, WorkerConfig, build_app, make_table
 from tests.conftest import wait_for
 
 # -- the helper, without a broker -------------------------------------------------------------------
@@ -250,3 +250,29 @@ def test_every_http_handler_answers_2xx_or_a_one_line_4xx(workers):
     assert status == 200 and len(orjson.loads(body)["scores"]) == 1, (status, body[:300])
     for w in (workers["all"], workers["monitor"]):
         assert w.proc.poll() is None, w.tail()
+
+
+async def test_an_expired_answer_is_served_at_once_while_the_new_one_is_computed():
+    view = CachedView("stale", ttl_s=0.0, stale_s=60.0)
+    n = iter(range(100))
+
+    def slow():
+        time.sleep(0.3)
+        return next(n)
+
+    assert await view.get(slow) == b"0"  # nothing cached: the first request waits
+    t0 = time.perf_counter()
+    assert await view.get(slow) == b"0"  # expired: answered from the cache, a recomputation started
+    assert time.perf_counter() - t0 < 0.2 and view.stats["stale"] == 1
+    await asyncio.sleep(0.5)
+    assert await view.get(slow) == b"1"  # the background computation's answer
+    assert view.stats["computed"] >= 2
+
+
+def test_every_table_store_has_bounded_rocksdb_memory(tmp_path):
+    # Faust's defaults are three 64 MiB memtables and a 2 GiB block cache per partition's database
+    cfg = WorkerConfig(data_dir=str(tmp_path), role="ingest", table_write_buffer_mb=2, table_block_cache_mb=3)
+    opts = make_table(build_app(cfg), cfg, "bounded").data.rocksdb_options
+    assert (opts.write_buffer_size, opts.max_write_buffer_number, opts.block_cache_size) == (2 << 20, 2, 3 << 20)
+    with pytest.raises(ConfigError, match="^table_block_cache_mb:"):
+        WorkerConfig(table_block_cache_mb=0)
