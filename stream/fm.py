@@ -48,6 +48,7 @@ from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
 from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, follow_topic, group_id, read_topic
+from .role import Fed, msgs_of_records, run_role
 from .supervise import off_loop, supervised
 
 __all__ = ["register_fm"]
@@ -112,7 +113,7 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     state: dict = {"stage": None, "finished": False, "rebuilt": None, "restored": None, "snapshot_at": 0,
                    "control_ignored": 0, "bad_values": 0, "task": None, "role": "standby", "active_since": None, "holds": False}
     marks: dict[str, float] = {}  # "topic/partition/ingest partition" -> watermark
-    fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed to the stage
+    fed = Fed()  # "topic/partition" -> next offset not yet fed to the stage
 
     async def start_stage() -> None:
         history = HistoryStore(os.path.join(cfg.data_dir, "fm-history"))
@@ -139,7 +140,7 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             snap = loaded[0]  # verified, loaded with weights_only=True
             stage.load_state_dict(snap["stage"])
             marks.update(snap["marks"])
-            fed.update(snap["fed"])
+            fed.reset(snap["fed"])
             state["finished"], state["snapshot_at"] = snap["finished"], stage.fm.version
             state["restored"] = os.path.basename(path)
         state["stage"] = stage
@@ -176,11 +177,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         and snapshot every SNAPSHOT_EVERY training steps."""
         st = state["stage"]
         history, examples = [], []
-        for topic, partition, offset, headers, value in messages:
+        for topic, partition, offset, headers, value in fed.take(messages):
             tp = f"{topic}/{partition}"
-            if offset < fed.get(tp, 0):
-                continue  # already in the stage (before the snapshot, or in the catch-up)
-            fed[tp] = offset + 1
             control = control_of(headers)
             if control is not None:
                 mark = _mark(control)
@@ -219,7 +217,7 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     async def maybe_snapshot(st: FMStage) -> None:
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
-            snap = {"stage": st.state_dict(), "marks": dict(marks), "fed": dict(fed), "finished": state["finished"]}
+            snap = {"stage": st.state_dict(), "marks": dict(marks), "fed": fed.positions(), "finished": state["finished"]}
             await off_loop(state["snapshot_dir"].save, snap, st.fm.version)  # fsynced, rotates; off the loop
             state["snapshot_at"] = st.fm.version  # only once it is on disk: /fm/ must not claim it before
 
@@ -243,30 +241,30 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
 
     health = app.loopline_health
     health.add("fm")
-    app.loopline_positions["fm"] = lambda: dict(fed)
+    app.loopline_positions["fm"] = fed.positions
+
+    async def start() -> None:
+        if state["stage"] is None:
+            await start_stage()
+        # a snapshot taken between two steps of one batch holds work its marks already release (found by
+        # `loopline chaos`, corrupt_snapshot): do it now, not when the next message happens to come
+        await handle([])
+
+    async def batches():
+        async for msgs in follow_topic(cfg.broker, INPUTS, cfg.partitions, start=fed.positions(), max_records=BATCH):
+            if not state["holds"]:
+                return  # the lease went to another member
+            if msgs:
+                yield msgs_of_records(msgs)
+            else:
+                await asyncio.sleep(BATCH_WITHIN_S)
 
     @supervised("fm", health)
     async def run_active(_=None) -> None:
         """The active member: load the newest snapshot (once), then read every input partition from
         where the stage stands, whatever Faust has committed (the stage, not the consumer group, knows
         what it has seen): the catch-up and the live stream are one loop."""
-        health.busy("fm")
-        if state["stage"] is None:
-            await start_stage()
-        health.done("fm")
-        health.ready("fm")
-        # a snapshot taken between two steps of one batch holds work its marks already release (found by
-        # `loopline chaos`, corrupt_snapshot): do it now, not when the next message happens to come
-        await handle([])
-        async for msgs in follow_topic(cfg.broker, INPUTS, cfg.partitions, start=dict(fed), max_records=BATCH):
-            if not state["holds"]:
-                return  # the lease went to another member
-            if msgs:
-                health.busy("fm")
-                await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
-                health.done("fm")
-            else:
-                await asyncio.sleep(BATCH_WITHIN_S)
+        await run_role("fm", health, batches(), handle, start=start)
 
     def lease_changed(holds: bool) -> None:
         """The lease came or went. Losing it stops the active loop at its next step boundary (never in

@@ -39,18 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from contextlib import contextmanager
 
 import faust
 from aiokafka.partitioner import murmur2
-from faust.streams import _current_event  # the context Faust tables use to pick a partition
 
 from loopline.state.events import event_key
 from loopline.state.ingest import IngestCore
 
 from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, make_table
-from .supervise import supervised
+from .role import by_partition, in_partition_of, role_agent
 
 __all__ = ["register_ingest", "FORWARD_HEADER", "route_of"]
 
@@ -91,18 +88,6 @@ def _header(headers, name: str) -> bytes | None:
         if k == name:
             return v if isinstance(v, bytes) else str(v).encode()
     return None
-
-
-@contextmanager
-def _in_partition_of(event):
-    """Make table reads and writes go to ``event``'s partition (its RocksDB and changelog partition).
-
-    A batch mixes partitions, and Faust picks a table's partition from the current event."""
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
@@ -164,65 +149,57 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                 for q in range(cfg.partitions):
                     await topics[name].send(value=None, partition=q, headers=[(CONTROL_HEADER, mark.encode())])
 
-    health = app.loopline_health
-    health.ready("ingest")  # its state is a table: nothing to catch up on before the stream
-
-    @app.agent(topics["events"], name="ingest")
-    @supervised("ingest", health)
-    async def ingest(stream):
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            health.busy("ingest")
-            by_partition: dict[int, list] = {}
-            for ev in events:
-                by_partition.setdefault(ev.message.partition, []).append(ev)
-            done = []
-            for p, evs in by_partition.items():
-                with _in_partition_of(evs[-1]):
-                    core = cores.get(p)
-                    outs, controls = [], []
-                    if core is None:  # first batch since (re)assignment: re-send what may be lost
-                        core = cores[p] = IngestCore(table, p, cfg.attribution, history=True, audience=True)
-                        outs.extend(core.unacked())
-                        sent["resent"] += len(outs)
-                    durable_through = core.join.meta["through"]  # every effect up to here is stored
-                    for ev in evs:
-                        offset = ev.message.offset
-                        control = control_of(ev.headers)
-                        if control is not None:
-                            if control.startswith("end_of_log") and cfg.evaluation:
-                                outs.extend(core.end_of_log())
-                                controls.append(control)
-                            else:  # only an evaluation run ends event time; unknown marks are no one's
-                                routing["control_ignored"] += 1
+    async def handle(events) -> None:
+        done = []
+        for p, evs in by_partition(events, lambda ev: ev.message.partition).items():
+            with in_partition_of(evs[-1]):
+                core = cores.get(p)
+                outs, controls = [], []
+                if core is None:  # first batch since (re)assignment: re-send what may be lost
+                    core = cores[p] = IngestCore(table, p, cfg.attribution, history=True, audience=True)
+                    outs.extend(core.unacked())
+                    sent["resent"] += len(outs)
+                durable_through = core.join.meta["through"]  # every effect up to here is stored
+                for ev in evs:
+                    offset = ev.message.offset
+                    control = control_of(ev.headers)
+                    if control is not None:
+                        if control.startswith("end_of_log") and cfg.evaluation:
+                            outs.extend(core.end_of_log())
+                            controls.append(control)
+                        else:  # only an evaluation run ends event time; unknown marks are no one's
+                            routing["control_ignored"] += 1
+                        continue
+                    if _header(ev.headers, FORWARD_HEADER) is not None:
+                        routing["forwarded_in"] += 1  # its home: processed here, never forwarded again
+                    elif offset > durable_through:
+                        route = route_of(ev.value, cfg.partitions)
+                        if route is not None and route[1] != p:
+                            await forward(p, offset, route[0], ev.value, route[1])
                             continue
-                        if _header(ev.headers, FORWARD_HEADER) is not None:
-                            routing["forwarded_in"] += 1  # its home: processed here, never forwarded again
-                        elif offset > durable_through:
-                            route = route_of(ev.value, cfg.partitions)
-                            if route is not None and route[1] != p:
-                                await forward(p, offset, route[0], ev.value, route[1])
-                                continue
-                        outs.extend(core.handle(ev.value, offset))
+                    outs.extend(core.handle(ev.value, offset))
+                core.flush(meta=False)
+            done.append((evs[-1], core, outs, controls))
+        await durable()  # forwards, every partition's outbox and state acknowledged before its meta record
+        settled = []
+        for last, core, outs, controls in done:
+            with in_partition_of(last):
+                core.flush_meta()
+            settled.append((last, core, await send(outs)))
+            for control in controls:
+                await topics["ingest.status"].send(
+                    value={"partition": core.partition, "control": control, "counts": core.counts()})
+            await tell_fm(core, controls)
+        # Acknowledged outputs leave the outbox now, not with the next batch: a rebalance or restart
+        # in between would re-send all of them.
+        for last, core, pending in settled:
+            if pending:
+                await settle(core, pending)
+                with in_partition_of(last):
                     core.flush(meta=False)
-                done.append((evs[-1], core, outs, controls))
-            await durable()  # forwards, every partition's outbox and state acknowledged before its meta record
-            settled = []
-            for last, core, outs, controls in done:
-                with _in_partition_of(last):
-                    core.flush_meta()
-                settled.append((last, core, await send(outs)))
-                for control in controls:
-                    await topics["ingest.status"].send(
-                        value={"partition": core.partition, "control": control, "counts": core.counts()})
-                await tell_fm(core, controls)
-            # Acknowledged outputs leave the outbox now, not with the next batch: a rebalance or restart
-            # in between would re-send all of them.
-            for last, core, pending in settled:
-                if pending:
-                    await settle(core, pending)
-                    with _in_partition_of(last):
-                        core.flush(meta=False)
-            health.done("ingest")
+
+    # nothing to catch up on: its state is a table
+    role_agent(app, "ingest", topics["events"], handle, batch=BATCH, within=BATCH_WITHIN_S)
 
     view = CachedView.of("ingest", cfg)
 

@@ -52,7 +52,7 @@ from loopline.model.monitor import Monitor, MonitorConfig
 from loopline.state.dedup import RecentIds
 
 from .app import TOPICS, CachedView, WorkerConfig, control_of, iter_topic
-from .supervise import supervised
+from .role import Fed, Msg, msgs_of_records, role_agent
 
 __all__ = ["register_monitor", "MonitorCollector"]
 
@@ -176,20 +176,16 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
     inputs = [t for t in INPUTS if t in TOPICS]  # model.scores: once the stages publish score rows
     source = app.topic(*inputs, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=cfg.partitions)
-    fed: dict[str, int] = {}  # "topic/partition" -> next offset not yet fed
+    fed = Fed()  # "topic/partition" -> next offset not yet fed
     state = {"ready": False}
     stats = {"bad_values": 0}
     # re-sent outputs (the fm or a vm restarted after its snapshot) count once: examples by id, score
     # rows by id and producing stage (each stage sends one row per example)
     seen = {"examples.augmented": RecentIds(), "model.scores": RecentIds()}
 
-    def handle(messages) -> None:
+    async def handle(messages: list[Msg]) -> None:
         examples, rows = [], []
-        for topic, partition, offset, headers, value in messages:
-            tp = f"{topic}/{partition}"
-            if offset < fed.get(tp, 0):
-                continue
-            fed[tp] = offset + 1
+        for topic, partition, offset, headers, value in fed.take(messages):
             if control_of(headers) is not None:
                 continue
             try:
@@ -207,25 +203,15 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
         monitor.observe_examples(sorted(examples, key=_canonical))
         monitor.observe_scores(sorted(rows, key=_canonical))
 
-    health = app.loopline_health
-    health.add("monitor")
-    app.loopline_positions["monitor"] = lambda: dict(fed)
+    app.loopline_positions["monitor"] = fed.positions
 
-    @app.agent(source, name="monitor")
-    @supervised("monitor", health)
-    async def monitor_agent(stream):
-        # catch up from the beginning, whatever the group has committed, a chunk at a time
-        health.busy("monitor")
+    async def catch_up() -> None:
+        """From the beginning, whatever the group has committed, a chunk at a time."""
         async for msgs in iter_topic(cfg.broker, inputs, cfg.partitions, chunk=20000):
-            handle([(m.topic, m.partition, m.offset, m.headers, m.value) for m in msgs])
+            await handle(msgs_of_records(msgs))
         state["ready"] = True
-        health.done("monitor")
-        health.ready("monitor")
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            health.busy("monitor")
-            handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
-                    for ev in events])
-            health.done("monitor")
+
+    role_agent(app, "monitor", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=catch_up, msgs=True)
 
     # both computed in a thread, never on the agent's loop
     metrics_answers = CachedView.of("metrics", cfg, content_type=CONTENT_TYPE)

@@ -27,8 +27,7 @@ from loopline.model.quality import QualityConfig, assess
 from loopline.state.quality_counts import QualityCounts, load_aggregate, merge_aggregates
 
 from .app import CachedView, WorkerConfig, make_table
-from .supervise import supervised
-from .ingest import _in_partition_of
+from .role import by_partition, in_partition_of, role_agent
 
 __all__ = ["register_quality"]
 
@@ -51,32 +50,23 @@ def register_quality(app: faust.App, cfg: WorkerConfig, qcfg: QualityConfig = Qu
     app.on_partitions_revoked.connect(_drop)
     app.on_partitions_assigned.connect(_drop)
 
-    health = app.loopline_health
-    health.ready("quality")  # nothing to catch up: its state is a table
+    async def handle(events) -> None:
+        for p, evs in by_partition(events, lambda ev: ev.message.partition).items():
+            with in_partition_of(evs[-1]):
+                qc = counts.get(p)
+                if qc is None:
+                    qc = counts[p] = QualityCounts(table, prefix=f"{p}|")
+                for ev in evs:
+                    stats["values"] += 1
+                    try:
+                        qc.learn_one(orjson.loads(ev.value))
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                        stats["bad_values"] += 1  # counted and logged, never fatal
+                        log.warning("quality: unreadable audience value at %s/%s: %s", p, ev.message.offset, exc)
+                qc.flush()
 
-    @app.agent(source, name="quality")
-    @supervised("quality", health)
-    async def quality(stream):
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            health.busy("quality")
-            by_partition: dict[int, list] = {}
-            for ev in events:
-                by_partition.setdefault(ev.message.partition, []).append(ev)
-            for p, evs in by_partition.items():
-                with _in_partition_of(evs[-1]):
-                    qc = counts.get(p)
-                    if qc is None:
-                        qc = counts[p] = QualityCounts(table, prefix=f"{p}|")
-                    for ev in evs:
-                        stats["values"] += 1
-                        try:
-                            qc.learn_one(orjson.loads(ev.value))
-                        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                            stats["bad_values"] += 1  # counted and logged, never fatal
-                            log.warning("quality: unreadable audience value at %s/%s: %s", p,
-                                        ev.message.offset, exc)
-                    qc.flush()
-            health.done("quality")
+    # nothing to catch up on: its state is a table
+    role_agent(app, "quality", source, handle, batch=BATCH, within=BATCH_WITHIN_S)
 
     def held_partitions() -> list[int]:
         try:

@@ -49,7 +49,7 @@ from loopline.state.reach import ReachSampler, Sample, finish, merge_stats, quer
 from loopline.state.reach_query import parse_query
 
 from .app import CachedView, WorkerConfig, group_id, make_table
-from .supervise import supervised
+from .role import role_agent
 
 __all__ = ["register_reach", "changelog_topic"]
 
@@ -167,30 +167,26 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
 
     app.on_partitions_assigned.connect(on_assigned)
 
-    health = app.loopline_health
     app.loopline_positions["reach"] = lambda: {f"audience/{p}": n for p, n in applied.items()}
-    health.ready("reach")  # a partition's rebuild waits inside a batch: a rebuild that hangs is a stall
 
-    @app.agent(source, name="reach")
-    @supervised("reach", health)
-    async def reach(stream):
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            health.busy("reach")
-            for ev in events:
-                p, off = ev.message.partition, ev.message.offset
-                await ready(p)
-                if off < applied.get(p, 0):
-                    continue
-                stats["values"] += 1
-                try:
-                    impressions[p] += _apply(samplers[p], seen[p], ev.value)
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    stats["bad_values"] += 1  # counted and logged, never fatal
-                    log.warning("reach: unreadable audience value at %s/%s: %s", p, off, exc)
-                applied[p] = off + 1
-            stats["impressions"] = sum(impressions.values())
-            stats["impression_repeats"] = sum(s.repeats for s in seen.values())
-            health.done("reach")
+    async def handle(events) -> None:
+        for ev in events:
+            p, off = ev.message.partition, ev.message.offset
+            await ready(p)
+            if off < applied.get(p, 0):
+                continue
+            stats["values"] += 1
+            try:
+                impressions[p] += _apply(samplers[p], seen[p], ev.value)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                stats["bad_values"] += 1  # counted and logged, never fatal
+                log.warning("reach: unreadable audience value at %s/%s: %s", p, off, exc)
+            applied[p] = off + 1
+        stats["impressions"] = sum(impressions.values())
+        stats["impression_repeats"] = sum(s.repeats for s in seen.values())
+
+    # a partition's rebuild waits inside a batch (``ready``): a rebuild that hangs is a stall
+    role_agent(app, "reach", source, handle, batch=BATCH, within=BATCH_WITHIN_S)
 
     def sample_of(p: int) -> Sample:
         sampler = samplers[p]

@@ -38,7 +38,8 @@ from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
 from .app import CachedView, WorkerConfig, control_of, read_topic
-from .supervise import off_loop, supervised
+from .role import Fed, msgs_of_records, role_agent
+from .supervise import off_loop
 
 __all__ = ["register_vm"]
 
@@ -87,7 +88,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
     snapshots = os.path.join(cfg.data_dir, "vm-snapshots")
     state: dict = {"stage": None, "inbox": None, "history": None, "serving": {}, "restored": None,
                    "snapshot_at": -1, "fp8": {}, "bad_values": 0}
-    fed: dict[str, int] = {}
+    fed = Fed()  # "topic/partition" -> next offset not yet fed
 
     async def start_stage() -> None:
         inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in INPUTS}
@@ -113,7 +114,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         state.update(stage=stage, history=history,
                      inbox=StepInbox([f"{t}/{q}" for t in INPUTS for q in range(cfg.partitions)], done=done))
         refresh_serving(stage)
-        await handle([(m.topic, m.partition, m.offset, m.headers, m.value) for msgs in inputs.values() for m in msgs])
+        await handle(msgs_of_records(m for msgs in inputs.values() for m in msgs))
 
     def refresh_serving(stage: VMStage) -> None:
         """The serving copies, each with its FP8 dispatch: LoKA's Probe + Dispatch measured on this machine
@@ -135,11 +136,8 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
 
     async def _handle(messages) -> None:
         stage, inbox = state["stage"], state["inbox"]
-        for topic, partition, offset, headers, value in messages:
+        for topic, partition, offset, headers, value in fed.take(messages):
             tp = f"{topic}/{partition}"
-            if offset < fed.get(tp, 0):
-                continue
-            fed[tp] = offset + 1
             control = control_of(headers)
             if control is not None:
                 if control.startswith("fmstep:"):
@@ -186,22 +184,8 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
                                                     TABLE_KEY: tables[min(tables)] if tables else None}, done)
         state["snapshot_at"] = done  # only once it is on disk
 
-    health = app.loopline_health
-    health.add("vm")
-    app.loopline_positions["vm"] = lambda: dict(fed)
-
-    @app.agent(source, name="vm")
-    @supervised("vm", health)
-    async def vm(stream):
-        health.busy("vm")
-        await start_stage()
-        health.done("vm")
-        health.ready("vm")
-        async for events in stream.take_events(BATCH, within=BATCH_WITHIN_S):
-            health.busy("vm")
-            await handle([(ev.message.topic, ev.message.partition, ev.message.offset, ev.headers, ev.value)
-                          for ev in events])
-            health.done("vm")
+    app.loopline_positions["vm"] = fed.positions
+    role_agent(app, "vm", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=start_stage, msgs=True)
 
     @app.timer(2.0)
     async def snapshot_when_idle() -> None:
