@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 import orjson
 
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", default="kafka://127.0.0.1:9092")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--no-end-of-log", action="store_true", help="do not close the windows at the end")
-    p.add_argument("--wait", action="store_true", help="wait for the workers and print their counts")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the workers; print their counts and the models of the fm and vm roles running")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true")
 
@@ -264,19 +266,27 @@ def _run(a) -> int:
     if a.cmd == "replay":
         from .broker import create_topics
         from loopline.stream.app import TOPICS
-        from .replay import collect_results, replay
+        from loopline.stream.app import STATUS_TOPIC
+        from .evaluate import format_table
+        from .replay import collect_models, collect_results, replay
         bootstrap = _broker(a)
         records = _records(a)
-        create_topics(bootstrap, {t: a.partitions for t in TOPICS})
+        if a.wait and a.no_end_of_log:
+            raise ConfigError("wait: needs the end-of-log watermark; drop --no-end-of-log")
+        create_topics(bootstrap, {**{t: a.partitions for t in TOPICS}, STATUS_TOPIC: 1})
+        since_ms = int(time.time() * 1000)
         sent = asyncio.run(replay(bootstrap, records, a.partitions, end_of_log=not a.no_end_of_log,
                                   progress=not a.json))
         out = {"replay": sent}
         if a.wait:
-            if a.no_end_of_log:
-                raise ConfigError("wait: needs the end-of-log watermark; drop --no-end-of-log")
+            t0 = time.monotonic()
             out.update(asyncio.run(collect_results(bootstrap, a.partitions, sent["run_id"], len(records),
                                                    timeout=a.timeout, progress=not a.json)))
-        _emit(out, a.json, "loopline replay")
+            left = max(1.0, a.timeout - (time.monotonic() - t0))
+            out.update(asyncio.run(collect_models(bootstrap, since_ms, timeout=left, progress=not a.json)))
+        _emit({k: v for k, v in out.items() if a.json or k != "models"}, a.json, "loopline replay")
+        if a.wait and not a.json:
+            print(format_table(out))
         return 0
     if a.cmd == "generate":
         from .generate import GenerateConfig, write_log

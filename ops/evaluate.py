@@ -24,7 +24,7 @@ from loopline.state.ingest import IngestCore
 
 from .eventlog import LogRecord, partition_for
 
-__all__ = ["evaluate_records", "summarize", "format_table", "ingest_outputs"]
+__all__ = ["evaluate_records", "summarize", "format_table", "ingest_outputs", "with_transfer_ratios"]
 
 
 def summarize(read: int, deadletters: dict[str, int], examples: int, positives: int,
@@ -110,7 +110,7 @@ def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
     return out
 
 
-def _with_tr(models: dict) -> dict:
+def with_transfer_ratios(models: dict) -> dict:
     """Each VM's transfer ratio ``tr``: None when an NE it needs is undefined on the data."""
     from loopline.model.verticals import transfer_ratio
     base, fm = models.get("vm:base"), models.get("fm")
@@ -155,7 +155,7 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
 
             stage.run(examples, progress=tick, on_step=on_step)
             report = {**stage.report(), **(vms.report() if vms is not None else {})}
-            result = {"models": _with_tr(report),
+            result = {"models": with_transfer_ratios(report),
                       "fm_stage": {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters()),
                                    "fm_flops_per_example": stage.fm.model.flops_per_example()}}
@@ -170,7 +170,7 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
                 windows = windowed_report(list(rows.values()), [ts[0], split, ts[-1] + 1e-6])
                 for w, name in zip(windows, ("before", "after")):
                     w["window"] = name
-                    _with_tr(w["models"])
+                    with_transfer_ratios(w["models"])
                 result["windows"] = windows
             if keep_scores:
                 result["scores"] = list(rows.values())

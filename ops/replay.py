@@ -1,11 +1,17 @@
 """``loopline replay``: send an event log to the broker in event-time order, then (optionally) the
 end-of-log watermark, and collect what the workers produced.
 
-Public surface: ``replay``, ``collect_results``, ``send_end_of_log``.
+Public surface: ``replay``, ``collect_results``, ``collect_models``, ``send_end_of_log``.
 
 The collector reads the ``examples`` and ``deadletter`` topics from the beginning and removes the
 duplicates that at-least-once delivery can produce after a crash (examples by impression id, dead
 letters by source partition/offset), reporting how many it removed.
+
+The models come from ``models.status`` (``collect_models``): the fm and vm roles announce themselves
+there when they start, and publish their models' metrics when a run ends (the fm when every input
+partition's end-of-log has been trained on; the vm once it has trained every step of that fm run). The
+collector waits for a report from every role that announced itself, published after the replay began,
+so ``replay --wait`` prints the same table as ``evaluate``.
 """
 
 from __future__ import annotations
@@ -20,12 +26,12 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from loopline.state.attribution import STAT_NAMES
-from loopline.stream.app import CONTROL_HEADER, control_of, read_topic
+from loopline.stream.app import CONTROL_HEADER, STATUS_TOPIC, control_of, read_topic
 
-from .evaluate import summarize
+from .evaluate import with_transfer_ratios, summarize
 from .eventlog import LogRecord, partition_for
 
-__all__ = ["replay", "collect_results", "send_end_of_log", "read_topic"]
+__all__ = ["replay", "collect_results", "collect_models", "send_end_of_log", "read_topic"]
 
 MAX_REQUEST = 16 * 1024 * 1024
 
@@ -109,4 +115,37 @@ async def collect_results(bootstrap: str, partitions: int, run_id: str, read: in
     attribution = {k: sum(s["attribution"].get(k, 0) for s in statuses.values()) for k in STAT_NAMES}
     out = summarize(read, by_reason, len(seen_ex), sum(seen_ex.values()), attribution)
     out["duplicates_removed"] = {"examples": len(examples) - len(seen_ex), "deadletter": len(dead) - len(seen_dl)}
+    return out
+
+
+async def collect_models(bootstrap: str, since_ms: int, timeout: float = 300.0, progress: bool = False) -> dict:
+    """The models' metrics of the run that began at ``since_ms`` (wall clock, ms): the newest report of
+    each role (fm, vm) that announced itself on ``models.status``, published after ``since_ms``; waits
+    until every announced role has reported. ``{"models": {...}, "reported_by": [...]}``; roles that
+    did not report within ``timeout`` are listed under ``missing`` (an fm that died, a vm without an fm)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        announced, reports = set(), {}
+        for m in await read_topic(bootstrap, STATUS_TOPIC, 1):
+            try:
+                st = orjson.loads(m.value)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(st, dict) or st.get("role") not in ("fm", "vm"):
+                continue
+            announced.add(st["role"])
+            if st.get("event") == "finished" and m.timestamp >= since_ms:
+                reports[st["role"]] = st  # the newest wins: they are read in order
+        missing = sorted(announced - set(reports))
+        if not missing or time.monotonic() > deadline:
+            break
+        if progress:
+            print(f"collect: waiting for the models of {', '.join(missing)}", file=sys.stderr)
+        await asyncio.sleep(1.0)
+    models = {}
+    for role in ("fm", "vm"):
+        models.update((reports.get(role) or {}).get("models", {}))
+    out = {"models": with_transfer_ratios(models), "reported_by": sorted(reports)}
+    if missing:
+        out["missing"] = missing
     return out

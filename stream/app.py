@@ -36,7 +36,7 @@ from loopline.state.reach import ReachConfig
 from .broker_watch import RESET_POLICIES, BrokerWatch
 from .supervise import Health
 
-__all__ = ["WorkerConfig", "TOPICS", "build_app", "make_table", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
+__all__ = ["WorkerConfig", "TOPICS", "STATUS_TOPIC", "build_app", "make_table", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
            "CachedView"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
@@ -53,10 +53,14 @@ TOPICS = {
                 "truth reports keyed by campaign",
     "reach.queries": "reach queries {id, q} (JSON), one copy to every partition; answers: table reach.answers",
 }
+# the fm and vm roles announce themselves here when they start and publish their models' metrics when
+# an evaluation run ends (``replay --wait`` reads them: ops/replay.py collect_models); one partition
+STATUS_TOPIC = "models.status"
 CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every window of that partition;
 # to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
 # partition of `examples` and `history.events`; after each training step's outputs, fm sends
-# b"fmstep:<step>" to every partition of `examples.augmented` and `fm.embeddings` (the vm role's clock)
+# b"fmstep:<step>" to every partition of `examples.augmented` and `fm.embeddings` (the vm role's clock),
+# and b"fmdone:<last step>" after the last step of an evaluation run
 
 ROLES = ("all", "ingest", "fm", "vm", "reach", "monitor")
 # Every single role gets a consumer group of its own (see group_id); role ``all`` keeps the app id.
@@ -156,8 +160,9 @@ class WorkerConfig:
             raise ConfigError(f"view_cache_keys: must be an integer >= 1, got {self.view_cache_keys!r}")
 
     def topic_partitions(self) -> dict[str, int]:
-        # fm.lease: one partition, held by the active fm member (stream/fm.py)
-        return {**{name: self.partitions for name in TOPICS}, "fm.lease": 1}
+        # fm.lease: one partition, held by the active fm member (stream/fm.py); models.status: one
+        # partition, so a reader sees the roles' announcements and reports in the order they were sent
+        return {**{name: self.partitions for name in TOPICS}, "fm.lease": 1, STATUS_TOPIC: 1}
 
 
 class OutputTopic:
@@ -470,7 +475,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     app.loopline_topics = {
         "events": app.topic("events", key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw", partitions=cfg.partitions),
-        **{name: OutputTopic(app, name) for name in TOPICS if name != "events"},
+        **{name: OutputTopic(app, name) for name in (*TOPICS, STATUS_TOPIC) if name != "events"},
     }
     if cfg.role in ("all", "ingest"):
         from .ingest import register_ingest

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 
 import faust
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -47,7 +48,7 @@ from loopline.model.pipeline import FMStage
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
-from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, follow_topic, group_id, read_topic
+from .app import CONTROL_HEADER, STATUS_TOPIC, CachedView, WorkerConfig, control_of, follow_topic, group_id, read_topic
 from .role import Fed, msgs_of_records, run_role
 from .supervise import off_loop, supervised
 
@@ -212,7 +213,19 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             await off_loop(st.finish)  # the last partial batch
             state["finished"] = True
             await publish(st)
+            await announce_finished(st)
             await maybe_snapshot(st)
+
+    async def announce_finished(st: FMStage) -> None:
+        """The run's end, for ``replay --wait`` (the models) and the vm role (``fmdone:<last step>:<id>``
+        on each of its input partitions, after that step's outputs: it reports once it has trained them)."""
+        await topics[STATUS_TOPIC].send(partition=0, value={
+            "role": "fm", "event": "finished", "step": st.fm.version - 1, "models": st.report(),
+            "counts": st.counts})
+        mark = f"fmdone:{st.fm.version - 1}:{uuid.uuid4().hex}".encode()  # one id per end, even of a re-run
+        for name in ("examples.augmented", "fm.embeddings"):
+            for q in range(cfg.partitions):
+                await topics[name].send(partition=q, headers=[(CONTROL_HEADER, mark)])
 
     async def maybe_snapshot(st: FMStage) -> None:
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
@@ -246,6 +259,7 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     async def start() -> None:
         if state["stage"] is None:
             await start_stage()
+        await topics[STATUS_TOPIC].send(partition=0, value={"role": "fm", "event": "started"})  # replay --wait
         # a snapshot taken between two steps of one batch holds work its marks already release (found by
         # `loopline chaos`, corrupt_snapshot): do it now, not when the next message happens to come
         await handle([])

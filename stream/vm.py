@@ -37,7 +37,7 @@ from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
-from .app import CachedView, WorkerConfig, control_of, read_topic
+from .app import STATUS_TOPIC, CachedView, WorkerConfig, control_of, read_topic
 from .role import Fed, msgs_of_records, role_agent
 from .supervise import off_loop
 
@@ -87,7 +87,8 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
                        partitions=cfg.partitions)
     snapshots = os.path.join(cfg.data_dir, "vm-snapshots")
     state: dict = {"stage": None, "inbox": None, "history": None, "serving": {}, "restored": None,
-                   "snapshot_at": -1, "fp8": {}, "bad_values": 0}
+                   "snapshot_at": -1, "fp8": {}, "bad_values": 0,
+                   "fm_done": {}, "reported": None}  # fm_done: input partition -> (the fm run's last step, id)
     fed = Fed()  # "topic/partition" -> next offset not yet fed
 
     async def start_stage() -> None:
@@ -105,6 +106,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             done = int(snap["done"])
             state["fp8"].update(snap.get("fp8_tables") or {})
             state["restored"], state["snapshot_at"] = os.path.basename(path), done
+            state["last_step"] = done  # trained on before the restart (a run's end may still be reported)
         # The store as of step ``done`` (empty when starting over): a killed run's later codes are not the
         # history of the steps about to be trained again, and the per-user retention let them evict older
         # ones those steps read (found by `loopline chaos`: after a restore the VMs' numbers differed)
@@ -114,6 +116,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         state.update(stage=stage, history=history,
                      inbox=StepInbox([f"{t}/{q}" for t in INPUTS for q in range(cfg.partitions)], done=done))
         refresh_serving(stage)
+        await topics[STATUS_TOPIC].send(partition=0, value={"role": "vm", "event": "started"})  # replay --wait
         await handle(msgs_of_records(m for msgs in inputs.values() for m in msgs))
 
     def refresh_serving(stage: VMStage) -> None:
@@ -140,8 +143,14 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             tp = f"{topic}/{partition}"
             control = control_of(headers)
             if control is not None:
-                if control.startswith("fmstep:"):
-                    inbox.mark(tp, int(control.split(":")[1]))
+                kind, _, rest = control.partition(":")
+                step, _, end = rest.partition(":")  # fmstep:<step>, fmdone:<the run's last step>:<the end's id>
+                if kind not in ("fmstep", "fmdone") or not step.lstrip("-").isdigit():
+                    state["bad_values"] += 1  # another mark, or a malformed one: counted, never fatal
+                elif kind == "fmstep":
+                    inbox.mark(tp, int(step))
+                else:
+                    state["fm_done"][tp] = (int(step), end)
             else:
                 item = _item(topic, value)
                 if item is None:
@@ -159,6 +168,13 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             trained = True
             await asyncio.sleep(0)  # a long catch-up must not starve timers, views and signal handling
         last = state.get("last_step", -1)
+        ends = set(state["fm_done"].values())
+        if len(state["fm_done"]) == len(inbox.marks) and len(ends) == 1 and (end := ends.pop()) != state["reported"] \
+                and last >= end[0]:
+            # every step of the fm's finished run is trained on: the models for ``replay --wait``
+            state["reported"] = end
+            await topics[STATUS_TOPIC].send(partition=0, value={"role": "vm", "event": "finished", "step": last,
+                                                                "models": stage.report()})
         if trained and last >= state["snapshot_at"] + SNAPSHOT_EVERY:
             await save(stage, last)
 

@@ -92,6 +92,28 @@ def test_replay_wait_through_a_worker_prints_the_same_counts_as_evaluate(broker,
 
 
 @pytest.mark.integration
+def test_replay_wait_through_a_role_all_worker_prints_the_models_of_evaluate(broker, start_worker, small_log):
+    from loopline.model.verticals import VMStageConfig
+
+    start_worker()  # role all: ingest, fm (announces itself on models.status), vm, reach
+    r = run_cli("replay", "--events", small_log, "--broker", broker.url, "--wait", "--json", "--timeout", "300",
+                timeout=360)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["reported_by"] == ["fm", "vm"] and "missing" not in out
+    expected = evaluate_records(read_log(small_log), models=True,
+                                vm_cfg=VMStageConfig(variants=("base", "loopfm+kd")))["models"]
+    assert set(out["models"]) == set(expected)  # fm, lr, das and both VM variants
+    for name, m in expected.items():  # the workers run the same code: the same numbers
+        assert {k: out["models"][name][k] for k in ("n", "auc", "ne", "logloss")} == \
+            {k: m[k] for k in ("n", "auc", "ne", "logloss")}, name
+    table = run_cli("replay", "--events", small_log, "--broker", broker.url, "--wait", "--timeout", "300",
+                    timeout=360)  # a second run of the same log: the table, for people
+    assert table.returncode == 0, table.stderr
+    assert "vm:loopfm+kd" in table.stdout and "AUC" in table.stdout
+
+
+@pytest.mark.integration
 def test_worker_stops_within_its_grace_period_on_sigterm(start_worker):
     w = start_worker()
     t0 = time.monotonic()
