@@ -1,12 +1,21 @@
 """From labelled examples to model inputs: hashed sparse ids and per-event-type history sequences.
 
-Public surface: ``FeatureConfig``, ``Featurizer``, ``Batch``, ``hash_id``, ``SPARSE_KEYS``.
+Public surface: ``FeatureConfig``, ``Featurizer``, ``Batch``, ``hash_id``, ``HashCache``, ``gap_buckets``,
+``SPARSE_KEYS``, ``EVENT_TYPES``.
 
 Unseen ids are hashed into fixed-size tables (sizes in ``FeatureConfig``), with a process-independent
 hash (CRC32 of ``name\\x1fvalue``: Python's ``hash`` is salted per process, which would make a worker
 and ``loopline evaluate`` disagree). ``attrs`` and ``features`` are multi-hot bags of ``key=value``.
 History sequences are the user's raw recent events strictly before the example's time, split by event
 type (``impression``, ``click``), newest last, left-padded to ``seq_len``.
+
+**Speed.** A batch is built column-wise: each distinct id string is hashed once and kept in a per-table
+cache (at most ``hash_cache`` entries in all, checked once per batch; when it is over, the cache is emptied
+and ``cache_resets`` counts it), and the sequences are written with one numpy scatter per tensor. The gap
+bucket is ``int(log2(1 + gap))`` exactly as ``math.log2`` gives it: the binary exponent from ``frexp``
+(exact), with ``math.log2`` itself asked only where the value sits within a hair of the next power of two
+(there a correctly rounded ``log2`` may round up to it). So a batch is bit for bit what the plain
+per-element loop built (``tests/model/test_features.py`` checks against that loop).
 
 >>> hash_id("ad", "a1", 1000) == hash_id("ad", "a1", 1000)
 True
@@ -25,11 +34,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from loopline.state.errors import ConfigError
 
-__all__ = ["FeatureConfig", "Featurizer", "Batch", "hash_id", "SPARSE_KEYS", "EVENT_TYPES"]
+__all__ = ["FeatureConfig", "Featurizer", "Batch", "hash_id", "HashCache", "gap_buckets", "SPARSE_KEYS", "EVENT_TYPES"]
 
 SPARSE_KEYS = ("user", "ad", "campaign", "vertical", "attrs", "feats")
 EVENT_TYPES = ("impression", "click")
@@ -45,6 +55,9 @@ class FeatureConfig:
     table_sizes: dict = field(default_factory=_default_sizes)
     seq_len: int = 32  # history events per type read for each example
     gap_buckets: int = 24  # log2-second buckets of the time since a history event
+    # hashed id strings cached per featurizer, all tables together (~150 B each: ~10 MB at the default);
+    # ids, campaigns and attribute values repeat from batch to batch, users less so
+    hash_cache: int = 65_536
 
     def __post_init__(self):
         missing = [k for k in SPARSE_KEYS if k not in self.table_sizes]
@@ -55,6 +68,8 @@ class FeatureConfig:
             raise ConfigError(f"table_sizes: sizes must be integers >= 2, not for {bad}")
         if self.seq_len < 1:
             raise ConfigError(f"seq_len: must be >= 1, got {self.seq_len}")
+        if isinstance(self.hash_cache, bool) or not isinstance(self.hash_cache, int) or self.hash_cache < 0:
+            raise ConfigError(f"hash_cache: must be an integer >= 0, got {self.hash_cache!r}")
 
 
 def hash_id(name: str, value: str, size: int) -> int:
@@ -71,9 +86,76 @@ class Batch(NamedTuple):
     size: int
 
 
+class HashCache:
+    """``hash_id`` of string values per table, each computed once; at most ``limit`` entries in all,
+    checked by ``bound()`` (once per batch), which empties the cache when it is over and counts it in
+    ``resets``. Only ``str`` values (and pairs of them) are cached: ``1`` and ``True`` are equal keys of a
+    dict but format differently, so anything else is hashed every time."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.tables: dict[tuple, dict] = {}
+        self.resets = 0
+
+    def ids(self, table: str, values: list, size: int) -> list[int]:
+        """``hash_id(table, v, size)`` for each value."""
+        c = self.tables.setdefault((table, size, False), {})
+        try:
+            return [c[v] for v in values]
+        except (KeyError, TypeError):
+            out = []
+            for v in values:
+                h = c.get(v) if type(v) is str else None
+                if h is None:
+                    h = hash_id(table, v, size)
+                    if type(v) is str:
+                        c[v] = h
+                out.append(h)
+            return out
+
+    def pairs(self, table: str, items: list, size: int, sep: str = "=") -> list[int]:
+        """``hash_id(table, f"{k}{sep}{v}", size)`` for each ``(k, v)``."""
+        c = self.tables.setdefault((table, size, sep), {})
+        try:
+            return [c[kv] for kv in items]
+        except (KeyError, TypeError):
+            out = []
+            for kv in items:
+                k, v = kv
+                cacheable = type(k) is str and type(v) is str
+                h = c.get(kv) if cacheable else None
+                if h is None:
+                    h = hash_id(table, f"{k}{sep}{v}", size)
+                    if cacheable:
+                        c[kv] = h
+                out.append(h)
+            return out
+
+    def bound(self) -> None:
+        if sum(map(len, self.tables.values())) > self.limit:
+            self.tables.clear()
+            self.resets += 1
+
+
+def gap_buckets(dt: np.ndarray, buckets: int) -> np.ndarray:
+    """``min(buckets - 1, int(math.log2(1.0 + max(0.0, dt))))`` for each float64 ``dt``, bit for bit.
+
+    >>> gap_buckets(np.array([-5.0, 0.0, 1.0, 3.0, 1023.0, 1e12]), 24).tolist()
+    [0, 0, 1, 2, 10, 23]
+    """
+    x = 1.0 + np.maximum(dt, 0.0)
+    m, e = np.frexp(x)  # x = m * 2**e, m in [0.5, 1): floor(log2(x)) = e - 1 exactly
+    out = (e - 1).astype(np.int64)
+    near = np.flatnonzero(m > 1.0 - 2.0 ** -30)  # log2 may round up to the next integer here
+    for i in near.tolist():
+        out[i] = int(math.log2(float(x[i])))
+    return np.minimum(out, buckets - 1)
+
+
 class Featurizer:
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
         self.cfg = cfg
+        self.cache = HashCache(cfg.hash_cache)
 
     def sparse_ids(self, ex: dict) -> dict[str, list[int]]:
         s = self.cfg.table_sizes
@@ -85,27 +167,35 @@ class Featurizer:
     def batch(self, examples: Sequence[dict], histories: Sequence[list]) -> Batch:
         """``histories[i]``: the i-th example's user events ``(ts, ad, campaign, kind)`` before its ts."""
         assert len(examples) == len(histories), f"{len(examples)} examples, {len(histories)} histories"
-        ids = [self.sparse_ids(ex) for ex in examples]
+        B, L, s, cache = len(examples), self.cfg.seq_len, self.cfg.table_sizes, self.cache
         sparse = {}
-        for k in SPARSE_KEYS:
-            rows = [r[k] for r in ids]
-            sparse[k] = (torch.tensor([v for r in rows for v in r], dtype=torch.int64),
-                         torch.tensor([len(r) for r in rows], dtype=torch.int64))
-        L, s = self.cfg.seq_len, self.cfg.table_sizes
+        for k in ("user", "ad", "campaign", "vertical"):
+            sparse[k] = (torch.tensor(cache.ids(k, [ex[k] for ex in examples], s[k]), dtype=torch.int64),
+                         torch.ones(B, dtype=torch.int64))
+        for k, src in (("attrs", "attrs"), ("feats", "features")):
+            rows = [sorted((ex.get(src) or {}).items()) for ex in examples]
+            flat = [kv for r in rows for kv in r]
+            sparse[k] = (torch.tensor(cache.pairs(k, flat, s[k]), dtype=torch.int64),
+                         torch.tensor(list(map(len, rows)), dtype=torch.int64))
+        ts = np.array([ex["ts"] for ex in examples], dtype=np.float64)
         seq = {}
         for kind in EVENT_TYPES:
-            ad = torch.zeros(len(examples), L, dtype=torch.int64)
-            camp = torch.zeros(len(examples), L, dtype=torch.int64)
-            gap = torch.zeros(len(examples), L, dtype=torch.int64)
-            mask = torch.zeros(len(examples), L, dtype=torch.bool)
-            for i, (ex, hist) in enumerate(zip(examples, histories)):
-                evs = [e for e in hist if e[3] == kind][-L:]
-                off = L - len(evs)  # left-pad: the newest event is always at position L-1
-                for j, (ts, a, c, _) in enumerate(evs):
-                    ad[i, off + j] = hash_id("ad", a, s["ad"])
-                    camp[i, off + j] = hash_id("campaign", c, s["campaign"])
-                    gap[i, off + j] = min(self.cfg.gap_buckets - 1, int(math.log2(1.0 + max(0.0, ex["ts"] - ts))))
-                    mask[i, off + j] = True
-            seq[kind] = (ad, camp, gap, mask)
+            picked = [[e for e in hist if e[3] == kind][-L:] for hist in histories]
+            lens = np.fromiter(map(len, picked), np.int64, B)
+            rows = np.repeat(np.arange(B), lens)
+            cols = np.arange(len(rows)) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(L - lens, lens)
+            evs = [e for p in picked for e in p]  # left-pad: the newest event is always at position L-1
+            ad = np.zeros((B, L), np.int64)
+            camp = np.zeros((B, L), np.int64)
+            gap = np.zeros((B, L), np.int64)
+            mask = np.zeros((B, L), bool)
+            if evs:
+                ad[rows, cols] = cache.ids("ad", [e[1] for e in evs], s["ad"])
+                camp[rows, cols] = cache.ids("campaign", [e[2] for e in evs], s["campaign"])
+                gap[rows, cols] = gap_buckets(ts[rows] - np.array([e[0] for e in evs], np.float64),
+                                              self.cfg.gap_buckets)
+                mask[rows, cols] = True
+            seq[kind] = tuple(torch.from_numpy(a) for a in (ad, camp, gap, mask))
         labels = torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32)
-        return Batch(sparse, seq, labels, len(examples))
+        cache.bound()
+        return Batch(sparse, seq, labels, B)

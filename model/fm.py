@@ -120,7 +120,10 @@ class FoundationModel(nn.Module):
         pooled = self.ebc(kjt)
         return torch.cat([pooled[k] for k in SPARSE_KEYS], dim=1)  # (B, 6E)
 
-    def forward(self, batch: Batch) -> dict:
+    def forward(self, batch: Batch, aux: bool = True) -> dict:
+        """``logit`` and the LoopFM ``code``; with ``aux`` (training) also the autoencoder's losses.
+        Without it (scoring with a snapshot) the decoders are skipped: the code is the same encoder
+        output either way."""
         x = self._sparse(batch)  # (B, 6E)
         summary = self.summary(x)  # (B, S)
         seqs = {}
@@ -137,5 +140,7 @@ class FoundationModel(nn.Module):
         logit = self.head(a).squeeze(-1)  # (B,)
         # LoopFM: shallow activations + history encoding, stop-gradient into the FM
         loop_in = torch.cat([acts[0], h], dim=1).detach()  # (B, h1 + H)
+        if not aux:
+            return {"logit": logit, "code": self.autoencoder.encode(loop_in)}
         ae_loss, code = self.autoencoder.loss(loop_in)
         return {"logit": logit, "code": code, "aux_loss": self.cfg.ae_weight * ae_loss, "ae_loss": ae_loss}

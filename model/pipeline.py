@@ -10,7 +10,8 @@ and an ``fm`` worker run the same code. Per micro-batch (``step``):
    would hold a positive's recent impressions but not the negatives of the last window (still
    unlabelled), and its completeness would leak the label (seen: FM AUC 0.89 vs 0.68 on a synthetic
    stream before this was fixed);
-1. read each example's history (raw events strictly before its ``ts``) from the store;
+1. read each example's history (raw events strictly before its ``ts``) from the store, in one batched
+   read (``HistoryStore.last_events_many``: one scan per distinct user);
 2. DAS (ExFM): score the batch with the *published* FM snapshot (soft label + its version) and, once an
    embedding snapshot exists, compute the LoopFM code with it (fixed for the run by default: a
    consistent embedding space beat freshness in LoopFM's ablation);
@@ -40,6 +41,7 @@ from .baseline import LogisticBaseline
 from .features import Featurizer
 from .fm import FMConfig, FoundationModel
 from .metrics import BinaryMetrics
+from .timing import Timings
 from .trainer import OnlineTrainer, TrainerConfig
 
 __all__ = ["FMStageConfig", "FMStage", "canonical_order", "score_row"]
@@ -98,6 +100,7 @@ class FMStage:
         self._events: list = []  # released history events not yet written
         self._batch: list = []  # released examples of the next micro-batch
         self.outputs: list = []  # DAS outputs of each step, for a streaming caller to send and clear
+        self.timings = Timings()  # seconds per part of ``step`` and ``observe`` (``loopline bench stage``)
 
     def _publish(self) -> None:
         model = copy.deepcopy(self.fm.model).eval()
@@ -108,26 +111,37 @@ class FMStage:
             self.embedder = (self.fm.version, model)
 
     @torch.no_grad()
-    def _das(self, batch) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _das(self, batch, clock) -> tuple[np.ndarray | None, np.ndarray | None]:
         if self.published is None:
             return None, None
-        soft = torch.sigmoid(self.published[1](batch)["logit"]).numpy()
-        code = self.embedder[1](batch)["code"].numpy() if self.embedder is not None else None
+        out = self.published[1](batch, aux=False)
+        soft = torch.sigmoid(out["logit"]).numpy()
+        clock.lap("das")
+        if self.embedder is not None and self.embedder[1] is not self.published[1]:
+            out = self.embedder[1](batch, aux=False)  # (the same snapshot until the next publish)
+        code = out["code"].numpy() if self.embedder is not None else None
+        clock.lap("loopfm")
         return soft, code
 
     def step(self, examples: list[dict]) -> dict:
         """One micro-batch (in canonical order); returns the DAS outputs for it."""
+        clock = self.timings.clock()
         L = self.cfg.fm.features.seq_len * 4  # both event types, with room
-        hist = [self.history.last_events(e["user"], e["ts"], L) for e in examples]
+        hist = self.history.last_events_many([e["user"] for e in examples], [e["ts"] for e in examples], L)
+        clock.lap("history_read")
         batch = self.featurizer.batch(examples, hist)
-        soft, code = self._das(batch)
+        clock.lap("featurize")
+        soft, code = self._das(batch, clock)
         y = batch.labels.numpy()
         step = self.fm.version  # this micro-batch's index: the VMs' consumers order by it
         p_fm = self.fm.step(batch)
+        clock.lap("train")
         self.metrics["fm"].update(p_fm, y)
         preds = {"fm": p_fm}
         if self.lr is not None:
+            clock.lap("outputs")
             preds["lr"] = self.lr.step(batch)
+            clock.lap("baseline")
             self.metrics["lr"].update(preds["lr"], y)
         if soft is not None:
             self.metrics["das"].update(soft, y)
@@ -141,20 +155,26 @@ class FMStage:
         if code is not None:
             version = self.embedder[0]
             embeddings = [(e["user"], e["ts"], version, c, e["id"]) for e, c in zip(examples, code)]
+            clock.lap("outputs")
             self.history.append_embeddings(embeddings)
+            clock.lap("history_write")
         # ids make the appends idempotent under replays (state/history.py)
         if self.fm.version % self.cfg.publish_every == 0:
             self._publish()
+            clock.lap("publish")
         self.counts["examples"] += len(examples)
         self.counts["augmented"] += len(augmented)
         self.counts["embeddings"] += len(embeddings)
         out = {"step": step, "augmented": augmented, "embeddings": embeddings, "scores": scores}
         self.outputs.append(out)
+        clock.lap("outputs")
         return out
 
     def observe(self, events: list[tuple]) -> None:
         """Raw events ``(user, ts, ad, campaign, kind, id)`` for the history, at their event time."""
+        clock = self.timings.clock()
         self.history.append_events(events)
+        clock.lap("history_write")
 
     # -- streaming: a time-ordered merge of history events and examples ------------------------------
     def feed_events(self, events) -> None:

@@ -1,10 +1,14 @@
 """The online trainer: progressive validation over micro-batches, sparse and dense optimizers, atomic
 snapshots that load with ``weights_only=True``.
 
-Public surface: ``TrainerConfig``, ``OnlineTrainer``, ``latest_snapshot``.
+Public surface: ``TrainerConfig``, ``OnlineTrainer``, ``latest_snapshot``, ``split_params``, ``atomic_save``,
+``mode_free``.
 
 ``step(batch)`` predicts the batch with the current weights (the evaluation: the model has not seen these
-labels), then trains on it. Parameters of embedding tables (``nn.Embedding``/``EmbeddingBag``/TorchRec
+labels), then trains on it. One forward pass serves both when the model has no module that behaves
+differently in training (dropout, batch norm, ``nn.MultiheadAttention``'s eval fast path): the training
+forward's logits are then bit for bit the eval-mode ones (``tests/model/test_trainer.py`` checks it for
+the FM and the baseline), so the prediction is read off them before the update. Parameters of embedding tables (``nn.Embedding``/``EmbeddingBag``/TorchRec
 tables, found by type) get Adagrad, which adapts per row and suits sparse, rarely-updated ids; the dense
 rest gets Adam. A model may return ``aux_loss`` (the LoopFM autoencoder's), added to the BCE loss.
 
@@ -38,9 +42,17 @@ from torch import nn
 from loopline.state import snapshots
 from loopline.state.errors import ConfigError
 
-__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save"]
+__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save", "mode_free"]
 
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
+# modules whose forward depends on train/eval mode: a model holding one predicts with its own eval pass
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.MultiheadAttention,
+                   nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def mode_free(model: nn.Module) -> bool:
+    """Whether ``model`` holds none of the standard modules that behave differently in training."""
+    return not any(isinstance(m, _MODE_DEPENDENT) for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,11 @@ class OnlineTrainer:
         if sparse:
             self.optimizers.append(torch.optim.Adagrad(sparse, lr=cfg.lr_sparse))
         if dense:
-            self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr_dense))
+            # foreach: one C++ loop over the many small dense tensors instead of a Python one; on CPU it
+            # runs the same per-tensor kernels, so the same numbers (tests/model/test_trainer.py)
+            self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr_dense, foreach=True))
         self.loss_fn = nn.BCEWithLogitsLoss()
+        self.shared_forward = mode_free(model)  # step() predicts from the training forward
 
     @torch.no_grad()
     def predict_many(self, batch) -> np.ndarray:
@@ -90,24 +105,31 @@ class OnlineTrainer:
         return torch.sigmoid(self.model(batch)["logit"]).numpy().astype(np.float64)
 
     def learn_many(self, batch) -> float:
+        return self._learn(batch)[0]
+
+    def _learn(self, batch) -> tuple[float, torch.Tensor]:
         self.model.train()
         out = self.model(batch)
         loss = self.loss_fn(out["logit"], batch.labels)
         if "aux_loss" in out:
             loss = loss + out["aux_loss"]
+        logit = out["logit"].detach()  # the weights before this update's step
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
         for opt in self.optimizers:
             opt.step()
         self.version += 1
-        return float(loss.detach())
+        return float(loss.detach()), logit
 
     def step(self, batch) -> np.ndarray:
         """Progressive validation: predict first (the evaluation), then learn."""
-        p = self.predict_many(batch)
-        self.learn_many(batch)
-        return p
+        if not self.shared_forward:
+            p = self.predict_many(batch)
+            self.learn_many(batch)
+            return p
+        _, logit = self._learn(batch)
+        return torch.sigmoid(logit).numpy().astype(np.float64)
 
     # -- snapshots -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -40,6 +40,7 @@ from loopline.kernels.dispatch import DispatchConfig, dispatch_model, high_preci
 
 from .metrics import BinaryMetrics
 from .pipeline import score_row
+from .timing import Timings
 from .vm import VMConfig, VMFeaturizer, VMLearner
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "OTHER_VERTICAL", "VMStageConfig", "VMStage", "StepInbox", "parse_variants",
@@ -110,12 +111,20 @@ class VMStageConfig:
         return replace(self.vm, **VARIANTS[variant])
 
 
+def _featurizer_key(c: VMConfig) -> tuple:
+    """What a VM batch depends on (``VMFeaturizer.batch``)."""
+    return (tuple(c.fields), c.table_size, c.seq_len, c.code_dim, c.hash_cache)
+
+
 class VMStage:
     def __init__(self, history, cfg: VMStageConfig = VMStageConfig()):
         self.cfg = cfg
         self.history = history
         self.configs = {v: cfg.config_of(v) for v in cfg.variants}
-        self.featurizers = {v: VMFeaturizer(c) for v, c in self.configs.items()}
+        # variants that featurize alike (same fields, table size, sequence length, code width) share one
+        # featurizer and, in each step, one batch: the recipes differ only in what the model does with it
+        shared: dict[tuple, VMFeaturizer] = {}
+        self.featurizers = {v: shared.setdefault(_featurizer_key(c), VMFeaturizer(c)) for v, c in self.configs.items()}
         self.learners: dict[tuple[str, str], VMLearner] = {}  # (vertical, variant) -> learner
         self.metrics = {v: BinaryMetrics() for v in cfg.variants}
         if cfg.fp8:
@@ -129,6 +138,7 @@ class VMStage:
         self.overflow = {"examples": 0, "names": []}  # examples sent to OTHER_VERTICAL; first few names
         self._reads = set().union(*(c.uses for c in self.configs.values()))  # the sequences read, once
         self._L = max(c.seq_len for c in self.configs.values())
+        self.timings = Timings()  # seconds per part of ``step`` (``loopline bench stage``)
 
     def learner(self, vertical: str, variant: str) -> VMLearner:
         key = (vertical, variant)
@@ -166,39 +176,52 @@ class VMStage:
         if "fm" in self._reads:
             codes = [self.history.last_embeddings(e["user"], e["ts"], self._L)["codes"] for e in examples]
         if "raw" in self._reads:
-            raw = [self.history.last_events(e["user"], e["ts"], self._L) for e in examples]
+            raw = self.history.last_events_many([e["user"] for e in examples], [e["ts"] for e in examples], self._L)
         return codes, raw
 
     def step(self, augmented: list[dict]) -> list[dict]:
         """One FM step's augmented examples (in their order); returns their score rows, one per example,
         with every variant's serving prediction (``vm:<variant>``)."""
+        clock = self.timings.clock()
         by_vertical: dict[str, list[int]] = {}
         for i, e in enumerate(augmented):
             by_vertical.setdefault(self.vertical_of(e.get("vertical") or ""), []).append(i)
         preds = [dict() for _ in augmented]
+        clock.lap("vm_outputs")
         for vertical in sorted(by_vertical):
             idx = by_vertical[vertical]
             exs = [augmented[i] for i in idx]
             codes, raw = self.sequences(exs)
             y = np.array([float(e["label"]) for e in exs])
+            clock.lap("vm_history_read")
+            batches: dict[int, object] = {}  # id(featurizer) -> this vertical's batch
             for variant in self.cfg.variants:
                 learner = self.learner(vertical, variant)
-                b = self.featurizers[variant].batch(exs, codes, raw)
+                fz = self.featurizers[variant]
+                b = batches.get(id(fz))
+                if b is None:
+                    b = batches[id(fz)] = fz.batch(exs, codes, raw)
                 self.last_batches[(vertical, variant)] = b  # calibration data for the serving dispatch
+                clock.lap("vm_featurize")
                 if self.cfg.fp8:
                     names = {f"{variant}@fp8": self._fp8_predict(vertical, variant, learner, b)}
                     with high_precision():
                         names[variant] = learner.predict_many(b)
+                    learner.learn_many(b)
                 else:
-                    names = {variant: learner.predict_many(b)}
-                learner.learn_many(b)
+                    p, _ = learner.step(b)
+                    names = {variant: p}
+                clock.lap("vm_train")
                 for name, p in names.items():
                     self.metrics[name].update(p, y)
                     for i, pi in zip(idx, p):
                         preds[i][f"vm:{name}"] = float(pi)
+                clock.lap("vm_outputs")
         self.steps += 1
         self.examples += len(augmented)
-        return [score_row(e, s) for e, s in zip(augmented, preds)]
+        rows = [score_row(e, s) for e, s in zip(augmented, preds)]
+        clock.lap("vm_outputs")
+        return rows
 
     def _fp8_predict(self, vertical: str, variant: str, learner: VMLearner, b) -> np.ndarray:
         key = (vertical, variant)

@@ -44,9 +44,9 @@ from torch import nn
 from loopline.state.errors import ConfigError
 
 from .distill import StudentAdapter, aux_target, grad_scale, soft_bce
-from .features import hash_id
+from .features import HashCache
 from .mods import MLP, BlockNorm, activation
-from .trainer import split_params
+from .trainer import mode_free, split_params
 
 __all__ = ["VMConfig", "VMBatch", "VMFeaturizer", "VerticalModel", "VMLearner"]
 
@@ -78,6 +78,7 @@ class VMConfig:
     mods: bool = False  # LoKA's Mods: HardSwish, BlockNorm, no bias in the hidden layers (heads keep theirs)
     lr_dense: float = 1e-3  # Adam on dense layers
     lr_sparse: float = 0.05  # Adagrad on embedding rows
+    hash_cache: int = 65_536  # hashed id strings cached by the featurizer (model/features.py HashCache)
 
     def __post_init__(self):
         for name, allowed in (("history", HISTORY), ("sequence", SEQUENCES), ("distill", DISTILL)):
@@ -85,6 +86,8 @@ class VMConfig:
                 raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.fields or any(f not in FIELDS for f in self.fields):
             raise ConfigError(f"fields: must be a non-empty subset of {FIELDS}, got {self.fields}")
+        if isinstance(self.hash_cache, bool) or not isinstance(self.hash_cache, int) or self.hash_cache < 0:
+            raise ConfigError(f"hash_cache: must be an integer >= 0, got {self.hash_cache!r}")
         for name in ("table_size", "emb_dim", "seq_len", "code_dim", "adapter_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -122,30 +125,36 @@ class VMBatch:
 
 
 class VMFeaturizer:
+    """Column-wise, each distinct id string hashed once (``HashCache``, bounded by ``hash_cache``):
+    bit for bit the batches of a per-element loop (``tests/model/test_features.py``)."""
+
     def __init__(self, cfg: VMConfig = VMConfig()):
         self.cfg = cfg
+        self.cache = HashCache(cfg.hash_cache)
 
     def field_ids(self, ex: dict) -> dict[str, list[int]]:
-        n = self.cfg.table_size
+        n, c = self.cfg.table_size, self.cache
         out = {}
         for f in self.cfg.fields:
             if f in ("ad", "campaign"):
-                out[f] = [hash_id(f, ex[f], n)]
+                out[f] = c.ids(f, [ex[f]], n)
             else:
-                src = ex.get("attrs" if f == "attrs" else "features") or {}
-                out[f] = [hash_id(f, f"{k}={v}", n) for k, v in sorted(src.items())]
+                out[f] = c.pairs(f, sorted((ex.get("attrs" if f == "attrs" else "features") or {}).items()), n)
         return out
 
     def batch(self, examples: list[dict], codes: list | None = None, raw: list | None = None) -> VMBatch:
         """``codes[i]``: float (n_i, C) LoopFM codes of the i-th example's user before its ts, oldest
         first; ``raw[i]``: raw events ``(ts, ad, campaign, kind)`` before its ts. Either may be None
         when the model does not read it."""
-        B, L, C, n = len(examples), self.cfg.seq_len, self.cfg.code_dim, self.cfg.table_size
-        rows = [self.field_ids(ex) for ex in examples]
+        B, L, C, n, cache = len(examples), self.cfg.seq_len, self.cfg.code_dim, self.cfg.table_size, self.cache
         ids = {}
         for f in self.cfg.fields:
-            flat = [v for r in rows for v in r[f]]
-            lens = [len(r[f]) for r in rows]
+            if f in ("ad", "campaign"):
+                flat, lens = cache.ids(f, [ex[f] for ex in examples], n), [1] * B
+            else:
+                src = "attrs" if f == "attrs" else "features"
+                rows = [sorted((ex.get(src) or {}).items()) for ex in examples]
+                flat, lens = cache.pairs(f, [kv for r in rows for kv in r], n), list(map(len, rows))
             ids[f] = (torch.tensor(flat, dtype=torch.int64),
                       torch.tensor(np.concatenate([[0], np.cumsum(lens)[:-1]]) if B else [], dtype=torch.int64))
         cz = np.zeros((B, L, C), np.float32)
@@ -161,14 +170,17 @@ class VMFeaturizer:
         rc = np.zeros((B, L), np.int64)
         rm = np.zeros((B, L), bool)
         if raw is not None:
-            for i, evs in enumerate(raw):
-                evs = evs[-L:]
-                off = L - len(evs)
-                for j, (_, a, c, kind) in enumerate(evs):
-                    ra[i, off + j] = hash_id("raw-ad", f"{kind}:{a}", n)
-                    rc[i, off + j] = hash_id("raw-campaign", f"{kind}:{c}", n)
-                    rm[i, off + j] = True
+            picked = [evs[-L:] for evs in raw]
+            lens = np.fromiter(map(len, picked), np.int64, B)
+            rows = np.repeat(np.arange(B), lens)
+            cols = np.arange(len(rows)) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(L - lens, lens)
+            evs = [e for p in picked for e in p]
+            if evs:
+                ra[rows, cols] = cache.pairs("raw-ad", [(e[3], e[1]) for e in evs], n, sep=":")
+                rc[rows, cols] = cache.pairs("raw-campaign", [(e[3], e[2]) for e in evs], n, sep=":")
+                rm[rows, cols] = True
         soft = [ex.get("soft_label") for ex in examples]
+        cache.bound()
         return VMBatch(ids=ids, codes=torch.from_numpy(cz), code_mask=torch.from_numpy(cm),
                        raw_ad=torch.from_numpy(ra), raw_campaign=torch.from_numpy(rc), raw_mask=torch.from_numpy(rm),
                        labels=torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32),
@@ -274,10 +286,14 @@ class VMLearner:
         self.cfg = cfg
         self.model = VerticalModel(cfg)
         sparse, dense = split_params(self.model)
-        self.optimizers = [torch.optim.Adagrad(sparse, lr=cfg.lr_sparse), torch.optim.Adam(dense, lr=cfg.lr_dense)]
+        # Adam with foreach: the same numbers as the single-tensor loop on CPU, less Python (model/trainer.py)
+        self.optimizers = [torch.optim.Adagrad(sparse, lr=cfg.lr_sparse),
+                           torch.optim.Adam(dense, lr=cfg.lr_dense, foreach=True)]
         self.adapter = StudentAdapter(cfg.adapter_hidden) if cfg.adapter else None
-        self.adapter_opt = torch.optim.Adam(self.adapter.parameters(), lr=cfg.adapter_lr) if self.adapter else None
+        self.adapter_opt = (torch.optim.Adam(self.adapter.parameters(), lr=cfg.adapter_lr, foreach=True)
+                            if self.adapter else None)
         self.version = 0
+        self._shared_forward = mode_free(self.model)
 
     @torch.no_grad()
     def predict_many(self, b: VMBatch) -> np.ndarray:
@@ -285,8 +301,22 @@ class VMLearner:
         self.model.eval()
         return torch.sigmoid(self.model(b)["logit"]).numpy().astype(np.float64)
 
+    def step(self, b: VMBatch) -> tuple[np.ndarray, dict]:
+        """Progressive validation: the serving predictions before this batch's update (what
+        ``predict_many`` gives), then ``learn_many``; one forward pass serves both when the model has no
+        mode-dependent module (``trainer.mode_free``): the training forward's logits are the eval ones
+        bit for bit (``tests/model/test_features.py`` checks every variant)."""
+        if not self._shared_forward:
+            p = self.predict_many(b)
+            return p, self.learn_many(b)
+        losses, logit = self._learn(b)
+        return torch.sigmoid(logit).numpy().astype(np.float64), losses
+
     def learn_many(self, b: VMBatch) -> dict:
         """One step: the adapter first (on fresh labels), then the VM. Returns the loss terms."""
+        return self._learn(b)[0]
+
+    def _learn(self, b: VMBatch) -> tuple[dict, torch.Tensor]:
         has_soft = ~torch.isnan(b.soft)
         soft = torch.nan_to_num(b.soft, nan=0.0)
         losses = {}
@@ -313,6 +343,7 @@ class VMLearner:
             if sa_target is not None:
                 distill = distill + self.cfg.adapter_weight * soft_bce(out["distill_logit"], sa_target, has_soft)
         loss = serving + distill
+        logit = out["logit"].detach()  # the serving head before this update (the adapter is not in it)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,7 +352,7 @@ class VMLearner:
         self.version += 1
         losses.update(loss=float(loss.detach()), serving=float(serving.detach()),
                       distill=float(distill.detach()) if self.cfg.distill != "none" else 0.0)
-        return losses
+        return losses, logit
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],

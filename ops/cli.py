@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
-    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score", "soak"])
+    p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score", "soak",
+                                    "stage"])
     p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=20, help="quality: generated logs to fit")
@@ -369,6 +370,9 @@ def _run(a) -> int:
             from .bench_soak import SoakConfig, bench_soak
             extra = {k: v for k, v in (("rate", a.rate), ("speedup", a.speedup)) if v is not None}
             out = bench_soak(SoakConfig(minutes=a.minutes, **extra), out_path=path, progress=True)
+        elif a.what == "stage":  # --events: lines of the generated log
+            from .bench_stage import bench_stage
+            out = bench_stage(n_events=a.events, repeats=a.repeats, out_path=path, progress=True)
         elif a.what == "fp8":
             from .bench_fp8 import bench_fp8
             out = bench_fp8(repeats=a.repeats, out_path=path)

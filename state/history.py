@@ -88,6 +88,7 @@ as Faust does for its RocksDB tables.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import math
@@ -96,7 +97,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from rocksdict import (BlockBasedOptions, BottommostLevelCompaction, Cache, CompactOptions, DBCompressionType,
@@ -653,6 +654,55 @@ class HistoryStore:
             out.append((unpack_ts(k, p)[0] / 1e6, v[5:a].decode("utf-8", "surrogatepass"),
                         v[a:a + lc].decode("utf-8", "surrogatepass"),
                         v[a + lc:-4].decode("utf-8", "surrogatepass")))
+        return out
+
+    def last_events_many(self, users: Sequence[str], ts: Sequence[float], L: int) -> list[list[tuple]]:
+        """``[last_events(u, t, L) for u, t in zip(users, ts)]``, read as one batch: one reverse scan per
+        distinct user, from the newest of its times down to what its oldest time needs, and each stored
+        event decoded once (a micro-batch holds several examples of a user's session)."""
+        db = self._live()
+        if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 0:
+            raise ConfigError(f"L: must be an integer >= 0, got {L!r}")
+        if len(users) != len(ts):
+            raise ConfigError(f"ts: {len(ts)} times for {len(users)} users")
+        t_us = [_t_us(t) for t in ts]
+        out: list[list[tuple]] = [[] for _ in t_us]
+        if L == 0:
+            return out
+        by_user: dict[str, list[int]] = {}
+        for i, (u, t) in enumerate(zip(users, t_us)):
+            if t > 0:
+                by_user.setdefault(u, []).append(i)
+        max_age, unpack_ts, unpack_v = self._max_age_us, _TSQ.unpack_from, _VHDR.unpack_from
+        states = self._state[EVENT]
+        for user, idx in by_user.items():
+            s = states.get(user)
+            prefix = s[0] if s is not None else EVENT + _user_bytes(user) + b"\x00"
+            p = len(prefix)
+            times = [t_us[i] for i in idx]
+            t_hi, t_lo = max(times), min(times)
+            lo = prefix + _TSQ.pack(max(0, t_lo - max_age), 0)[:8]
+            neg: list[int] = []  # -ts of each entry, newest first (ascending: bisect finds each window)
+            evs: list[tuple] = []
+            below = 0  # entries older than the oldest time: L of them serve every example
+            for k, v in db.items(backwards=True, from_key=prefix + _TSQ.pack(t_hi - 1, _MAX_SEQ)):
+                if k < lo:
+                    break
+                t = unpack_ts(k, p)[0]
+                _, la, lc = unpack_v(v)
+                a = 5 + la
+                neg.append(-t)
+                evs.append((t / 1e6, v[5:a].decode("utf-8", "surrogatepass"),
+                            v[a:a + lc].decode("utf-8", "surrogatepass"),
+                            v[a + lc:-4].decode("utf-8", "surrogatepass")))
+                if t < t_lo:
+                    below += 1
+                    if below >= L:
+                        break
+            for i in idx:
+                start = bisect.bisect_right(neg, -t_us[i])  # the first entry strictly before t
+                end = min(start + L, bisect.bisect_right(neg, -max(0, t_us[i] - max_age)))
+                out[i] = evs[start:end][::-1]
         return out
 
     # -- rebuild, inspection ----------------------------------------------------------------------

@@ -100,3 +100,13 @@ def test_config_errors_name_the_field():
         FMConfig(seq={"impression": {}})
     with pytest.raises(ConfigError, match="^matryoshka"):
         FMConfig(matryoshka=(40,))
+
+
+def test_scoring_without_the_autoencoder_losses_gives_the_same_logit_and_code():
+    torch.manual_seed(0)
+    m = FoundationModel(SMALL).eval()
+    b = make_batch()
+    with torch.no_grad():
+        full, lean = m(b), m(b, aux=False)
+    assert torch.equal(full["logit"], lean["logit"]) and torch.equal(full["code"], lean["code"])
+    assert set(lean) == {"logit", "code"}

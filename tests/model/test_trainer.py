@@ -67,3 +67,50 @@ def test_snapshots_are_atomic_and_load_with_weights_only(tmp_path):
 def test_bad_trainer_config_names_the_field():
     with pytest.raises(ConfigError, match="^lr_dense"):
         TrainerConfig(lr_dense=0)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["fm", "baseline"])
+def test_step_reads_its_predictions_off_the_training_forward_bit_for_bit(kind):
+    """``step`` makes one forward pass (and Adam loops in C++); its predictions and weights equal those of
+    predict-then-learn with torch's single-tensor optimizers exactly."""
+    from loopline.model.fm import FoundationModel
+
+    from .test_fm import SMALL, make_batch
+    make = (lambda: FoundationModel(SMALL)) if kind == "fm" else (lambda: LogisticBaseline(SMALL.features))
+    torch.manual_seed(0)
+    a = OnlineTrainer(make(), TrainerConfig(seed=0))
+    torch.manual_seed(0)
+    b = OnlineTrainer(make(), TrainerConfig(seed=0))
+    for opt in b.optimizers:  # the reference: torch's default single-tensor loops
+        opt.param_groups[0]["foreach"] = False
+    assert a.shared_forward and _same_state(a.model, b.model)
+    for seed in range(6):
+        batch = make_batch(seed=seed)
+        p = b.predict_many(batch)
+        b.learn_many(batch)
+        assert np.array_equal(a.step(batch), p)
+    assert _same_state(a.model, b.model) and a.version == b.version == 6
+
+
+def test_a_model_with_dropout_predicts_with_its_own_eval_pass():
+    class Dropped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lr = LogisticBaseline()
+            self.drop = torch.nn.Dropout(0.9)
+
+        def forward(self, batch):
+            return {"logit": self.drop(self.lr(batch)["logit"])}
+    torch.manual_seed(0)
+    t = OnlineTrainer(Dropped(), TrainerConfig(seed=0))
+    assert not t.shared_forward
+    b = batches(examples(64))[0]
+    with torch.no_grad():
+        t.model.lr.bias.fill_(2.0)
+    p = t.step(b)  # eval mode: no dropout, every prediction is sigmoid(2)
+    assert np.allclose(p, 1 / (1 + np.exp(-2.0)))

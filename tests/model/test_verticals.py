@@ -9,7 +9,7 @@ import torch
 
 from loopline.model.pipeline import FMStage, FMStageConfig
 from loopline.model.trainer import TrainerConfig
-from loopline.model.verticals import StepInbox, VMStage, VMStageConfig, parse_variants, transfer_ratio
+from loopline.model.verticals import VARIANTS, StepInbox, VMStage, VMStageConfig, parse_variants, transfer_ratio
 from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
 
@@ -121,3 +121,31 @@ def test_unknown_variant_is_a_one_line_config_error():
 def test_transfer_ratio_needs_an_fm_better_than_the_base():
     assert transfer_ratio(0.9, 0.85, 0.8) == 0.5
     assert transfer_ratio(0.8, 0.85, 0.9) is None
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_vm_step_reads_its_predictions_off_the_training_forward_bit_for_bit(variant):
+    """``VMLearner.step`` (one forward) equals ``predict_many`` then ``learn_many`` exactly, every variant."""
+    from loopline.model.vm import VMFeaturizer, VMLearner
+    cfg = VMStageConfig().config_of(variant)
+    f, rng = VMFeaturizer(cfg), np.random.default_rng(0)
+    a, b = VMLearner(cfg, seed=3), VMLearner(cfg, seed=3)
+    for opt in b.optimizers + [b.adapter_opt] * (b.adapter_opt is not None):
+        opt.param_groups[0]["foreach"] = False  # the reference: torch's single-tensor loops
+    for step in range(5):
+        exs = [dict(e, soft_label=None if step == 0 else float(rng.random())) for e in examples(48, seed=step)]
+        codes = [rng.normal(size=(int(rng.integers(0, 25)), cfg.code_dim)).astype(np.float32) for _ in exs]
+        raw = [[(1.0 + j, f"a{rng.integers(8)}", "c1", "impression") for j in range(int(rng.integers(0, 25)))]
+               for _ in exs]
+        batch = f.batch(exs, codes, raw)
+        want = b.predict_many(batch)
+        want_losses = b.learn_many(batch)
+        got, losses = a.step(batch)
+        assert np.array_equal(got, want) and losses == want_losses
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+def test_variants_that_featurize_alike_share_one_featurizer(tmp_path):
+    vms = VMStage(HistoryStore(str(tmp_path / "h")), VMStageConfig(variants=("base", "kd", "loopfm", "raw")))
+    assert len({id(f) for f in vms.featurizers.values()}) == 1

@@ -5,6 +5,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loopline.state.codes import qmax
 from loopline.state.errors import ConfigError
@@ -433,3 +435,40 @@ def test_key_layout_is_kind_user_nul_time_seq(store):
     assert keys == [EMBEDDING + b"u1\x00" + (1_500_000).to_bytes(8, "big") + bytes(4),
                     EVENT + b"u1\x00" + (2_000_000).to_bytes(8, "big") + bytes(4)]
     assert [k for k, _ in store.raw_items(EVENT)] == keys[1:]
+
+
+def _batched_equals_one_by_one(h, users, times, L):
+    want = [h.last_events(u, t, L) for u, t in zip(users, times)]
+    assert h.last_events_many(users, times, L) == want
+    return want
+
+
+@pytest.mark.fuzz
+@given(st.lists(st.tuples(st.sampled_from(["u1", "u2", "u10", "é"]), st.integers(0, 40),
+                          st.sampled_from(["impression", "click"])), max_size=60),
+       st.lists(st.tuples(st.sampled_from(["u1", "u2", "u10", "é", "nobody"]),
+                          st.integers(-2, 45) | st.sampled_from([0.5, 10.000001, 1e300, float("inf")])),
+                max_size=12),
+       st.integers(0, 7), st.sampled_from([5.0, 12.0, 1000.0]))
+def test_batched_event_reads_equal_reads_one_by_one(tmp_path_factory, rows, reads, L, max_age):
+    """Same users at several times, ties, the age limit, t <= 0, huge t, unknown users, L = 0."""
+    path = tmp_path_factory.mktemp("batched")
+    with HistoryStore(str(path / "h"), HistoryConfig(max_age_s=max_age, max_len=30)) as h:
+        h.append_events([(u, float(t), f"a{t % 3}", "c", kind, f"{u}-{i}") for i, (u, t, kind) in enumerate(rows)])
+        _batched_equals_one_by_one(h, [u for u, _ in reads], [t for _, t in reads], L)
+
+
+def test_batched_event_reads_on_a_long_history(tmp_path):
+    with HistoryStore(str(tmp_path / "h"), HistoryConfig(max_len=1000)) as h:
+        h.append_events([("u1", float(t), f"a{t}", "c", "click" if t % 4 == 0 else "impression") for t in range(500)])
+        got = _batched_equals_one_by_one(h, ["u1", "u2", "u1", "u1"], [100.0, 50.0, 499.5, 10.0], 128)
+    assert [len(g) for g in got] == [100, 0, 128, 10] and got[0][-1][0] == 99.0
+
+
+def test_batched_event_reads_name_bad_arguments(store):
+    with pytest.raises(ConfigError, match="^L:"):
+        store.last_events_many(["u1"], [1.0], -1)
+    with pytest.raises(ConfigError, match="^ts:"):
+        store.last_events_many(["u1", "u2"], [1.0], 3)
+    with pytest.raises(ConfigError, match="^user:"):
+        store.last_events_many([7], [1.0], 3)
