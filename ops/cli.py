@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks, writing JSON")
     p.add_argument("what", choices=["ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score", "soak",
-                                    "stage"])
-    p.add_argument("--events", type=int, default=20000, help="ingest: events in the benchmark log")
+                                    "stage", "e2e"])
+    p.add_argument("--events", type=int, default=20000, help="ingest, stage, e2e: events in the benchmark log")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=20, help="quality: generated logs to fit")
     p.add_argument("--out", default=None, help="JSON file (default bench-WHAT.json)")
@@ -373,6 +373,9 @@ def _run(a) -> int:
         elif a.what == "stage":  # --events: lines of the generated log
             from .bench_stage import bench_stage
             out = bench_stage(n_events=a.events, repeats=a.repeats, out_path=path, progress=True)
+        elif a.what == "e2e":  # a role all worker against evaluate on the same log
+            from .bench_e2e import bench_e2e
+            out = bench_e2e(n_events=a.events, repeats=a.repeats, out_path=path, progress=True)
         elif a.what == "fp8":
             from .bench_fp8 import bench_fp8
             out = bench_fp8(repeats=a.repeats, out_path=path)

@@ -49,7 +49,8 @@ from loopline.state.reach import ReachSampler, Sample, finish, merge_stats, quer
 from loopline.state.reach_query import parse_query
 
 from .app import CachedView, WorkerConfig, group_id, make_table
-from .role import role_agent
+from .role import by_partition, role_agent
+from .supervise import in_thread
 
 __all__ = ["register_reach", "changelog_topic"]
 
@@ -80,6 +81,20 @@ def _apply(sampler: ReachSampler, seen: RecentIds, value: bytes) -> bool:
         return False  # a re-sent impression (ingest's outbox after a restart) counts once
     sampler.observe(str(v["user"]), float(v["ts"]), attrs)
     return True
+
+
+def _apply_all(sampler: ReachSampler, seen: RecentIds, msgs: list, stats: dict, p: int) -> int:
+    """Apply ``(offset, value)`` messages in order (in the role's thread: a sample's re-stratification at
+    an epoch boundary takes seconds of Python); the impressions applied. Unreadable values are counted
+    and logged, never fatal."""
+    n = 0
+    for off, value in msgs:
+        try:
+            n += _apply(sampler, seen, value)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            stats["bad_values"] += 1
+            log.warning("reach: unreadable audience value at %s/%s: %s", p, off, exc)
+    return n
 
 
 def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
@@ -120,12 +135,10 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
             while True:
                 batch = await consumer.getmany(tp, timeout_ms=300, max_records=5000)
                 msgs = batch.get(tp, [])
-                for m in msgs:
-                    try:
-                        n_impressions += _apply(sampler, ids, m.value)
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        stats["bad_values"] += 1
-                    nxt = m.offset + 1
+                if msgs:
+                    n_impressions += await in_thread("reach", _apply_all, sampler, ids,
+                                                     [(m.offset, m.value) for m in msgs], stats, p)
+                    nxt = msgs[-1].offset + 1
                 stats["rebuilt_messages"] += len(msgs)
                 if not msgs and await consumer.position(tp) >= end:
                     break
@@ -170,18 +183,17 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
     app.loopline_positions["reach"] = lambda: {f"audience/{p}": n for p, n in applied.items()}
 
     async def handle(events) -> None:
-        for ev in events:
-            p, off = ev.message.partition, ev.message.offset
+        for p, evs in by_partition(events, lambda ev: ev.message.partition).items():
             await ready(p)
-            if off < applied.get(p, 0):
+            todo = [(ev.message.offset, ev.value) for ev in evs if ev.message.offset >= applied.get(p, 0)]
+            if not todo:
                 continue
-            stats["values"] += 1
-            try:
-                impressions[p] += _apply(samplers[p], seen[p], ev.value)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                stats["bad_values"] += 1  # counted and logged, never fatal
-                log.warning("reach: unreadable audience value at %s/%s: %s", p, off, exc)
-            applied[p] = off + 1
+            sampler = samplers[p]
+            stats["values"] += len(todo)
+            n = await in_thread("reach", _apply_all, sampler, seen[p], todo, stats, p)
+            if samplers.get(p) is sampler:  # not revoked meanwhile (a rebalance drops it for a rebuild)
+                impressions[p] += n
+                applied[p] = todo[-1][0] + 1
         stats["impressions"] = sum(impressions.values())
         stats["impression_repeats"] = sum(s.repeats for s in seen.values())
 

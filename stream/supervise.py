@@ -1,6 +1,6 @@
 """The exception policy and liveness of every role's agent: a worker is never alive but stalled.
 
-Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``.
+Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``, ``off_loop``, ``in_thread``.
 
 * **Exception policy.** An agent body wrapped in :func:`supervised` that raises anything unexpected
   makes the whole process exit with ``EXIT_AGENT_FAILED`` (70) after one line on stderr naming the role
@@ -33,7 +33,7 @@ import sys
 import time
 import traceback
 
-__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop"]
+__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop", "in_thread"]
 
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process
 
@@ -93,6 +93,20 @@ async def off_loop(fn, *args):
     if not _TRAINING:
         _TRAINING.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopline-train"))
     return await asyncio.get_running_loop().run_in_executor(_TRAINING[0], fn, *args)
+
+
+_THREADS: dict = {}  # role -> its one worker thread, made on first use
+
+
+async def in_thread(role: str, fn, *args):
+    """Run ``fn(*args)`` in ``role``'s own worker thread (one per role, so the role's work stays in order)
+    while the event loop serves views, heartbeats and the other roles: for Python-heavy work that would
+    hold the loop for long (reach's re-stratification at an epoch boundary took seconds)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    if role not in _THREADS:
+        _THREADS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loopline-{role}")
+    return await asyncio.get_running_loop().run_in_executor(_THREADS[role], fn, *args)
 
 
 def _fail(role: str, exc: BaseException) -> None:

@@ -188,8 +188,10 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             state["saving"] = False
 
     async def _save(stage: VMStage, done: int) -> None:
-        # copied now, while it is the state after step `done`: the agent may train on during the flush
-        snap = copy.deepcopy(stage.state_dict())
+        # copied first, while it is the state after step `done` (the agent may train on during the flush),
+        # in the training thread: the copy took most of a second on the event loop (stream/loop_watch.py),
+        # and no later step can run before it there
+        snap = await off_loop(lambda: copy.deepcopy(stage.state_dict()))
         await app.producer.flush()  # the score rows of steps <= done are out before the snapshot says so
         # in the training thread (never beside a step): LoKA's timing of the serving copies and the
         # fsynced write take seconds, which the event loop must not wait out

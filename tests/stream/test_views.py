@@ -276,3 +276,40 @@ def test_every_table_store_has_bounded_rocksdb_memory(tmp_path):
     assert (opts.write_buffer_size, opts.max_write_buffer_number, opts.block_cache_size) == (2 << 20, 2, 3 << 20)
     with pytest.raises(ConfigError, match="^table_block_cache_mb:"):
         WorkerConfig(table_block_cache_mb=0)
+
+
+def test_the_heap_keeper_gives_freed_memory_back_to_the_system():
+    from loopline.stream.heap import HeapKeeper
+
+    keeper = HeapKeeper(max_arenas=2)
+    if not keeper.available:
+        pytest.skip("this C library has no malloc_trim/mallopt (glibc only); the keeper does nothing here")
+
+    def rss_kb() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    chunks = [bytearray(64 * 1024) for _ in range(3000)]  # ~190 MiB in small blocks, below mmap's threshold
+    keep = chunks[-1]  # the heap's top stays in use: free() alone cannot shrink it
+    del chunks
+    before = rss_kb()
+    assert keeper.trim() and keeper.counts == {"trims": 1, "released": 1, "max_arenas": 2}
+    assert rss_kb() < before - 100 * 1024, "malloc_trim gave less than 100 MiB back"
+    del keep
+
+
+async def test_the_loop_watch_names_the_function_that_held_the_event_loop():
+    from loopline.stream.loop_watch import LoopWatch
+
+    watch = LoopWatch(stall_ms=50, every_s=0.01).start()
+
+    def hold_the_loop():
+        time.sleep(0.3)
+
+    await asyncio.sleep(0.05)
+    hold_the_loop()
+    await asyncio.sleep(0.05)
+    watch.stop()
+    report = watch.report()
+    assert report["stalls"] == 1 and 250 <= report["max_ms"] < 1000
+    assert report["top"][0]["where"].endswith(" hold_the_loop"), report
