@@ -68,6 +68,7 @@ async def _vm_report(bootstrap: str, since_ms: int) -> tuple[int, dict] | None:
 
 
 def _worker(records, partitions: int, work: Path, timeout: float) -> tuple[float, dict]:
+    work.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker(log_path=str(work / "tansu.log")) as broker:
         create_topics(broker.bootstrap, {**{t: partitions for t in TOPICS}, STATUS_TOPIC: 1})
         asyncio.run(replay(broker.bootstrap, records, partitions, run_id="e2e", progress=False))
