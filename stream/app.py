@@ -62,7 +62,7 @@ CONTROL_HEADER = "loopline-control"  # b"end_of_log:<run id>" closes every windo
 # to the fm role, ingest also sends b"watermark:<ingest partition>:<time>" (and end_of_log) to every
 # partition of `examples` and `history.events`; after each training step's outputs, fm sends
 # b"fmstep:<step>" to every partition of `examples.augmented` and `fm.embeddings` (the vm role's clock),
-# and b"fmdone:<last step>" after the last step of an evaluation run
+# and b"fmdone:<last step>:<id>" after the last step of an evaluation run
 
 ROLES = ("all", "ingest", "fm", "vm", "reach", "monitor")
 # Every single role gets a consumer group of its own (see group_id); role ``all`` keeps the app id.
@@ -103,7 +103,7 @@ class WorkerConfig:
     partitions: int = 4  # partitions of every Loopline topic (and table changelog)
     data_dir: str = ".loopline-data"  # RocksDB tables live here; one folder per worker
     store: str = "rocksdb://"  # table store; memory:// for quick unit tests
-    # RocksDB memory of each Faust table, per partition (``table_options``): Faust's own defaults are three
+    # RocksDB memory of each Faust table, per partition (``make_table``): Faust's own defaults are three
     # 64 MiB memtables and a 2 GiB block cache per partition's database, so a worker's RSS kept growing
     # for hours under traffic (``loopline bench soak``) before reaching a bound of several GiB
     table_write_buffer_mb: int = 4

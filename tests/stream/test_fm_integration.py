@@ -1,4 +1,6 @@
-"""The fm role through a real worker on the real broker gives the FM numbers of ``loopline evaluate``."""
+"""The fm role through a real worker on the real broker gives the FM numbers of ``loopline evaluate``.
+A kill -9 of the fm after a snapshot, and the standby's takeover, are ``loopline chaos`` scenarios
+(``kills``, ``corrupt_snapshot``, ``standby``: tests/ops/test_chaos.py)."""
 
 from __future__ import annotations
 
@@ -68,31 +70,3 @@ def test_fm_worker_metrics_and_das_outputs_match_evaluate(broker, start_worker, 
     finally:
         for h in stores:
             h.close()
-
-
-def test_fm_worker_killed_after_a_snapshot_resumes_to_the_same_numbers(broker, start_worker, tmp_path):
-    path = tmp_path / "events.jsonl"
-    write_log(GenerateConfig(users=1500, days=4, seed=3), str(path))
-    records = read_log(str(path))
-    expected = evaluate_records(records, models=True)
-    total = expected["examples"]["total"]
-    w = start_worker("w1")
-    asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
-    deadline = time.monotonic() + 300
-    while True:
-        view = w.view("/fm/") or {}
-        if view.get("snapshot_at", 0) >= 20:
-            break
-        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
-        time.sleep(0.1)
-    assert not view["finished"] and view["counts"]["examples"] < total, "finished before it could be killed"
-    w.kill9()
-    w2 = start_worker("w1")  # the same data dir: its snapshot and its history store
-    deadline = time.monotonic() + 300
-    while not (w2.view("/fm/") or {}).get("finished"):
-        assert time.monotonic() < deadline and w2.proc.poll() is None, w2.tail()
-        time.sleep(0.5)
-    got = w2.view("/fm/")
-    assert got["restored"] is not None
-    assert got["models"] == expected["models"]
-    assert got["counts"]["examples"] == total
