@@ -31,7 +31,7 @@ from loopline.model.trainer import OnlineTrainer, TrainerConfig, split_params
 from .eventlog import read_log
 from .generate import GenerateConfig, write_log
 
-__all__ = ["bench_fm"]
+__all__ = ["bench_fm", "bare_loop"]
 
 
 def _examples(n: int) -> list[dict]:
@@ -45,7 +45,9 @@ def _examples(n: int) -> list[dict]:
     return canonical_order(out)[:n]
 
 
-def _bare_loop(model: nn.Module, batches, cfg: TrainerConfig) -> float:
+def bare_loop(model: nn.Module, batches, cfg: TrainerConfig) -> float:
+    """Seconds for a plain PyTorch loop over ``batches``: an eval forward (the progressive-validation
+    prediction), then forward, backward and the Adagrad (sparse) + Adam (dense) step."""
     sparse, dense = split_params(model)
     opts = [torch.optim.Adagrad(sparse, lr=cfg.lr_sparse), torch.optim.Adam(dense, lr=cfg.lr_dense)]
     bce = nn.BCEWithLogitsLoss()
@@ -85,7 +87,7 @@ def bench_fm(n_examples: int = 8192, repeats: int = 3, out_path: str | None = No
     runs = []
     for r in range(repeats):
         torch.manual_seed(r)
-        bare = _bare_loop(FoundationModel(fm_cfg), batches, cfg)
+        bare = bare_loop(FoundationModel(fm_cfg), batches, cfg)
         torch.manual_seed(r)
         trainer = _trainer_loop(FoundationModel(fm_cfg), batches, cfg)
         run = {"bare_examples_per_s": round(len(exs) / bare, 1), "trainer_examples_per_s": round(len(exs) / trainer, 1),

@@ -31,20 +31,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import loopline.model  # noqa: F401 - before torch: it sets torch's OpenMP wait policy (model/__init__.py)
+import loopline  # noqa: F401 - before torch: it sets torch's OpenMP wait policy (loopline/__init__.py)
 import torch
-from torch import nn
 
 from loopline.model.fm import FoundationModel
 from loopline.model.pipeline import FMStage, FMStageConfig
-from loopline.model.trainer import split_params
 from loopline.model.verticals import VMStage, VMStageConfig, windowed_report
 from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
 
+from .bench_fm import bare_loop
 from .eventlog import read_log
 from .evaluate import evaluate_records
 from .generate import GenerateConfig, write_log
+
 
 __all__ = ["bench_stage", "PART_GROUPS"]
 
@@ -105,25 +105,7 @@ def _run_stage(examples: list[dict], stage_cfg: FMStageConfig, vm_cfg: VMStageCo
 def _bare_loop(batches: list, stage_cfg: FMStageConfig, seed: int) -> float:
     """``bench fm``'s bare loop over the recorded batches, on a fresh FM seeded like the stage's."""
     torch.manual_seed(seed)
-    model = FoundationModel(stage_cfg.fm)
-    cfg = stage_cfg.trainer
-    sparse, dense = split_params(model)
-    opts = [torch.optim.Adagrad(sparse, lr=cfg.lr_sparse), torch.optim.Adam(dense, lr=cfg.lr_dense)]
-    bce = nn.BCEWithLogitsLoss()
-    t0 = time.perf_counter()
-    for b in batches:
-        model.eval()
-        with torch.no_grad():
-            torch.sigmoid(model(b)["logit"]).numpy()
-        model.train()
-        out = model(b)
-        loss = bce(out["logit"], b.labels) + out["aux_loss"]
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-    return time.perf_counter() - t0
+    return bare_loop(FoundationModel(stage_cfg.fm), batches, stage_cfg.trainer)
 
 
 def bench_stage(n_events: int = 20000, repeats: int = 3, seed: int = 3, out_path: str | None = None,
