@@ -144,7 +144,8 @@ async def collect_models(bootstrap: str, since_ms: int, timeout: float = 300.0, 
         await asyncio.sleep(1.0)
     models = {}
     for role in ("fm", "vm"):
-        models.update((reports.get(role) or {}).get("models", {}))
+        got = (reports.get(role) or {}).get("models")
+        models.update(got if isinstance(got, dict) else {})  # a value not written by Loopline counts as none
     out = {"models": with_transfer_ratios(models), "reported_by": sorted(reports)}
     if missing:
         out["missing"] = missing

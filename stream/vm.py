@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import re
 
 import faust
 import numpy as np
@@ -41,7 +42,7 @@ from .app import STATUS_TOPIC, CachedView, WorkerConfig, control_of, read_topic
 from .role import Fed, msgs_of_records, role_agent
 from .supervise import off_loop
 
-__all__ = ["register_vm"]
+__all__ = ["register_vm", "fm_mark"]
 
 BATCH = 4000
 BATCH_WITHIN_S = 0.1
@@ -72,6 +73,23 @@ def _item(topic: str, value: bytes) -> dict | None:
         ok = isinstance(v.get("step"), int) and isinstance(code, list) and all(_num(c) for c in code) \
             and (v.get("fm_version") is None or isinstance(v.get("fm_version"), int))
     return v if ok else None
+
+
+_STEP = re.compile(r"-?[0-9]{1,18}")
+
+
+def fm_mark(control: str) -> tuple | None:
+    """The fm role's mark in a control header: ``("fmstep", step, "")`` or ``("fmdone", the run's last
+    step, the end's id)``; None for anything else (counted by the caller, never fatal).
+
+    >>> fm_mark("fmstep:12"), fm_mark("fmdone:74:ab12"), fm_mark("fmstep:x"), fm_mark("end_of_log:0")
+    (('fmstep', 12, ''), ('fmdone', 74, 'ab12'), None, None)
+    """
+    kind, _, rest = control.partition(":")
+    step, _, end = rest.partition(":")
+    if kind not in ("fmstep", "fmdone") or _STEP.fullmatch(step) is None:
+        return None
+    return kind, int(step), end
 
 
 def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
@@ -143,14 +161,13 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
             tp = f"{topic}/{partition}"
             control = control_of(headers)
             if control is not None:
-                kind, _, rest = control.partition(":")
-                step, _, end = rest.partition(":")  # fmstep:<step>, fmdone:<the run's last step>:<the end's id>
-                if kind not in ("fmstep", "fmdone") or not step.lstrip("-").isdigit():
+                mark = fm_mark(control)
+                if mark is None:
                     state["bad_values"] += 1  # another mark, or a malformed one: counted, never fatal
-                elif kind == "fmstep":
-                    inbox.mark(tp, int(step))
+                elif mark[0] == "fmstep":
+                    inbox.mark(tp, mark[1])
                 else:
-                    state["fm_done"][tp] = (int(step), end)
+                    state["fm_done"][tp] = mark[1:]
             else:
                 item = _item(topic, value)
                 if item is None:
