@@ -66,8 +66,9 @@ All four are compared exactly (``==``), never within a tolerance.
 * ``corrupt_snapshot``: once the fm and the vm each have two snapshots, both are killed, their newest
   snapshot truncated to half and a stale ``.snapshot-*.tmp`` left beside it; restarted, each must load
   the previous snapshot (``restored``), remove the temporary, and end with evaluate's numbers.
-* ``disk_full``: the fm's data directory is a size-limited tmpfs (``mount -t tmpfs``, as root). Once the
-  fm has a snapshot, the filesystem is filled with a ballast file; the fm must exit non-zero with one
+* ``disk_full``: the fm's data directory is a size-limited tmpfs (``mount -t tmpfs``, as root). The log
+  goes in by eighths until the fm has a snapshot; then the filesystem is filled with a ballast file and
+  the rest goes in; the fm must exit non-zero with one
   ``loopline worker: ...`` line naming the error, and, once the ballast is removed and the fm
   restarted, end with evaluate's numbers. Where mounting is not permitted, a simulated full disk
   stands in (below); the result says which was used.
@@ -1009,10 +1010,21 @@ def _disk_full(ctx: _Context) -> dict:
         for role in ("ingest", "vm", "reach"):
             dep.start(role)
         dep.wait_ready(ROLES)
-        sent = dep.replay(ctx.records)
+        # the log goes in by eighths until the fm has a snapshot, and the rest only once the disk is full:
+        # the fm must still have work (steps, snapshots) then; a fast fm fed the whole log at once finished
+        # it before the ballast was written, and had nothing left to write
         fm = dep.workers["fm"]
-        view = dep.wait(lambda: (v := _view(dep.port("fm"), "/fm/") or {}).get("snapshot_at", 0) > 0 and v,
-                        "the fm's first snapshot", every=0.05)
+        cuts = [len(ctx.records) * i // 8 for i in range(9)]
+        for i in range(7):
+            dep.replay(ctx.records[cuts[i]:cuts[i + 1]], end_of_log=False)
+            try:
+                view = dep.wait(lambda: (v := _view(dep.port("fm"), "/fm/") or {}).get("snapshot_at", 0) > 0 and v,
+                                "the fm's first snapshot", timeout=10.0 if i < 6 else None, every=0.05)
+                break
+            except ChaosFailure:
+                if i == 6:
+                    raise
+        rest = ctx.records[cuts[i + 1]:]
         dep.expect_exit.add("fm")
         if method == "tmpfs":
             filled = _fill(ballast)
@@ -1021,6 +1033,7 @@ def _disk_full(ctx: _Context) -> dict:
             filled = 0
         t_full = time.monotonic()
         ctx.say(f"disk_full: fm's disk full ({method}) at {view['counts'].get('examples')} examples")
+        sent = dep.replay(rest)
         try:
             rc = fm.proc.wait(cfg.wait)
         except subprocess.TimeoutExpired:
