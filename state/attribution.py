@@ -21,9 +21,8 @@ Semantics (all times are event time, ``ts`` of the events):
   reason ``duplicate_impression`` (``duplicate_conversion``) and does not move event time (a copy with a
   later ``ts`` must not close windows). Ids are remembered for ``dedup_horizon``
   after their window closed. Every record keeps the source position ``src`` of the message that wrote
-  it, so a message processed again after a crash that left part of its writes in the store finds its
-  own writes and is not taken for a duplicate (``IngestCore`` skips messages whose writes were all
-  durable before this point is reached).
+  it. (A batch's writes reach the store atomically, ``IngestCore``: a message processed again after a
+  crash never meets its own writes.)
 * Due work sits in time buckets of ``bucket_s`` seconds; a bucket is processed once the watermark passes
   its end, so closing costs O(due items), never a scan. ``close_all()`` ends event time (end of a log).
 
@@ -292,15 +291,15 @@ class AttributionJoin:
         out.extend(self.advance(ev.ts))
         return out
 
-    def duplicate_of(self, ev: Impression | Conversion, src: Any) -> str | None:
+    def duplicate_of(self, ev: Impression | Conversion) -> str | None:
         """The duplicate reason :meth:`process` would dead-letter ``ev`` with, or None (reads only)."""
         if isinstance(ev, Impression):
             rec = self._get("i:" + ev.id)
-            return "duplicate_impression" if rec is not None and rec["src"] != src else None
+            return "duplicate_impression" if rec is not None else None
         rec = self._get("i:" + ev.impression)
         held = self._get("c:" + ev.impression) if rec is None else None
-        seen = rec.get("cv", {}) if rec is not None else {c["id"]: c["src"] for c in held or ()}
-        return "duplicate_conversion" if ev.id in seen and seen[ev.id] != src else None
+        seen = rec.get("cv", {}) if rec is not None else {c["id"] for c in held or ()}
+        return "duplicate_conversion" if ev.id in seen else None
 
     def _duplicate(self, reason: str, ident: str) -> list[Output]:
         self.stats["duplicates"] += 1
@@ -309,7 +308,7 @@ class AttributionJoin:
     def _impression(self, imp: Impression, src: Any) -> list[Output]:
         key = "i:" + imp.id
         rec = self._get(key)
-        if rec is not None and rec["src"] != src:  # (the same src: this message's own partial write)
+        if rec is not None:
             return self._duplicate("duplicate_impression", imp.id)
         self.stats["impressions"] += 1
         ex = imp.to_dict()
@@ -332,15 +331,7 @@ class AttributionJoin:
         held = self._get("c:" + conv.impression) if rec is None else None
         seen = rec.get("cv", {}) if rec is not None else {c["id"]: c["src"] for c in held or ()}
         if conv.id in seen:
-            if seen[conv.id] != src:
-                return self._duplicate("duplicate_conversion", conv.id)
-            if rec is not None and rec.get("by") == src:  # own partial write; its output is in the outbox
-                self.stats["conversions"] += 1
-                self.stats["positives"] += 1
-                return []
-            if rec is None:  # already held
-                self.stats["conversions"] += 1
-                return []
+            return self._duplicate("duplicate_conversion", conv.id)
         self.stats["conversions"] += 1
         if len(seen) >= self.cfg.max_conversions:  # a record must stay small (module docstring)
             self.stats["conversions_dropped"] += 1

@@ -25,20 +25,18 @@ watermark to be ahead of: it anchors event time unchecked (the contract's absolu
 ``EventLimits.min_ts``/``max_ts``, is its guard, and rejects a timestamp in milliseconds anywhere).
 Segment assertions and truth reports do not move event time and are not held.
 
-Crash safety. Writes are buffered and flushed once per batch, in this order: (1) the outbox, the
-batch's outputs; (2) the state changes; then, once the caller knows (1) and (2) are durable (a producer
-flush), (3) ``flush_meta``: the counters and ``through``, the last offset whose effects are all stored.
-After a crash (``kill -9``) the worker restarts from its last committed offset:
+Crash safety. Writes are buffered and flushed once per batch as one atomic change of the store
+(``_Overlay``: journaled, then applied): the outbox (the batch's outputs), the state changes, the
+counters and ``through``, the last offset whose effects are all stored. After a crash (``kill -9``) at
+any point of a flush, the store holds all of the batch's effects or none of them, and the worker
+restarts from its last committed offset:
 
 * messages at or below ``through`` are skipped (counted as ``redelivered``): their effects are stored;
-* messages above it are processed again; the join recognizes its own partial writes by ``src``;
+* messages above it are processed again, from the state as it was before them, counters included;
 * outputs that may have been lost in the producer's buffer are still in the outbox: ``unacked()``
   returns them for re-sending, and they are removed from it after ``acked``. Re-sent outputs are
   de-duplicated downstream by ``output_id``. The outbox is kept in chunks (``_Outbox``), so that no
   stored value outgrows one changelog message (``state/sizes.py``) however many or large the outputs.
-
-The meta record is written alone after the others, which also keeps a partition's end offset right on
-the embedded broker (Tansu 0.6 reports the end of a multi-record batch as its first offset + 1).
 
 >>> store = {}
 >>> core = IngestCore(store, partition=0)
@@ -123,11 +121,31 @@ def output_id(o: Output) -> str:
 
 
 class _Overlay:
-    """Buffers a batch's writes (so the outbox can be written before them, and each key once) and
-    caches its reads (a Faust table deserializes on every read)."""
+    """Buffers a batch's writes (each key written once) and caches its reads (a Faust table deserializes
+    on every read); :meth:`flush` makes them one atomic change of the store.
 
-    def __init__(self, store: MutableMapping):
+    Atomic, because a crash (``kill -9``) may stop the writes of a flush anywhere, and the store that a
+    restarted worker recovers (a Faust table: its changelog, written in order) is then any prefix of
+    them. So the batch's writes are first journaled: in the commit record ``<p>|j`` itself when they fit
+    one message, else in chunks ``<p>|j|<n>`` that the commit record names, written before it. Then they
+    are applied to their keys, and the commit record deleted. A store whose commit record is present
+    holds a batch that is not known to be applied: :meth:`recover` (on start) applies it again, which
+    is idempotent. A prefix without the commit record has none of the batch's writes outside the
+    journal's chunks (rewritten by the next batch), so state, counters and outbox always move together.
+
+    >>> store = {}
+    >>> o = _Overlay(store, "0|")
+    >>> o["a"] = 1; o["b"] = 2; del o["a"]
+    >>> o.flush(); store
+    {'b': 2}
+    >>> store["0|j"] = {"w": [["c", 3], ["b", None]]}  # a crash after the commit record
+    >>> _Overlay(store, "0|").recover(); store
+    {'c': 3}
+    """
+
+    def __init__(self, store: MutableMapping, prefix: str = ""):
         self.store = store
+        self.journal = prefix + "j"
         self.writes: dict = {}
         self.reads: dict = {}
 
@@ -147,14 +165,54 @@ class _Overlay:
         self.writes[key] = _DELETED
 
     def flush(self) -> None:
-        for k, v in self.writes.items():
-            if v is _DELETED:
-                if self.store.get(k) is not None:
-                    del self.store[k]
-            else:
-                self.store[k] = v
+        if not self.writes:
+            return
+        items = [[k, None if v is _DELETED else v] for k, v in self.writes.items()]
         self.writes.clear()
         self.reads.clear()
+        chunks, chunk, size = [], [], 2
+        for item in items:  # a chunk takes items while under CHUNK_BYTES (one item alone may be larger)
+            n = size_of(item) + 1
+            if chunk and size + n > CHUNK_BYTES:
+                chunks.append(chunk)
+                chunk, size = [], 2
+            chunk.append(item)
+            size += n
+        chunks.append(chunk)
+        if len(chunks) == 1:
+            self.store[self.journal] = {"w": chunks[0]}  # the commit record holds the writes
+        else:
+            for i, c in enumerate(chunks):
+                self.store[f"{self.journal}|{i}"] = c
+            self.store[self.journal] = {"n": len(chunks)}  # the commit record
+        self._apply(items)
+        del self.store[self.journal]
+        if len(chunks) > 1:
+            for i in range(len(chunks)):
+                del self.store[f"{self.journal}|{i}"]
+
+    def recover(self) -> None:
+        """Apply the journaled batch a crash may have left half-applied (a no-op when there is none)."""
+        rec = self.store.get(self.journal)
+        if not isinstance(rec, dict):
+            return
+        if "w" in rec:
+            self._apply(rec["w"])
+        else:
+            n = int(rec.get("n", 0))
+            for i in range(n):
+                self._apply(self.store.get(f"{self.journal}|{i}") or ())
+        del self.store[self.journal]
+        for i in range(int(rec.get("n", 0))):
+            if self.store.get(f"{self.journal}|{i}") is not None:
+                del self.store[f"{self.journal}|{i}"]
+
+    def _apply(self, items) -> None:
+        for k, v in items:
+            if v is not None:
+                self.store[k] = v
+            elif self.store.get(k) is not None:
+                del self.store[k]
 
 
 class _Outbox:
@@ -254,9 +312,10 @@ class IngestCore:
         self.audience = audience
         self.limits = limits
         self.store = store
-        self.overlay = _Overlay(store)
+        self.overlay = _Overlay(store, f"{partition}|")
+        self.overlay.recover()  # a batch a crash left half-applied
         self.join = AttributionJoin(self.overlay, cfg, prefix=f"{partition}|")
-        self.outbox = _Outbox(store, f"{partition}|")
+        self.outbox = _Outbox(self.overlay, f"{partition}|")
         self._acked: set[str] = set()
         meta = self.join.meta
         for k in ("read", "accepted", "redelivered"):
@@ -308,19 +367,13 @@ class IngestCore:
                                              f"than {cfg.ahead_confirm} later events agreed with it",
                                  base64.b64decode(h["raw"]), h["src"]) for h in held]
 
-    def flush(self, meta: bool = True) -> None:
-        """Write the buffered changes: the outbox first, then the state; then the meta record unless
-        ``meta=False`` (the worker writes it with :meth:`flush_meta` after a producer flush)."""
+    def flush(self) -> None:
+        """Write the buffered changes (outbox, state, counters and ``through``) as one atomic change
+        (``_Overlay``): after a crash the store holds all of a batch's effects or none of them."""
         for oid in self._acked:
             self.outbox.remove(oid)
         self._acked.clear()
         self.outbox.flush()
-        self.overlay.flush()
-        if meta:
-            self.flush_meta()
-
-    def flush_meta(self) -> None:
-        """Write counters and ``through``: call only when the state writes before it are durable."""
         self.join.save()
         self.overlay.flush()
         self._durable_through = self.join.meta["through"]
@@ -378,7 +431,7 @@ class IngestCore:
 
     def _duplicate(self, ev, raw: Any, src: Any, held: list) -> Output | None:
         """``ev`` as a duplicate dead letter when its id was seen: by the join, or among the held events."""
-        reason = self.join.duplicate_of(ev, src)
+        reason = self.join.duplicate_of(ev)
         if reason is None:
             if ev.type == "impression":
                 same = any(h["ev"]["type"] == "impression" and h["ev"]["id"] == ev.id for h in held)

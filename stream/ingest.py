@@ -4,11 +4,12 @@ Public surface: ``register_ingest``, ``FORWARD_HEADER``, ``route_of``.
 
 The agent is a few lines around :class:`loopline.state.ingest.IngestCore`, one per partition, over the
 ``attribution`` table (RocksDB-backed with a changelog, so a restarted or replacing worker resumes the
-join). It takes events in batches: each partition's share of a batch is processed, its state flushed
-once (each table key written once per batch), its outputs sent; Faust acks the batch only afterwards,
-so a committed offset never runs ahead of the state. A message redelivered after a crash is recognized
-by its source offset in the join state and skipped; the outbox re-sends outputs that may have been lost
-with the producer's buffer, and ``ops/replay.py`` de-duplicates them by id.
+join). It takes events in batches: each partition's share of a batch is processed, its outbox, state
+and counters flushed as one atomic change (each table key written once per batch), its outputs sent;
+Faust acks the batch only afterwards, so a committed offset never runs ahead of the state. A message
+redelivered after a crash is recognized by its offset (at most the partition's ``through``) and
+skipped; the outbox re-sends outputs that may have been lost with the producer's buffer, and
+``ops/replay.py`` de-duplicates them by id.
 
 **Outbox.** Once a batch's outputs are acknowledged by the broker, they leave the outbox in the same
 batch (their chunks are deleted: ``state/ingest.py``), so a rebalance or a restart re-sends only what was never
@@ -150,6 +151,10 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     await topics[name].send(value=None, partition=q, headers=[(CONTROL_HEADER, mark.encode())])
 
     async def handle(events) -> None:
+        # the last batch's writes are acknowledged before this batch's begin: after a crash, the table
+        # recovers its local writes and re-applies the changelog's unconfirmed tail over them, which
+        # must then be this flush's own (state/ingest.py, _Overlay)
+        await durable()
         done = []
         for p, evs in by_partition(events, lambda ev: ev.message.partition).items():
             with in_partition_of(evs[-1]):
@@ -178,13 +183,11 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                             await forward(p, offset, route[0], ev.value, route[1])
                             continue
                     outs.extend(core.handle(ev.value, offset))
-                core.flush(meta=False)
+                core.flush()  # outbox, state and counters: one atomic change
             done.append((evs[-1], core, outs, controls))
-        await durable()  # forwards, every partition's outbox and state acknowledged before its meta record
+        await durable()  # forwards and every partition's flush acknowledged before the batch is acked
         settled = []
         for last, core, outs, controls in done:
-            with in_partition_of(last):
-                core.flush_meta()
             settled.append((last, core, await send(outs)))
             for control in controls:
                 await topics["ingest.status"].send(
@@ -196,7 +199,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
             if pending:
                 await settle(core, pending)
                 with in_partition_of(last):
-                    core.flush(meta=False)
+                    core.flush()
 
     # nothing to catch up on: its state is a table
     role_agent(app, "ingest", topics["events"], handle, batch=BATCH, within=BATCH_WITHIN_S)

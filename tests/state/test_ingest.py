@@ -49,15 +49,88 @@ def test_messages_whose_effects_are_durable_are_skipped_when_redelivered():
     assert restarted.counts()["deadletter"] == {}
 
 
-def test_a_partly_written_batch_is_processed_again_without_false_duplicates():
-    store = {}
-    core = IngestCore(store, 0, CFG)
-    core.handle(line(), 0)
-    core.flush(meta=False)  # state written, crash before the meta record
-    restarted = IngestCore(store, 0, CFG)
-    assert restarted.handle(line(), 0) == []  # its own write, not a duplicate
-    assert [o.value["id"] for o in restarted.end_of_log()] == ["i1"]
-    assert restarted.counts()["deadletter"] == {} and restarted.counts()["accepted"] == 1
+class Crash(Exception):
+    pass
+
+
+class CrashingStore(dict):
+    """A store that stops (a ``kill -9``) after ``left`` more writes or deletions."""
+
+    left = None
+
+    def _tick(self):
+        if self.left is not None:
+            if self.left == 0:
+                raise Crash
+            self.left -= 1
+
+    def __setitem__(self, k, v):
+        self._tick()
+        super().__setitem__(k, orjson.loads(orjson.dumps(v)))  # what a table keeps: a copy, as serialized
+
+    def __delitem__(self, k):
+        self._tick()
+        super().__delitem__(k)
+
+    def get(self, k, default=None):  # a table deserializes on every read: changing it changes no store
+        v = super().get(k)
+        return default if v is None else orjson.loads(orjson.dumps(v))
+
+
+def batches_of_a_small_log():
+    """Impressions, conversions (held, applied, late), windows closing, in three batches."""
+    lines = [imp_at(1, T0), conv_at(9, 5, T0 + 1), imp_at(2, T0 + 5), conv_at(1, 1, T0 + 30), imp_at(5, T0 + 40),
+             imp_at(3, T0 + 3000), imp_at(4, T0 + 4000), conv_at(2, 2, T0 + 4100), imp_at(6, T0 + 9000),
+             b"not json", imp_at(7, T0 + 9001), imp_at(1, T0 + 9002)]
+    return [lines[:5], lines[5:9], lines[9:]]
+
+
+def run(store, batches, core=None, start_batch=0):
+    """Feed batches (each flushed); returns the outputs by id (the last copy: re-sent ones are equal)."""
+    outs = {}
+    core = core or IngestCore(store, 0, LIVE)
+    offsets = [sum(len(b) for b in batches[:i]) for i in range(len(batches))]
+    for b in range(start_batch, len(batches)):
+        for o in feed(core, batches[b], start=offsets[b]):
+            outs[output_id(o)] = o
+        if b == len(batches) - 1:
+            for o in core.end_of_log():
+                outs[output_id(o)] = o
+        core.flush()
+    return core, outs
+
+
+def test_a_crash_at_any_write_of_a_flush_leaves_the_numbers_of_a_run_without_crash():
+    """The finding (``loopline chaos``, kills): a kill -9 between the state writes and the counters lost
+    negatives and positives from the counters. Here the store stops at every write of every flush in
+    turn; the restarted core re-sends its outbox, processes the batches again from its last committed
+    offset, and must end with the outputs and counts of the run that never crashed."""
+    batches = batches_of_a_small_log()
+    clean, want = run(CrashingStore(), batches)
+    assert sum(o.kind == "example" for o in want.values()) == 7
+    crashes = 0
+    for crash_at in range(10_000):
+        store = CrashingStore()
+        store.left = crash_at
+        outs = {}
+        core = IngestCore(store, 0, LIVE)
+        try:
+            run(store, batches, core)
+            break  # no write left to crash at
+        except Crash:
+            crashes += 1
+        store.left = None
+        again = IngestCore(store, 0, LIVE)
+        for o in again.unacked():
+            outs[output_id(o)] = o
+        done = sum(1 for b in range(len(batches)) if sum(len(x) for x in batches[:b + 1]) - 1 <= again.join.meta["through"])
+        _, rest = run(store, batches, again, start_batch=done)
+        outs.update(rest)
+        assert outs == want, crash_at
+        got = again.counts()
+        assert {k: got[k] for k in ("accepted", "deadletter", "attribution", "max_ts")} == \
+            {k: clean.counts()[k] for k in ("accepted", "deadletter", "attribution", "max_ts")}, crash_at
+    assert crashes > 20  # every write of every flush was a crash point
 
 
 def test_outbox_holds_outputs_until_acked_and_survives_a_restart():
