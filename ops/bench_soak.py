@@ -37,7 +37,8 @@ request every 3 s, ten minutes give 200: the p99 is about the second-worst), ``.
 same without the first third. Whether the worker kept up: ``ingest_lag_*`` (events sent, not yet read)
 and ``fm_lag_*`` (examples labelled, not yet trained on; two views read moments apart, so it can dip
 below 0) after warm-up and at the end. ``data_dir_breakdown_mb`` says which store holds the bytes;
-``event_loop``, how long the worker's event loop was held at most, and where (``stream/loop_watch.py``).
+``event_loop``, how long the worker's event loop was held at most, and where (``stream/loop_watch.py``);
+``rocksdb``, the memory RocksDB reports for each table's databases at the end (memtables, block cache).
 
 >>> t = SoakTraffic(SoakConfig(seed=1))
 >>> evs = t.tick(1_700_000_000.0, 1_700_000_600.0, 50)
@@ -551,7 +552,7 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
                 prober.probe()  # after the last send
                 samples.append(last := _sample(elapsed, producer, prober, str(work / "worker")))
                 # where the event loop was held longest, and the heap trims (the worker's /views)
-                internals = {k: v for k, v in (worker.view("/views") or {}).items() if k in ("_loop", "_heap")}
+                internals = {k: v for k, v in (worker.view("/views") or {}).items() if k in ("_loop", "_heap", "_rocksdb")}
                 monitor_dir = _dir_mb(str(work / "monitor")) if monitor else None
                 breakdown = _dir_breakdown(str(work / "worker"))
             finally:
@@ -584,7 +585,7 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
         "view_latency_ms": prober.latency,  # view -> [[seconds into the run, ms], ...]
         "view_errors": prober.errors,
         "bounds": {k: v for k, v in sorted(prober.bounds.items()) if v},
-        "event_loop": internals.get("_loop"), "heap": internals.get("_heap"),
+        "event_loop": internals.get("_loop"), "heap": internals.get("_heap"), "rocksdb": internals.get("_rocksdb"),
         "bounds_watched": sorted(prober.bounds),
         "stops": stops, "startup_s": round(startup_s, 1), "stop_s": round(stop_s, 1), "samples": samples,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -39,7 +39,7 @@ All four are compared exactly (``==``), never within a tolerance.
   unloaded and loaded in ABBA order (each pair of neighbours is one of each), each sent at once after
   ingest finished the previous one. While a chunk is "loaded",
   ``clients`` threads of a child process (``python -m loopline.ops.chaos load-clients``: the measuring
-  process keeps its GIL) hit every view of every worker (``/ingest/``, ``/fm/``, ``/vm/``, ``POST
+  process keeps its GIL; at ``nice`` 10, as clients are other machines in a deployment) hit every view of every worker (``/ingest/``, ``/fm/``, ``/vm/``, ``POST
   /score/``, ``/reach``, ``/reach?q=``, ``/quality``, ``/healthz``, ``/readyz``, ``/views``) back to
   back with a short pause. A chunk's ingest time runs from its first send to the moment ingest's
   watermark marks (which it sends after each batch's outputs to the fm's inputs) show every partition
@@ -506,6 +506,9 @@ def _load_clients_main() -> int:
     "clients", "pause_s"}`` from stdin, then commands, one a line: ``on``, ``off``, ``stop``. While on,
     ``clients`` threads request the targets round-robin; at ``stop`` it prints the status counts per
     target as one JSON line and exits."""
+    # Clients are other machines in a deployment; on this one they are niced, so that what the figure
+    # charges to the workers is serving the requests, not making them
+    os.nice(10)
     conf = json.loads(sys.stdin.readline())
     targets = [(port, key, path, body.encode() if body else None) for port, key, path, body in conf["targets"]]
     on, stop, lock = threading.Event(), threading.Event(), threading.Lock()

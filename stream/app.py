@@ -413,6 +413,22 @@ def make_table(app: faust.App, cfg: WorkerConfig, name: str) -> faust.Table:
                               "block_cache_compressed_size": cfg.table_block_cache_mb * mb})
 
 
+_ROCKSDB_MEMORY = {"memtables_mb": "rocksdb.cur-size-all-mem-tables", "block_cache_mb": "rocksdb.block-cache-usage",
+                   "readers_mb": "rocksdb.estimate-table-readers-mem"}
+
+
+def rocksdb_memory(app: faust.App) -> dict:
+    """Per table: its open RocksDB databases and the memory RocksDB reports for them (MiB)."""
+    out = {}
+    for name, table in sorted(app.tables.items()):
+        dbs = list(getattr(table.data, "_dbs", {}).values())
+        row = {"dbs": len(dbs)}
+        for field, prop in _ROCKSDB_MEMORY.items():
+            row[field] = round(sum(db.property_int_value(prop) or 0 for db in dbs) / (1 << 20), 2)
+        out[name] = row
+    return out
+
+
 def build_app(cfg: WorkerConfig) -> faust.App:
     """A configured Faust app with Loopline's topics and the role's agents registered."""
     os.makedirs(cfg.data_dir, exist_ok=True)
@@ -479,7 +495,8 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         """Each view's computations: how many, how long (``ms_max``), cache hits, collisions, evictions;
         the heap trims (``_heap``); how long the event loop was held, and where (``_loop``)."""
         out = {name: dict(v.stats, cached_keys=len(v._answers)) for name, v in sorted(_VIEWS.items())}
-        return web.json({**out, "_heap": dict(heap.counts), "_loop": loop_watch.report()})
+        return web.json({**out, "_heap": dict(heap.counts), "_loop": loop_watch.report(),
+                         "_rocksdb": rocksdb_memory(app)})
 
     # every role's stored input positions ("topic/partition" -> next offset), for the broker watch
     app.loopline_positions = {}
