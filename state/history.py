@@ -132,8 +132,10 @@ class HistoryConfig:
     # costs one scan of that user's prefix (<= max_len keys), never a wrong answer
     wal: bool = True  # write-ahead log: a killed process loses nothing written. False is faster; after
     # a crash the store must then be rebuilt from fm.embeddings
-    block_cache_mb: int = 64  # RocksDB block cache (reads of recent history hit it)
-    write_buffer_mb: int = 32  # memtable size before a flush to an SST file
+    # RocksDB memory, per store (a role all worker holds two, fm and vm): both fill slowly with traffic,
+    # so they are what a long-lived worker's memory grows by until they are full (`bench soak`)
+    block_cache_mb: int = 16  # block cache (reads of recent history hit it)
+    write_buffer_mb: int = 8  # memtable size before a flush to an SST file (two memtables at most)
     background_jobs: int = 2  # flush/compaction threads: workers run on 2 cores (shared/design.md)
 
     def __post_init__(self):
@@ -166,6 +168,7 @@ def rdict_options(cfg: HistoryConfig = HistoryConfig()) -> tuple[Options, WriteO
     opts.create_if_missing(True)
     opts.set_compression_type(DBCompressionType.lz4())
     opts.set_write_buffer_size(cfg.write_buffer_mb << 20)
+    opts.set_max_write_buffer_number(2)
     opts.set_max_background_jobs(cfg.background_jobs)
     opts.set_level_compaction_dynamic_level_bytes(True)
     opts.set_keep_log_file_num(2)

@@ -80,7 +80,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Mapping, MutableMapping
 
 from .errors import ConfigError
-from .sizes import CHUNK_BYTES, size_of
+from .sizes import size_of
 
 __all__ = ["QualityCounts", "QualityCountsConfig", "merge_aggregates", "empty_aggregate", "load_aggregate",
            "BOUND_COUNTERS"]
@@ -224,7 +224,11 @@ class QualityCounts:
     """One partition's counts over ``store``; feed it the ``audience`` topic's values with
     :meth:`learn_one` and call :meth:`flush` once per batch."""
 
-    CHUNK_BYTES = CHUNK_BYTES  # the aggregate's chunks (module docstring; a test may use a smaller one)
+    # The aggregate's chunks (module docstring; a test may use a smaller one). A flush rewrites every
+    # chunk holding a changed entry, and a batch's entries are spread over all of them, so a flush
+    # writes about (chunks touched) x (chunk size): with CHUNK_BYTES (256 KiB) chunks a small batch's
+    # flush held the event loop up to 363 ms in `loopline bench soak`; 16 KiB keeps it small.
+    CHUNK_BYTES = 16 * 1024
 
     def __init__(self, store: MutableMapping, prefix: str = "", cfg: QualityCountsConfig = QualityCountsConfig()):
         self.store = store

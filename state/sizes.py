@@ -13,7 +13,7 @@ How each value that grows with traffic stays under it:
 * the ingest outbox (``state/ingest.py``): chunks of at most :data:`CHUNK_BYTES`, one key each, and a
   small index;
 * the quality aggregate (``state/quality_counts.py``): its entries in chunks of at most
-  :data:`CHUNK_BYTES` per section, a small head with the counters;
+  16 KiB per section (smaller: a flush rewrites each chunk it touches), a small head with the counters;
 * the attribution join's record chunks (``state/attribution.py``): at most ``CHUNK`` records and
   :data:`CHUNK_BYTES` per chunk, and a bounded number of conversions per impression;
 * a dead letter keeps at most :data:`MAX_DEADLETTER_RAW` bytes of its line (a longer line keeps its

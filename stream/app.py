@@ -417,14 +417,24 @@ _ROCKSDB_MEMORY = {"memtables_mb": "rocksdb.cur-size-all-mem-tables", "block_cac
                    "readers_mb": "rocksdb.estimate-table-readers-mem"}
 
 
+def _int_property(db, prop: str) -> int:
+    try:
+        return db.property_int_value(prop) or 0
+    except Exception:  # noqa: BLE001 - a database closed meanwhile (a store reopened) reports nothing
+        return 0
+
+
 def rocksdb_memory(app: faust.App) -> dict:
-    """Per table: its open RocksDB databases and the memory RocksDB reports for them (MiB)."""
+    """Per table, and per history store the roles registered in ``app.loopline_stores``: its open
+    RocksDB databases and the memory RocksDB reports for them (MiB)."""
     out = {}
-    for name, table in sorted(app.tables.items()):
-        dbs = list(getattr(table.data, "_dbs", {}).values())
+    named = [(name, list(getattr(table.data, "_dbs", {}).values())) for name, table in app.tables.items()]
+    named += [(name, [db] if (db := getattr(store, "_db", None)) is not None else [])
+              for name, store in getattr(app, "loopline_stores", {}).items()]
+    for name, dbs in sorted(named):
         row = {"dbs": len(dbs)}
         for field, prop in _ROCKSDB_MEMORY.items():
-            row[field] = round(sum(db.property_int_value(prop) or 0 for db in dbs) / (1 << 20), 2)
+            row[field] = round(sum(_int_property(db, prop) for db in dbs) / (1 << 20), 2)
         out[name] = row
     return out
 
@@ -498,6 +508,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         return web.json({**out, "_heap": dict(heap.counts), "_loop": loop_watch.report(),
                          "_rocksdb": rocksdb_memory(app)})
 
+    app.loopline_stores = {}  # name -> a role's own RocksDB store (a history store), for /views _rocksdb
     # every role's stored input positions ("topic/partition" -> next offset), for the broker watch
     app.loopline_positions = {}
     watch = BrokerWatch(cfg.broker, cfg.data_dir, cfg.on_broker_reset)

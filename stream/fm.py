@@ -118,6 +118,7 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
 
     async def start_stage() -> None:
         history = HistoryStore(os.path.join(cfg.data_dir, "fm-history"))
+        app.loopline_stores["fm-history"] = history
         # the one writer of the series: opening removes a killed save's temporaries; the newest snapshot
         # that verifies loads (an older one, with a warning, when the newest is damaged)
         state["snapshot_dir"] = SnapshotDir(snapshots, keep=KEEP_SNAPSHOTS)

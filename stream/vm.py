@@ -112,6 +112,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
     async def start_stage() -> None:
         inputs = {name: await read_topic(cfg.broker, name, cfg.partitions) for name in INPUTS}
         history = HistoryStore(os.path.join(cfg.data_dir, "vm-history"))
+        app.loopline_stores["vm-history"] = history
         stage = VMStage(history, stage_cfg)
         done = -1
         # the one writer of the series: opening removes a killed save's temporaries; the newest snapshot
