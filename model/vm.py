@@ -146,7 +146,7 @@ class VMFeaturizer:
         """``codes[i]``: float (n_i, C) LoopFM codes of the i-th example's user before its ts, oldest
         first; ``raw[i]``: raw events ``(ts, ad, campaign, kind)`` before its ts. Either may be None
         when the model does not read it."""
-        B, L, C, n, cache = len(examples), self.cfg.seq_len, self.cfg.code_dim, self.cfg.table_size, self.cache
+        B, n, cache = len(examples), self.cfg.table_size, self.cache
         ids = {}
         for f in self.cfg.fields:
             if f in ("ad", "campaign"):
@@ -157,28 +157,10 @@ class VMFeaturizer:
                 flat, lens = cache.pairs(f, [kv for r in rows for kv in r], n), list(map(len, rows))
             ids[f] = (torch.tensor(flat, dtype=torch.int64),
                       torch.tensor(np.concatenate([[0], np.cumsum(lens)[:-1]]) if B else [], dtype=torch.int64))
-        cz = np.zeros((B, L, C), np.float32)
-        cm = np.zeros((B, L), bool)
-        if codes is not None:
-            for i, c in enumerate(codes):
-                c = np.asarray(c, np.float32)[-L:]
-                if len(c):
-                    assert c.shape[1] == C, f"code width {c.shape[1]} != code_dim {C}"
-                    cz[i, L - len(c):] = c  # left-pad: the newest at L-1
-                    cm[i, L - len(c):] = True
-        ra = np.zeros((B, L), np.int64)
-        rc = np.zeros((B, L), np.int64)
-        rm = np.zeros((B, L), bool)
-        if raw is not None:
-            picked = [evs[-L:] for evs in raw]
-            lens = np.fromiter(map(len, picked), np.int64, B)
-            rows = np.repeat(np.arange(B), lens)
-            cols = np.arange(len(rows)) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(L - lens, lens)
-            evs = [e for p in picked for e in p]
-            if evs:
-                ra[rows, cols] = cache.pairs("raw-ad", [(e[3], e[1]) for e in evs], n, sep=":")
-                rc[rows, cols] = cache.pairs("raw-campaign", [(e[3], e[2]) for e in evs], n, sep=":")
-                rm[rows, cols] = True
+        # One user's sequence for every candidate (``POST /score/`` passes the same list B times): made
+        # once and repeated, instead of B lookups of the same L events
+        cz, cm = self._codes(_once(codes), B)
+        ra, rc, rm = self._raw(_once(raw), B)
         soft = [ex.get("soft_label") for ex in examples]
         cache.bound()
         return VMBatch(ids=ids, codes=torch.from_numpy(cz), code_mask=torch.from_numpy(cm),
@@ -186,6 +168,44 @@ class VMFeaturizer:
                        labels=torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32),
                        soft=torch.tensor([math.nan if s is None else float(s) for s in soft], dtype=torch.float32),
                        size=B)
+
+
+    def _codes(self, codes: list | None, B: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L, C) codes, left-padded (the newest at L-1), and their mask; ``codes`` has B rows, or one
+        row for all B."""
+        L, C = self.cfg.seq_len, self.cfg.code_dim
+        R = B if codes is None else len(codes)
+        cz, cm = np.zeros((R, L, C), np.float32), np.zeros((R, L), bool)
+        for i, c in enumerate(codes or ()):
+            c = np.asarray(c, np.float32)[-L:]
+            if len(c):
+                assert c.shape[1] == C, f"code width {c.shape[1]} != code_dim {C}"
+                cz[i, L - len(c):] = c
+                cm[i, L - len(c):] = True
+        return (cz, cm) if R == B else (np.repeat(cz, B, axis=0), np.repeat(cm, B, axis=0))
+
+    def _raw(self, raw: list | None, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, L) raw-event ad and campaign ids, left-padded, and their mask; ``raw`` has B rows, or one
+        row for all B."""
+        L, n, cache = self.cfg.seq_len, self.cfg.table_size, self.cache
+        R = B if raw is None else len(raw)
+        ra, rc, rm = np.zeros((R, L), np.int64), np.zeros((R, L), np.int64), np.zeros((R, L), bool)
+        if raw is not None:
+            picked = [evs[-L:] for evs in raw]
+            lens = np.fromiter(map(len, picked), np.int64, R)
+            rows = np.repeat(np.arange(R), lens)
+            cols = np.arange(len(rows)) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(L - lens, lens)
+            evs = [e for p in picked for e in p]
+            if evs:
+                ra[rows, cols] = cache.pairs("raw-ad", [(e[3], e[1]) for e in evs], n, sep=":")
+                rc[rows, cols] = cache.pairs("raw-campaign", [(e[3], e[2]) for e in evs], n, sep=":")
+                rm[rows, cols] = True
+        return (ra, rc, rm) if R == B else tuple(np.repeat(a, B, axis=0) for a in (ra, rc, rm))
+
+
+def _once(rows: list | None) -> list | None:
+    """``rows[:1]`` when every row is the same object (one user's sequence for all), else ``rows``."""
+    return rows[:1] if rows is not None and len(rows) > 1 and all(r is rows[0] for r in rows) else rows
 
 
 class _SeqEncoder(nn.Module):

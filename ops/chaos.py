@@ -39,9 +39,9 @@ All four are compared exactly (``==``), never within a tolerance.
   unloaded and loaded in ABBA order (each pair of neighbours is one of each), each sent at once after
   ingest finished the previous one. While a chunk is "loaded",
   ``clients`` threads of a child process (``python -m loopline.ops.chaos load-clients``: the measuring
-  process keeps its GIL; at ``nice`` 10, as clients are other machines in a deployment) hit every view of every worker (``/ingest/``, ``/fm/``, ``/vm/``, ``POST
-  /score/``, ``/reach``, ``/reach?q=``, ``/quality``, ``/healthz``, ``/readyz``, ``/views``) back to
-  back with a short pause. A chunk's ingest time runs from its first send to the moment ingest's
+  process keeps its GIL; at ``nice`` 10, as clients are other machines in a deployment) hit every view
+  of every worker (``/ingest/``, ``/fm/``, ``/vm/``, ``POST /score/``, ``/reach``, ``/reach?q=``,
+  ``/quality``, ``/healthz``, ``/readyz``, ``/views``) back to back with a short pause. A chunk's ingest time runs from its first send to the moment ingest's
   watermark marks (which it sends after each batch's outputs to the fm's inputs) show every partition
   past the chunk's last event; the expected marks come from the ingest core run offline on the same
   chunks. The figure (``ratio``) is the median, over the eight neighbour pairs, of the loaded chunk's

@@ -131,7 +131,8 @@ class _Overlay:
     are applied to their keys, and the commit record deleted. A store whose commit record is present
     holds a batch that is not known to be applied: :meth:`recover` (on start) applies it again, which
     is idempotent. A prefix without the commit record has none of the batch's writes outside the
-    journal's chunks (rewritten by the next batch), so state, counters and outbox always move together.
+    journal's chunks (never read without it; a later batch's chunks overwrite them), so state,
+    counters and outbox always move together.
 
     >>> store = {}
     >>> o = _Overlay(store, "0|")
