@@ -275,7 +275,7 @@ class AttributionJoin:
 
     def _close(self, key: str, rec: dict) -> None:
         """Keep only a closed marker (for de-duplication) until its forget time."""
-        marker = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False), "by": rec.get("by"),
+        marker = {"s": "closed", "src": rec["src"], "pos": rec.get("pos", False),
                   "cv": rec.get("cv", {})}
         self._put(key, marker, due=rec["ts"] + self.cfg.window_s + self.cfg.dedup_horizon_s)
 
@@ -360,7 +360,7 @@ class AttributionJoin:
             return []
         out = [self._example(rec, 1, c["ts"], c)]
         # a copy: a stored record is never changed in place (the chunks' byte counts rely on it)
-        self._close(key, dict(rec, pos=True, by=c["src"]))
+        self._close(key, dict(rec, pos=True))
         return out
 
     # -- time ----------------------------------------------------------------------------------------
