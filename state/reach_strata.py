@@ -154,11 +154,14 @@ class ScoreModel:
     sampler draws users with probability proportional to ``q = sqrt(r)`` within a stratum: the
     allocation that minimizes the workload's summed relative variance user by user."""
 
-    def __init__(self, single: dict, pair: dict, u_max: float, scale: float = 1.0):
+    def __init__(self, single: dict, pair: dict, u_max: float, scale: float = 1.0, coded: dict | None = None):
         self.single = single  # attr -> {value or None: u}
         self.pair = pair  # (attr, attr) -> {(value or None, value or None): u}
         self.u_max = u_max
         self.scale = scale  # q is divided by it (its mean on the fitting data is 1)
+        # the same tables in the fitting data's codes, for q_codes: attr -> its values then (code c + 1 is
+        # values[c], 0 missing), and per table the arrays of its non-zero cells
+        self.coded = coded or {"values": {}, "single": {}, "pair": {}}
 
     @classmethod
     def fit(cls, cols: dict, values: dict, w: np.ndarray, t_min_share: float = 1e-4) -> "ScoreModel":
@@ -169,18 +172,24 @@ class ScoreModel:
         def val(a, c):
             return values[a][c - 1] if c > 0 else None
 
-        single = {}
+        def cells(t):  # the non-zero cells of a count table and their u
+            nz = np.flatnonzero(t)
+            return nz, 1.0 / np.maximum(t[nz], t_min) ** 2
+
+        single, pair = {}, {}
+        coded = {"values": {a: list(values[a]) for a in attrs}, "single": {}, "pair": {}}
         for a in attrs:
-            t = np.bincount(cols[a] + 1, weights=w, minlength=len(values[a]) + 1)
-            single[a] = {val(a, c): 1.0 / max(t[c], t_min) ** 2 for c in np.flatnonzero(t)}
-        pair = {}
+            nz, u = cells(np.bincount(cols[a] + 1, weights=w, minlength=len(values[a]) + 1))
+            single[a] = {val(a, c): x for c, x in zip(nz.tolist(), u.tolist())}
+            coded["single"][a] = (nz, u)
         for a, b in itertools.combinations(attrs, 2):
             vb = len(values[b]) + 1
             if (len(values[a]) + 1) * vb > MAX_PAIR_CELLS:
                 continue
-            t = np.bincount((cols[a] + 1) * vb + cols[b] + 1, weights=w, minlength=(len(values[a]) + 1) * vb)
-            pair[(a, b)] = {(val(a, c // vb), val(b, c % vb)): 1.0 / max(t[c], t_min) ** 2 for c in np.flatnonzero(t)}
-        model = cls(single, pair, 1.0 / t_min ** 2)
+            nz, u = cells(np.bincount((cols[a] + 1) * vb + cols[b] + 1, weights=w, minlength=(len(values[a]) + 1) * vb))
+            pair[(a, b)] = {(val(a, c // vb), val(b, c % vb)): x for c, x in zip(nz.tolist(), u.tolist())}
+            coded["pair"][(a, b)] = (nz // vb, nz % vb, u)
+        model = cls(single, pair, 1.0 / t_min ** 2, coded=coded)
         vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
         q = model.q_codes(cols, vocab, len(w))
         wq = float((w * q).sum())
@@ -203,30 +212,38 @@ class ScoreModel:
         return float(np.sqrt(self.score(attrs))) / self.scale
 
     def q_codes(self, cols: dict, vocab: dict, n: int | None = None) -> np.ndarray:
-        """``q`` of many users: ``cols[attr]`` codes (-1: missing) into ``vocab[attr]``."""
+        """``q`` of many users: ``cols[attr]`` codes (-1: missing) into ``vocab[attr]``.
+
+        Each table becomes a look-up table over today's codes by moving its cells from the fitting
+        data's codes to today's (``remap``, one dict pass per attribute), in numpy: the tables hold up
+        to a pair of values per sampled user for every pair of attributes, too many for a Python loop
+        each time a view asks for a fresh sample."""
         n = _rows(cols, n)
-        r = np.zeros(n)
-        lut_of = {}
-        for a, tab in self.single.items():
+        if not self.single:
+            return np.ones(n)
+        coded = self.coded
+        remap = {}  # attr -> today's code (-1: missing, the look-up tables' last slot) of each fitted code
+        for a, vals in coded["values"].items():
             voc = vocab.get(a, {})
-            lut = np.full(len(voc) + 1, self.u_max)  # last slot: missing (-1)
-            lut[-1] = tab.get(None, self.u_max)
-            for v, c in voc.items():
-                lut[c] = tab.get(v, self.u_max)
-            lut_of[a] = lut
+            m = np.full(len(vals) + 1, -2, dtype=np.int64)  # -2: the fitted value has no code today
+            m[0] = -1
+            m[1:] = [voc.get(v, -2) for v in vals]
+            remap[a] = (m, len(voc) + 1)
+        r = np.zeros(n)
+        for a, (nz, u) in coded["single"].items():
+            m, size = remap[a]
+            lut = np.full(size, self.u_max)
+            keep = m[nz] != -2
+            lut[m[nz][keep]] = u[keep]
             r += lut[cols[a]] if a in cols else lut[-1]
-        for (a, b), tab in self.pair.items():
-            va, vb = vocab.get(a, {}), vocab.get(b, {})
-            lut = np.full((len(va) + 1, len(vb) + 1), self.u_max)
-            ia = {**{v: c for v, c in va.items()}, None: -1}
-            ib = {**{v: c for v, c in vb.items()}, None: -1}
-            for (x, y), u in tab.items():
-                if x in ia and y in ib:
-                    lut[ia[x], ib[y]] = u
-            ca = cols[a] if a in cols else np.full(n, -1)
-            cb = cols[b] if b in cols else np.full(n, -1)
-            r += lut[ca, cb]
-        return np.sqrt(r) / self.scale if self.single else np.ones(n)
+        for (a, b), (ca, cb, u) in coded["pair"].items():
+            (ma, sa), (mb, sb) = remap[a], remap[b]
+            xa, xb = ma[ca], mb[cb]
+            keep = (xa != -2) & (xb != -2)
+            lut = np.full((sa, sb), self.u_max)
+            lut[xa[keep], xb[keep]] = u[keep]
+            r += lut[cols[a] if a in cols else np.full(n, -1), cols[b] if b in cols else np.full(n, -1)]
+        return np.sqrt(r) / self.scale
 
 
 def probe_scores(cols: dict, values: dict, w: np.ndarray, queries: list | None = None,

@@ -311,3 +311,26 @@ def test_segment_labels_become_query_attributes_whatever_their_order():
     assert segment_attr("dmp-1", "female") == "seg.dmp_1.female"
     assert answer(before, "not seg.dmp_1.female = yes")["users"] == pytest.approx(
         answer(before, "*")["users"] - a["users"], abs=0.2)  # answers are rounded to 0.1
+
+
+def test_score_model_q_of_many_users_equals_q_of_each_after_the_vocabulary_moved_on():
+    """``q_codes`` (the fresh sample a view asks for) gives each user the ``q`` the sampler gave it one
+    event at a time, also when the vocabulary has since pruned values, reused their codes and added new
+    ones, and for a missing or an unseen attribute."""
+    from loopline.state.reach_strata import ScoreModel
+
+    rng = np.random.default_rng(3)
+    values = {"geo": ["US", "IS", "DE", "FR"], "dev": ["ios", "web", "tv"], "age": ["18", "25", "35"]}
+    n = 500
+    cols = {a: rng.integers(-1, len(v), n).astype(np.int32) for a, v in values.items()}
+    model = ScoreModel.fit(cols, values, rng.uniform(0.5, 2.0, n))
+    # today: "DE" pruned and its code reused by "NO", "FR" moved to a new code, "tv" gone, "ca" new,
+    # and "age" no longer encoded (every user missing it) while "lang" has come
+    today = {"geo": ["US", "IS", "NO", "XX", "FR"], "dev": ["ios", "web", "ca"], "lang": ["en", "is"]}
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in today.items()}
+    m = 300
+    now = {a: rng.integers(-1, len(v), m).astype(np.int32) for a, v in today.items()}
+    got = model.q_codes(now, vocab, m)
+    want = [model.q({a: today[a][c[i]] for a, c in now.items() if c[i] >= 0}) for i in range(m)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert len(set(np.round(got, 9))) > 10  # the users differ: a constant would not pass by chance
