@@ -278,6 +278,19 @@ def test_every_table_store_has_bounded_rocksdb_memory(tmp_path):
         WorkerConfig(table_block_cache_mb=0)
 
 
+def test_a_worker_sets_the_gil_switch_interval_its_config_names(tmp_path):
+    # a forward on the event loop waits up to this long for the GIL after each op (WorkerConfig)
+    import sys
+    before = sys.getswitchinterval()
+    try:
+        build_app(WorkerConfig(store="memory://", data_dir=str(tmp_path), role="ingest", gil_switch_ms=2.5))
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(ConfigError, match="^gil_switch_ms:"):
+        WorkerConfig(gil_switch_ms=0)
+
+
 def test_the_heap_keeper_gives_freed_memory_back_to_the_system():
     from loopline.stream.heap import HeapKeeper
 
