@@ -30,9 +30,12 @@ worker for seconds then delays only the next view request, not the RSS samples):
 whether a bound bit are read generically from whatever the views serve (:func:`bound_counters`), so a
 new bound shows up without a change here.
 
-Figures: ``rss_mb_warm`` is the mean RSS of the three samples nearest one third of the run (warm-up
-is the first third), ``rss_mb_end`` the mean of the last three, ``rss_growth_after_warmup`` their
-relative difference; ``views_p99_ms`` is each view's 99th percentile over the whole run (with one
+Figures: ``rss_mb_warm`` is the median RSS of the samples within a twentieth of the run of its first
+third (warm-up is the first third), ``rss_mb_end`` the median of the last tenth's samples,
+``rss_growth_after_warmup`` their relative difference. Medians, because a snapshot's serialization
+buffers lift RSS by tens of MB for the one sample that catches them (every 20 s or so at the default
+speed-up), and a mean of three samples moved by 5% with whether one of them did; the highest sample is
+``rss_mb_max_after_warmup``; ``views_p99_ms`` is each view's 99th percentile over the whole run (with one
 request every 3 s, ten minutes give 200: the p99 is about the second-worst), ``..._after_warmup`` the
 same without the first third. Whether the worker kept up: ``ingest_lag_*`` (events sent, not yet read)
 and ``fm_lag_*`` (examples labelled, not yet trained on; two views read moments apart, so it can dip
@@ -316,11 +319,14 @@ def _prometheus_bounds(text: str) -> dict:
     return out
 
 
-def _rss_mb(pid: int) -> float | None:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's resident memory in MiB: all of it (``VmRSS``), or its ``RssAnon`` part (the heaps:
+    what a leak grows) or ``RssFile`` part (mapped files, mostly the shared libraries' pages: these grow
+    as code paths run for the first time, and the kernel can drop them)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -436,7 +442,8 @@ class _Prober(threading.Thread):
 def _sample(t: float, producer: "_Producer", prober: _Prober, data_dir: str) -> dict:
     row = {"t": round(t, 2), "events": producer.sent, "users": producer.traffic.distinct_users,
            "event_time": round(producer.sim_ts, 1), **prober.counts(),
-           "rss_mb": _rss_mb(prober.worker.proc.pid), "data_dir_mb": round(_dir_mb(data_dir), 2)}
+           "rss_mb": _rss_mb(prober.worker.proc.pid), "rss_anon_mb": _rss_mb(prober.worker.proc.pid, "RssAnon"),
+           "data_dir_mb": round(_dir_mb(data_dir), 2)}
     row["ingest_lag"] = row["events"] - row["ingested"]  # sent, not yet read by ingest
     row["fm_lag"] = row["labelled"] - (row["fm_examples"] or 0)  # labelled, not yet trained on
     if prober.monitor is not None:
@@ -450,8 +457,16 @@ def _mean_near(samples: list, t: float, key: str, k: int = 3) -> float | None:
     return round(statistics.fmean(vals), 1) if vals else None
 
 
+def _median_within(samples: list, lo: float, hi: float, key: str) -> float | None:
+    vals = [s[key] for s in samples if lo <= s["t"] <= hi and s.get(key) is not None]
+    return round(statistics.median(vals), 1) if vals else None
+
+
 def _growth(samples: list, duration: float, key: str) -> dict:
-    warm, end = _mean_near(samples, duration / 3, key), _mean_near(samples, samples[-1]["t"], key)
+    """RSS after warm-up and at the end, each a median over a stretch of samples (module docstring)."""
+    third, last = duration / 3, samples[-1]["t"]
+    warm = _median_within(samples, third - duration / 20, third + duration / 20, key)
+    end = _median_within(samples, last - duration / 10, last, key)
     after = [s[key] for s in samples if s["t"] >= duration / 3 and s.get(key) is not None]
     return {"rss_mb_warm": warm, "rss_mb_end": end,
             "rss_growth_after_warmup": round((end - warm) / warm, 4) if warm and end is not None else None,
@@ -472,6 +487,7 @@ def _plot(samples: list, latency: dict, path: Path) -> None:
     t = [s["t"] / 60 for s in samples]
     fig, (ax1, ax2, ax4) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     ax1.plot(t, [s["rss_mb"] for s in samples], label="worker (role all)")
+    ax1.plot(t, [s.get("rss_anon_mb") for s in samples], color="C0", ls="--", lw=0.8, label="its heaps (RssAnon)")
     if any(s.get("monitor_rss_mb") for s in samples):
         ax1.plot(t, [s.get("monitor_rss_mb") for s in samples], label="worker (role monitor)")
     ax1.axvline(samples[-1]["t"] / 60 / 3 if samples else 0, color="grey", ls=":", label="end of warm-up")
@@ -573,6 +589,9 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
         "distinct_verticals": traffic.distinct_verticals, "new_attribute_values": traffic.new_values,
         "event_days": round((producer.sim_ts - cfg.start_ts) / 86400, 2),
         **_growth(samples, elapsed, "rss_mb"),
+        # the same for the anonymous part alone (the heaps, without the libraries' pages)
+        "rss_anon": {k.replace("rss_mb_", "mb_").replace("rss_", ""): v
+                     for k, v in _growth(samples, elapsed, "rss_anon_mb").items()},
         "data_dir_mb": last["data_dir_mb"], "data_dir_breakdown_mb": breakdown,
         "ingested": last["ingested"], "labelled_examples": last["labelled"], "fm_examples": last["fm_examples"],
         # did the worker keep up? lags after warm-up and at the end (growing: the rate is too high)

@@ -638,12 +638,20 @@ async def _phases(dep: _Deployment, chunks: list, marks: list, loaded: tuple, lo
     follower = asyncio.ensure_future(follow())
     phases = []
     pid = dep.workers["ingest"].proc.pid
+    # every process's CPU per chunk: where a loaded chunk's time goes on a machine the roles share
+    pids = {name: w.proc.pid for name, w in dep.workers.items()}
+    pids["broker"] = dep.broker.proc.pid
+    if load is not None:
+        pids["clients"] = load.proc.pid
+
+    def cpus() -> dict:
+        return {name: _cpu_s(p) for name, p in pids.items()}
     try:
         for i, (chunk, on) in enumerate(zip(chunks, loaded)):
             on = on and load is not None
             if on:
                 load.on()
-            cpu = _cpu_s(pid)
+            cpu, each = _cpu_s(pid), cpus()
             t = time.perf_counter()
             deadline = time.monotonic() + ctx.cfg.wait
             futures = [await producer.send("events", r.raw, key=r.key, partition=partition_for(r.key, r.raw, P))
@@ -658,11 +666,14 @@ async def _phases(dep: _Deployment, chunks: list, marks: list, loaded: tuple, lo
                 await asyncio.sleep(0.005)
             dt = time.perf_counter() - t
             cpu = None if cpu is None or _cpu_s(pid) is None else _cpu_s(pid) - cpu
+            each = {name: round((c - each[name]) / dt, 3) for name, c in cpus().items()
+                    if c is not None and each.get(name) is not None}
             if on:
                 load.off()
             phases.append({"events": len(chunk), "loaded": on, "seconds": round(dt, 3),
                            "events_per_s": round(len(chunk) / dt, 1),
-                           "ingest_cpu_ms_per_event": None if cpu is None else round(1000 * cpu / len(chunk), 4)})
+                           "ingest_cpu_ms_per_event": None if cpu is None else round(1000 * cpu / len(chunk), 4),
+                           "cores_used": each})
             ctx.say(f"{dep.name}: chunk {i + 1}/{len(chunks)} ({'loaded' if on else 'unloaded'}) ingested at "
                     f"{len(chunk) / dt:,.0f} events/s")
     finally:
