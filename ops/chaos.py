@@ -41,7 +41,13 @@ All four are compared exactly (``==``), never within a tolerance.
   ``clients`` threads of a child process (``python -m loopline.ops.chaos load-clients``: the measuring
   process keeps its GIL; at ``nice`` 10, as clients are other machines in a deployment) hit every view
   of every worker (``/ingest/``, ``/fm/``, ``/vm/``, ``POST /score/``, ``/reach``, ``/reach?q=``,
-  ``/quality``, ``/healthz``, ``/readyz``, ``/views``) back to back with a short pause. A chunk's ingest time runs from its first send to the moment ingest's
+  ``/quality``, ``/healthz``, ``/readyz``, ``/views``) back to back with a short pause. For the
+  measurement the ingest worker and the broker run on one core and every other process on the others
+  (``sched_setaffinity``, where there are two cores or more; ``cpus`` in the result), as roles have
+  machines of their own in a deployment: the figure is what serving views costs ingest, and not how
+  five processes and the clients share two cores (unpinned, the other roles' extra view work took
+  cores from ingest, and the ratio moved between 0.74 and 0.81 from run to run). Each chunk records
+  the cores every process used (``cores_used``). A chunk's ingest time runs from its first send to the moment ingest's
   watermark marks (which it sends after each batch's outputs to the fm's inputs) show every partition
   past the chunk's last event; the expected marks come from the ingest core run offline on the same
   chunks. The figure (``ratio``) is the median, over the eight neighbour pairs, of the loaded chunk's
@@ -702,6 +708,39 @@ async def _groups(bootstrap: str) -> dict:
         await admin.close()
 
 
+def _pin(pid: int, cpus: set) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (threads it starts later inherit the mask)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+def _pin_ingest(dep: _Deployment, clients: _ViewLoad) -> dict | None:
+    """For the measurement, ingest and the broker on one core and every other process (the other roles,
+    the load clients) on the rest, as a deployment gives roles machines of their own: the figure is then
+    what serving views costs ingest (its own views, and the broker's extra fetches), not how five
+    processes share two cores. Without two cores or ``sched_setaffinity``, nothing is pinned (None)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    mine, rest = {cpus[0]}, set(cpus[1:])
+    _pin(dep.workers["ingest"].proc.pid, mine)
+    _pin(dep.broker.proc.pid, mine)
+    for name, w in dep.workers.items():
+        if name != "ingest":
+            _pin(w.proc.pid, rest)
+    _pin(clients.proc.pid, rest)
+    return {"ingest+broker": sorted(mine), "others": sorted(rest)}
+
+
 def _throughput_log(ctx: _Context) -> list:
     """The view_load measurement's own log: ``throughput_events`` lines after the main log's end, over
     0.8 days of event time (no attribution window closes in it, so the fm and the vm stay idle), ids
@@ -747,6 +786,7 @@ def _clean_run(ctx: _Context, load: bool) -> dict:
         loaded = (False, True, True, False) * 4  # ABBA: each pair of neighbours is one of each
         marks = _expected_marks(ctx, chunks)
         clients = _ViewLoad(dep, cfg.clients, cfg.client_pause_s)
+        pinned = _pin_ingest(dep, clients)
         groups_before = asyncio.run(_groups(dep.broker.bootstrap))
         phases = asyncio.run(_phases(dep, chunks, marks, loaded, clients))
         groups_after = asyncio.run(_groups(dep.broker.bootstrap))
@@ -784,6 +824,7 @@ def _clean_run(ctx: _Context, load: bool) -> dict:
                        "ratio": round(ratio, 3), "pooled_ratio": round(pooled, 3),
                        "ingest_cpu_ms_per_event": {"unloaded": cpu(False), "loaded": cpu(True)}, "phases": phases},
                    requests={"total": clients.requests, "by_view": clients.statuses, "bad": clients.bad()},
+                   cpus=pinned,
                    groups={"before": groups_before, "after": groups_after})
 
 

@@ -146,6 +146,10 @@ class WorkerConfig:
     # up to this long to get it back whenever the training, reach or view thread runs Python: beside one
     # busy thread a 20-op forward took p90 89 ms at 5 ms and 3.8 ms at 1 ms (p99 144 / 28 ms)
     gil_switch_ms: float = 1.0
+    # how long the producer holds a message to batch it with the next ones (Faust's default: 0, so a
+    # role writing a table sends nearly one produce request per changelog message; in `chaos
+    # view_load` the reach worker spent 13% of its time in those requests' socket writes)
+    producer_linger_ms: float = 5.0
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -170,6 +174,9 @@ class WorkerConfig:
             raise ConfigError(f"heap_arenas: must be an integer >= 0 (0: glibc's default), got {self.heap_arenas!r}")
         if not isinstance(self.heap_trim_s, (int, float)) or not 0 <= self.heap_trim_s <= 86400:
             raise ConfigError(f"heap_trim_s: must be a number of seconds in 0..86400, got {self.heap_trim_s!r}")
+        if isinstance(self.producer_linger_ms, bool) or not isinstance(self.producer_linger_ms, (int, float)) \
+                or not 0 <= self.producer_linger_ms <= 1000:
+            raise ConfigError(f"producer_linger_ms: must be a number of milliseconds in 0..1000, got {self.producer_linger_ms!r}")
         if isinstance(self.gil_switch_ms, bool) or not isinstance(self.gil_switch_ms, (int, float)) \
                 or not 0.05 <= self.gil_switch_ms <= 100:
             raise ConfigError(f"gil_switch_ms: must be a number of milliseconds in 0.05..100, got {self.gil_switch_ms!r}")
@@ -471,6 +478,8 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 5),
         broker_rebalance_timeout=cfg.session_timeout_s * 2,
+        producer_linger=cfg.producer_linger_ms / 1000.0,
+        producer_max_batch_size=256 * 1024,  # per partition: a batch's table writes in a few requests
         producer_max_request_size=16 * 1024 * 1024,  # a batch of messages; each one is <= 1 MiB (state/sizes.py)
         consumer_max_fetch_size=4 * 1024 * 1024,
         table_cleanup_interval=3600.0,

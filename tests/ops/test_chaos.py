@@ -39,6 +39,12 @@ def test_views_under_load_answer_without_errors_or_rebalances_and_change_no_numb
     assert_ok("view_load", r)
     assert r["requests"]["total"] > 0
     assert all(set(codes) == {"200"} for codes in r["requests"]["by_view"].values()), r["requests"]
+    # where the loaded time goes: every process's cores per chunk; ingest and the broker on a core of
+    # their own where the machine has two
+    assert all({"ingest", "reach", "broker", "clients"} <= set(p["cores_used"]) for p in r["throughput"]["phases"])
+    if (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
+        assert r["cpus"]["ingest+broker"] and r["cpus"]["others"]
+        assert not set(r["cpus"]["ingest+broker"]) & set(r["cpus"]["others"])
 
 
 @pytest.mark.integration
