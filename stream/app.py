@@ -37,7 +37,7 @@ from loopline.state.reach import ReachConfig
 from .broker_watch import RESET_POLICIES, BrokerWatch
 from .heap import HeapKeeper
 from .loop_watch import LoopWatch
-from .supervise import Health
+from .supervise import Health, background_nice
 
 __all__ = ["WorkerConfig", "TOPICS", "STATUS_TOPIC", "build_app", "make_table", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
            "CachedView"]
@@ -146,6 +146,9 @@ class WorkerConfig:
     # up to this long to get it back whenever the training, reach or view thread runs Python: beside one
     # busy thread a 20-op forward took p90 89 ms at 5 ms and 3.8 ms at 1 ms (p99 144 / 28 ms)
     gil_switch_ms: float = 1.0
+    # the training and reach threads run this many nice levels below the event loop (ingest, views,
+    # ``POST /score/``), which then waits less for a core (stream/supervise.py ``background_nice``)
+    background_nice: int = 10
     # how long the producer holds a message to batch it with the next ones (Faust's default: 0, so a
     # role writing a table sends nearly one produce request per changelog message; in `chaos
     # view_load` the reach worker spent 13% of its time in those requests' socket writes)
@@ -177,6 +180,9 @@ class WorkerConfig:
         if isinstance(self.producer_linger_ms, bool) or not isinstance(self.producer_linger_ms, (int, float)) \
                 or not 0 <= self.producer_linger_ms <= 1000:
             raise ConfigError(f"producer_linger_ms: must be a number of milliseconds in 0..1000, got {self.producer_linger_ms!r}")
+        if isinstance(self.background_nice, bool) or not isinstance(self.background_nice, int) \
+                or not 0 <= self.background_nice <= 19:
+            raise ConfigError(f"background_nice: must be an integer in 0..19, got {self.background_nice!r}")
         if isinstance(self.gil_switch_ms, bool) or not isinstance(self.gil_switch_ms, (int, float)) \
                 or not 0.05 <= self.gil_switch_ms <= 100:
             raise ConfigError(f"gil_switch_ms: must be a number of milliseconds in 0.05..100, got {self.gil_switch_ms!r}")
@@ -508,6 +514,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
 
     heap = HeapKeeper(cfg.heap_arenas)
     sys.setswitchinterval(cfg.gil_switch_ms / 1000.0)
+    background_nice(cfg.background_nice)
     loop_watch = LoopWatch(stall_ms=100.0)
 
     @app.task

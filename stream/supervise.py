@@ -1,6 +1,7 @@
 """The exception policy and liveness of every role's agent: a worker is never alive but stalled.
 
-Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``, ``off_loop``, ``in_thread``.
+Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``, ``off_loop``, ``in_thread``,
+``background_nice``.
 
 * **Exception policy.** An agent body wrapped in :func:`supervised` that raises anything unexpected
   makes the whole process exit with ``EXIT_AGENT_FAILED`` (70) after one line on stderr naming the role
@@ -33,7 +34,7 @@ import sys
 import time
 import traceback
 
-__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop", "in_thread"]
+__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop", "in_thread", "background_nice"]
 
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process
 
@@ -82,6 +83,28 @@ class Health:
 
 
 _TRAINING: list = []  # one thread for training steps, made on first use
+_NICE = [0]  # how much lower the background threads run than the event loop
+
+
+def background_nice(n: int) -> None:
+    """Run the training and role threads made from now on ``n`` nice levels below the event loop (0:
+    as the loop). On Linux a nice value is a thread's own, and the threads a thread starts (torch's
+    intra-op pool) inherit it. On two cores the training thread and its intra-op threads left the loop
+    a third of a core: a 20-candidate forward beside a training loop took p99 15.5 ms, and 9.5 ms with
+    the trainer at nice 10, whose steps/s moved from 41.6 to 39.8."""
+    _NICE[0] = max(0, int(n))
+
+
+def _lower_priority() -> None:
+    """An executor's initializer: the calling thread (not the process) ``_NICE`` levels lower."""
+    if _NICE[0] <= 0 or not hasattr(os, "setpriority"):
+        return
+    import threading
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _NICE[0]))
+    except OSError:  # not permitted here: the threads keep the loop's priority
+        pass
 
 
 async def off_loop(fn, *args):
@@ -91,7 +114,8 @@ async def off_loop(fn, *args):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
     if not _TRAINING:
-        _TRAINING.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopline-train"))
+        _TRAINING.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopline-train",
+                                            initializer=_lower_priority))
     return await asyncio.get_running_loop().run_in_executor(_TRAINING[0], fn, *args)
 
 
@@ -105,7 +129,8 @@ async def in_thread(role: str, fn, *args):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
     if role not in _THREADS:
-        _THREADS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loopline-{role}")
+        _THREADS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loopline-{role}",
+                                            initializer=_lower_priority)
     return await asyncio.get_running_loop().run_in_executor(_THREADS[role], fn, *args)
 
 

@@ -84,3 +84,21 @@ def test_healthz_and_readyz_through_a_worker(start_worker):
     from tests.conftest import wait_for
     assert wait_for(lambda: get("/readyz") == 200, 90, "/readyz", proc=w)
     assert get("/healthz") == 200
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_training_and_role_threads_run_below_the_event_loop():
+    # in a fresh process: the threads are made once per process, on first use
+    code = textwrap.dedent("""
+        import asyncio, os, threading
+        from loopline.stream.supervise import background_nice, in_thread, off_loop
+        def nice():
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        background_nice(7)
+        async def main():
+            print(nice(), await off_loop(nice), await in_thread("reach", nice))
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    loop, training, role = map(int, out.stdout.split())
+    assert (training, role) == (min(19, loop + 7), min(19, loop + 7)) and loop < 19
