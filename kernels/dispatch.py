@@ -66,6 +66,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from loopline.errors import ConfigError
+
 from .fp8_gemm import scaled_mm_fp8_gemm, scaled_mm_supported, triton_fp8_gemm, triton_supported
 from .probe import Probe, ProbeConfig, mere
 from .quant import dequantize, quantize
@@ -188,7 +190,6 @@ class DispatchConfig:
     force: str | None = None  # quality studies only: this candidate wherever its MERE passes, whatever its speed
 
     def __post_init__(self):
-        from loopline.state.errors import ConfigError
         if not 0 < self.threshold:
             raise ConfigError(f"threshold: must be > 0, got {self.threshold}")
         if self.min_speedup <= 0:
@@ -311,7 +312,7 @@ class DispatchLinear(nn.Module):
     def __init__(self, linear: nn.Linear, candidate: str):
         super().__init__()
         if candidate not in CANDIDATES:
-            raise ValueError(f"candidate: one of {sorted(CANDIDATES)}, got {candidate!r}")
+            raise ConfigError(f"candidate: one of {sorted(CANDIDATES)}, got {candidate!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from loopline.errors import ConfigError
+
 __all__ = ["ACTIVATIONS", "hardswish", "block_rms_norm", "apply_epilogue"]
 
 ACTIVATIONS = ("none", "hardswish", "relu")  # the activations the fused epilogue knows
@@ -38,7 +40,7 @@ def hardswish(x: torch.Tensor) -> torch.Tensor:
 def block_rms_norm(x: torch.Tensor, block: int = 256, eps: float = NORM_EPS) -> torch.Tensor:
     """RMSNorm without parameters over consecutive ``block``-wide slices of the last dimension."""
     if block < 1:
-        raise ValueError(f"block: must be >= 1, got {block}")
+        raise ConfigError(f"block: must be >= 1, got {block}")
     dtype, D = x.dtype, x.shape[-1]
     xf = x.float()
     parts = []
@@ -52,7 +54,7 @@ def apply_epilogue(y: torch.Tensor, bias: torch.Tensor | None = None, act: str =
                    norm_block: int | None = None, eps: float = NORM_EPS) -> torch.Tensor:
     """``act(norm(y + bias))`` in float32; ``norm_block`` None skips BlockNorm."""
     if act not in ACTIVATIONS:
-        raise ValueError(f"act: one of {ACTIVATIONS}, got {act!r}")
+        raise ConfigError(f"act: one of {ACTIVATIONS}, got {act!r}")
     y = y.float()
     if bias is not None:
         y = y + bias.float()

@@ -19,8 +19,12 @@ Design.
   :func:`triton_interpreted` says which mode is in use. On a GPU, the tile shape is picked per problem
   shape by timing a few configurations once (cached).
 - ``torch._scaled_mm`` (cuBLASLt FP8) takes per-tensor and row-wise scales; block-wise scaling there is
-  not offered (ValueError naming the triton path). It needs FP8 tensor cores (compute capability 8.9+)
-  to be fast; it also runs on CPU as a slow reference, which the tests use at tiny sizes.
+  not offered (a ``ConfigError``, also a ``ValueError``, naming the triton path). It needs FP8 tensor
+  cores (compute capability 8.9+) to be fast; it also runs on CPU as a slow reference, which the tests
+  use at tiny sizes.
+- Errors: a bad argument raises :class:`~loopline.errors.ConfigError` whose message starts with the
+  argument's name; a tile search on a GPU where no configuration runs raises
+  :class:`~loopline.errors.KernelError`. Both are ``LooplineError``s, so the CLI prints them in one line.
 - The reference dequantizes both operands to float32 and multiplies: the ground truth the kernels are
   tested against, and the "emulated" FP8 path on hardware without FP8.
 
@@ -40,6 +44,8 @@ import time
 import torch
 import triton
 import triton.language as tl
+
+from loopline.errors import ConfigError, KernelError
 
 from .epilogue import ACTIVATIONS, NORM_EPS, apply_epilogue
 from .quant import BLOCK, QTensor, dequantize, quantize
@@ -196,14 +202,14 @@ def _launch(a: QTensor, w: QTensor, out, bias, act_code: int, norm: bool, cfg: d
 
 def _check(a: QTensor, w: QTensor, act: str) -> None:
     if a.recipe != w.recipe:
-        raise ValueError(f"recipe: both operands need the same recipe, got {a.recipe!r} and {w.recipe!r}")
+        raise ConfigError(f"recipe: both operands need the same recipe, got {a.recipe!r} and {w.recipe!r}")
     if a.shape[1] != w.shape[1]:
-        raise ValueError(f"shape: inner dimensions differ, {tuple(a.shape)} @ {tuple(w.shape)}.T")
+        raise ConfigError(f"shape: inner dimensions differ, {tuple(a.shape)} @ {tuple(w.shape)}.T")
     if a.recipe == "block" and (a.group != (1, BLOCK) or w.group != (BLOCK, BLOCK)):
-        raise ValueError(f"recipe: block-wise needs 1x{BLOCK} activations and {BLOCK}x{BLOCK} weights, "
-                         f"got {a.group} and {w.group}; quantize with role='act' / role='weight'")
+        raise ConfigError(f"recipe: block-wise needs 1x{BLOCK} activations and {BLOCK}x{BLOCK} weights, "
+                          f"got {a.group} and {w.group}; quantize with role='act' / role='weight'")
     if act not in ACTIVATIONS:
-        raise ValueError(f"act: one of {ACTIVATIONS}, got {act!r}")
+        raise ConfigError(f"act: one of {ACTIVATIONS}, got {act!r}")
 
 
 def triton_fp8_gemm(a: QTensor, w: QTensor, bias: torch.Tensor | None = None, act: str = "none",
@@ -214,8 +220,8 @@ def triton_fp8_gemm(a: QTensor, w: QTensor, bias: torch.Tensor | None = None, ac
     norm_n = None
     if norm_block:
         if N > norm_block and norm_block & (norm_block - 1):
-            raise ValueError(f"norm_block: the fused BlockNorm needs a power-of-two block, got {norm_block}; "
-                             "apply kernels.epilogue.block_rms_norm after the GEMM instead")
+            raise ConfigError(f"norm_block: the fused BlockNorm needs a power-of-two block, got {norm_block}; "
+                              "apply kernels.epilogue.block_rms_norm after the GEMM instead")
         norm_n = norm_block if N > norm_block else max(16, 1 << (N - 1).bit_length())
     out = torch.empty(M, N, dtype=out_dtype, device=a.data.device)
     if bias is not None:
@@ -242,7 +248,7 @@ def triton_fp8_gemm(a: QTensor, w: QTensor, bias: torch.Tensor | None = None, ac
                 if best is None or dt < best[0]:
                     best = (dt, cfg)
             if best is None:
-                raise RuntimeError(f"triton_fp8_gemm: no tile configuration ran for shape {key[:3]}")
+                raise KernelError(f"triton_fp8_gemm: no tile configuration ran for shape {key[:3]}")
             _TUNED[key] = best[1]
     _launch(a, w, out, bias, _ACT[act], norm_n is not None, _TUNED[key])
     return out
@@ -253,8 +259,8 @@ def scaled_mm_fp8_gemm(a: QTensor, w: QTensor, bias: torch.Tensor | None = None,
     """``torch._scaled_mm`` with per-tensor or row-wise scales; bias added by the library."""
     _check(a, w, "none")
     if a.recipe == "block":
-        raise ValueError("recipe: _scaled_mm is used with 'tensor' and 'row' scales here; "
-                         "use triton_fp8_gemm for block-wise scaling")
+        raise ConfigError("recipe: _scaled_mm is used with 'tensor' and 'row' scales here; "
+                          "use triton_fp8_gemm for block-wise scaling")
     sa = a.scale.reshape(1, 1) if a.recipe == "tensor" else a.scale  # (1, 1) | (M, 1)
     sw = w.scale.reshape(1, 1) if w.recipe == "tensor" else w.scale.reshape(1, -1)  # (1, 1) | (1, N)
     if a.recipe == "tensor":
@@ -286,9 +292,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         y = reference_fp8_gemm(a, wq, bias, act, norm_block, out_dtype)
     elif library == "scaled_mm":
         if act != "none" or norm_block:
-            raise ValueError("act: _scaled_mm has no fused epilogue; use library='triton' or apply "
-                             "kernels.epilogue.apply_epilogue after it")
+            raise ConfigError("act: _scaled_mm has no fused epilogue; use library='triton' or apply "
+                              "kernels.epilogue.apply_epilogue after it")
         y = scaled_mm_fp8_gemm(a, wq, bias, out_dtype)
     else:
-        raise ValueError(f"library: one of {LIBRARIES}, got {library!r}")
+        raise ConfigError(f"library: one of {LIBRARIES}, got {library!r}")
     return y.reshape(*lead, weight.shape[0])

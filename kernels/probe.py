@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
+
 __all__ = ["ProbeConfig", "WelfordStats", "Probe", "mere", "MERE_FLOOR"]
 
 MERE_FLOOR = 0.01  # denominators |ref| are floored at this fraction of mean |ref| (see the module docstring)
@@ -82,7 +84,7 @@ class WelfordStats:
     def merge(self, other: "WelfordStats") -> "WelfordStats":
         """Fold another probe's statistics in (Chan's parallel formula)."""
         if other.dim != self.dim:
-            raise ValueError(f"dim: cannot merge statistics of width {other.dim} into {self.dim}")
+            raise ConfigError(f"dim: cannot merge statistics of width {other.dim} into {self.dim}")
         dev = self.mean.device
         return self._merge(other.n, other.mean.to(dev), other.m2.to(dev), other.amax.to(dev)) if other.n else self
 
@@ -122,7 +124,6 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from loopline.state.errors import ConfigError
         if self.every < 1:
             raise ConfigError(f"every: must be >= 1, got {self.every}")
         if self.record_rows < 0:
@@ -140,7 +141,6 @@ class Probe:
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
                        and (cfg.layers is None or name in cfg.layers)}
         if cfg.layers is not None and set(cfg.layers) - set(self.layers):
-            from loopline.state.errors import ConfigError
             raise ConfigError(f"layers: not Linear layers of the model: {sorted(set(cfg.layers) - set(self.layers))}")
         self.stats = {name: WelfordStats(m.in_features) for name, m in self.layers.items()}
         self.max_rows = {name: 0 for name in self.layers}

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loopline.errors import ConfigError
+
 __all__ = ["E4M3_MAX", "RECIPES", "QTensor", "quantize", "quantize_tensor", "quantize_rows",
            "quantize_blocks", "dequantize", "scale_from_amax"]
 
@@ -77,7 +79,7 @@ def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _check2d(x: torch.Tensor) -> None:
     if x.dim() != 2:
-        raise ValueError(f"quantize: expects a 2-D tensor (flatten leading dims first), got shape {tuple(x.shape)}")
+        raise ConfigError(f"x: quantize expects a 2-D tensor (flatten leading dims first), got shape {tuple(x.shape)}")
 
 
 def quantize_tensor(x: torch.Tensor, scale: torch.Tensor | None = None) -> QTensor:
@@ -113,16 +115,16 @@ def quantize(x: torch.Tensor, recipe: str, role: str = "act", scale: torch.Tenso
     """Quantize a 2-D ``x`` with a recipe of ``RECIPES``; ``role`` "act" or "weight" picks the block
     shape of the block-wise recipe (1x128 or 128x128). A static ``scale`` is supported per tensor only."""
     if role not in ("act", "weight"):
-        raise ValueError(f"role: 'act' or 'weight', got {role!r}")
+        raise ConfigError(f"role: 'act' or 'weight', got {role!r}")
     if scale is not None and recipe != "tensor":
-        raise ValueError(f"scale: a static scale needs the 'tensor' recipe, got {recipe!r}; use dynamic scaling")
+        raise ConfigError(f"scale: a static scale needs the 'tensor' recipe, got {recipe!r}; use dynamic scaling")
     if recipe == "tensor":
         return quantize_tensor(x, scale)
     if recipe == "row":
         return quantize_rows(x)
     if recipe == "block":
         return quantize_blocks(x, (1, BLOCK) if role == "act" else (BLOCK, BLOCK))
-    raise ValueError(f"recipe: one of {RECIPES}, got {recipe!r}")
+    raise ConfigError(f"recipe: one of {RECIPES}, got {recipe!r}")
 
 
 def dequantize(q: QTensor) -> torch.Tensor:

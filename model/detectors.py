@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["ADWINConfig", "ADWIN", "PageHinkleyConfig", "PageHinkley", "make_detector"]
 

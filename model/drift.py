@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasketches import kll_doubles_sketch
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["DriftConfig", "FeatureDrift", "feature_values", "psi", "js_divergence", "quantile_psi"]
 

@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["FeatureConfig", "Featurizer", "Batch", "hash_id", "HashCache", "gap_buckets", "SPARSE_KEYS", "EVENT_TYPES"]
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 from .features import EVENT_TYPES, SPARSE_KEYS, Batch, FeatureConfig
 from .kunlun import KunlunConfig, MultiEventEncoder, flops_per_example

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 from .detectors import ADWINConfig, PageHinkleyConfig, make_detector
 from .metrics import EPS, BinaryMetrics

@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS", "SCHEDULES", "KunlunConfig", "gdpa", "GDPA", "HierarchicalSeedPooling",

@@ -15,7 +15,7 @@ cross-entropy ``-(y log p + (1 - y) log(1 - p))``, the label rate and calibratio
 the sum of ``y``, and the AUC counts an example as ``y`` of a positive and ``1 - y`` of a negative (the
 same as scikit-learn's ``roc_auc_score`` on each example twice, labelled 1 with weight ``y`` and 0 with
 weight ``1 - y``). Anything else (NaN, infinities, scores outside ``[0, 1]``, labels in ``{-1, 1}``,
-strings, lengths that differ) raises :class:`~loopline.state.errors.InvalidMetricInput`, whose one-line
+strings, lengths that differ) raises :class:`~loopline.errors.InvalidMetricInput`, whose one-line
 message starts with the argument's name; no figure is ever computed from it. Predictions are clipped to
 ``[EPS, 1 - EPS]`` before the log (so a score of exactly 0 or 1 costs at most ``-log(EPS)`` ~ 16.1).
 
@@ -58,7 +58,7 @@ agree up to float rounding). ``merge()`` adds one
 >>> m.update([0.5], [float("nan")])
 Traceback (most recent call last):
 ...
-loopline.state.errors.InvalidMetricInput: y: 1 of 1 labels are not finite (first at index 0: nan)
+loopline.errors.InvalidMetricInput: y: 1 of 1 labels are not finite (first at index 0: nan)
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loopline.state.errors import ConfigError, InvalidMetricInput
+from loopline.errors import ConfigError, InvalidMetricInput
 
 __all__ = ["MetricsConfig", "BinaryMetrics", "auc", "log_loss"]
 

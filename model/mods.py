@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
 from loopline.kernels.epilogue import NORM_EPS, block_rms_norm
-from loopline.state.errors import ConfigError
 
 __all__ = ["BlockNorm", "activation", "MLP", "ACTIVATION_NAMES", "NORMS", "BIAS_MODES"]
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 from .drift import DriftConfig, FeatureDrift
 from .health import HealthConfig, ModelHealth

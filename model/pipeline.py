@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from loopline.errors import ConfigError
 from loopline.state.dedup import DedupConfig, RecentIds
-from loopline.state.errors import ConfigError
 
 from .baseline import LogisticBaseline
 from .features import Featurizer

@@ -66,7 +66,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.quality_counts import BOUND_COUNTERS
 
 __all__ = ["QualityConfig", "fit_ls", "bootstrap_ls", "fit_em", "em_intervals", "report_covariance", "sandwich_ci",

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
 from loopline.state import snapshots
-from loopline.state.errors import ConfigError
 
 __all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save", "mode_free"]
 

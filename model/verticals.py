@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 from loopline.kernels.dispatch import DispatchConfig, dispatch_model, high_precision
 

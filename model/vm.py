@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 from .distill import StudentAdapter, aux_target, grad_scale, soft_bce
 from .features import HashCache

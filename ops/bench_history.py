@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from rocksdict import Rdict, WriteBatch
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.history import EMBEDDING, HistoryConfig, HistoryStore, rdict_options
 
 __all__ = ["bench_history"]

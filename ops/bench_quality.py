@@ -29,8 +29,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from loopline.errors import ConfigError
 from loopline.model.quality import METHODS, QualityConfig, assess
-from loopline.state.errors import ConfigError
 
 from .eventlog import order_records
 from .generate import QUALITY_SOURCES, GenerateConfig, _Log  # _Log: the lines and the summary of one log

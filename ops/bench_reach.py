@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.reach import ThetaBaseline, answer, build_sample, exact_answer, with_score_model
 from loopline.state.reach_query import evaluate, parse_query
 from loopline.state.reach_strata import Strata, allocate, learn_strata, probe_scores

@@ -34,10 +34,10 @@ from pathlib import Path
 import loopline  # noqa: F401 - before torch: it sets torch's OpenMP wait policy (loopline/__init__.py)
 import torch
 
+from loopline.errors import ConfigError
 from loopline.model.fm import FoundationModel
 from loopline.model.pipeline import FMStage, FMStageConfig
 from loopline.model.verticals import VMStage, VMStageConfig, windowed_report
-from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
 
 from .bench_fm import bare_loop

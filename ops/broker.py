@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from loopline.state.errors import BrokerError, ConfigError
+from loopline.errors import BrokerError, ConfigError
 
 __all__ = ["EmbeddedBroker", "free_port", "parse_broker_url", "create_topics"]
 

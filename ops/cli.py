@@ -2,7 +2,7 @@
 
 Public surface: ``main``, ``build_parser``.
 
-Errors: the CLI catches only :class:`~loopline.state.errors.LooplineError`, prints ``Type: message`` on
+Errors: the CLI catches only :class:`~loopline.errors.LooplineError`, prints ``Type: message`` on
 one line and exits 2; anything else is a bug and keeps its traceback.
 """
 
@@ -15,8 +15,8 @@ import time
 
 import orjson
 
+from loopline.errors import ConfigError, LooplineError
 from loopline.state.attribution import AttributionConfig
-from loopline.state.errors import ConfigError, LooplineError
 
 __all__ = ["main", "build_parser"]
 

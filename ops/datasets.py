@@ -45,7 +45,7 @@ from pathlib import Path
 
 import orjson
 
-from loopline.state.errors import ConfigError, DatasetError
+from loopline.errors import ConfigError, DatasetError
 
 __all__ = ["DATASET_WINDOWS", "DATASETS", "RECBOLE_WHEEL", "dataset_lines", "movielens_wheel", "movielens_lines"]
 
@@ -123,7 +123,7 @@ def dataset_lines(name: str, cache_dir: str | os.PathLike | None = None) -> list
     >>> dataset_lines("x")
     Traceback (most recent call last):
     ...
-    loopline.state.errors.ConfigError: dataset: unknown data set 'x'; known: movielens-100k
+    loopline.errors.ConfigError: dataset: unknown data set 'x'; known: movielens-100k
     """
     if name == "movielens-100k":
         return movielens_lines(movielens_wheel(cache_dir))

@@ -18,7 +18,7 @@ import urllib.request
 
 import orjson
 
-from loopline.state.errors import BrokerError, ConfigError
+from loopline.errors import BrokerError, ConfigError
 
 __all__ = ["fetch_drift", "drift_summary"]
 

@@ -7,7 +7,7 @@ partition's :class:`~loopline.state.ingest.IngestCore` runs over a dict, and at 
 open window is closed. The output is design.md's evaluation JSON.
 
 Total on input: every line is accepted or dead-lettered by the ingest core (which never raises), so any
-log gives exit 0; a bad setting (``partitions`` < 1) is a :class:`~loopline.state.errors.ConfigError`
+log gives exit 0; a bad setting (``partitions`` < 1) is a :class:`~loopline.errors.ConfigError`
 naming it; a metric that is undefined on the data (an NE with one class only) is ``None``, and so is
 every transfer ratio computed from it.
 """
@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Iterable
 
+from loopline.errors import ConfigError
 from loopline.state.attribution import AttributionConfig, STAT_NAMES
-from loopline.state.errors import ConfigError
 from loopline.state.ingest import IngestCore
 
 from .eventlog import LogRecord, partition_for

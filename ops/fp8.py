@@ -27,10 +27,10 @@ import orjson
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
 from loopline.kernels.dispatch import (HIGH_PRECISION, DispatchConfig, device_name, dispatch_model, load_table,
                                        save_table)
 from loopline.kernels.fp8_gemm import scaled_mm_supported, triton_supported
-from loopline.state.errors import ConfigError
 
 __all__ = ["representative_model", "calibration_batches", "fp8_report", "run_fp8_report", "format_report"]
 

@@ -72,7 +72,7 @@ from typing import Iterator
 import numpy as np
 import orjson
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["GenerateConfig", "generate", "generate_labelled", "write_log", "MALFORMED_KINDS", "QUALITY_SOURCES"]
 
@@ -109,7 +109,7 @@ def _fail(name: str, msg: str, v) -> None:
 @dataclass(frozen=True)
 class GenerateConfig:
     """What to generate. Every field is checked in ``__post_init__``; a bad one raises
-    :class:`~loopline.state.errors.ConfigError` whose message starts with the field's name."""
+    :class:`~loopline.errors.ConfigError` whose message starts with the field's name."""
 
     users: int = 1000  # number of users u1..uN
     days: float = 7.0  # length of the log in days of event time

@@ -19,8 +19,8 @@ import urllib.request
 
 import orjson
 
+from loopline.errors import ConfigError
 from loopline.model.quality import METHODS, QualityConfig, adjust_reach, assess
-from loopline.state.errors import ConfigError
 from loopline.state.quality_counts import QualityCounts, merge_aggregates
 
 from .eventlog import LogRecord

@@ -28,7 +28,7 @@ import uuid
 
 import orjson
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["reach_args", "run_reach", "ask_workers", "ask_stream", "samples_from_log", "quality_adjusted"]
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from loopline.errors import ConfigError
 from loopline.model.health import example_loss
 from loopline.model.monitor import Monitor, MonitorConfig
-from loopline.state.errors import ConfigError
 
 __all__ = ["ReportConfig", "build_report", "write_report", "run_report"]
 

@@ -58,7 +58,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, MutableMapping, NamedTuple
 
-from .errors import ConfigError
+from loopline.errors import ConfigError
+
 from .events import Conversion, Impression
 from .sizes import CHUNK_BYTES, size_of
 

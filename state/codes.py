@@ -48,7 +48,7 @@ import struct
 
 import numpy as np
 
-from .errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["quantize", "dequantize", "pack", "unpack", "pack_int4", "unpack_int4", "qmax", "payload_len",
            "HEADER"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["DedupConfig", "RecentIds"]
 

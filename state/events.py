@@ -4,7 +4,7 @@ a :class:`SegmentAssertion` or a :class:`TruthReport`.
 Public surface: ``Impression``, ``Conversion``, ``SegmentAssertion``, ``TruthReport``, ``EventLimits``,
 ``parse_event``, ``event_key``, ``REASONS``.
 
-Every rejection raises :class:`~loopline.state.errors.InvalidEvent` with a short ``reason`` code from
+Every rejection raises :class:`~loopline.errors.InvalidEvent` with a short ``reason`` code from
 ``REASONS`` (a bounded set, so dead-letter counts stay readable) and a detail that names the field.
 Unknown extra fields are ignored, never an error (design.md).
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .errors import ConfigError, InvalidEvent
+from loopline.errors import ConfigError, InvalidEvent
 
 __all__ = ["Impression", "Conversion", "SegmentAssertion", "TruthReport", "EventLimits", "parse_event", "event_key",
            "REASONS"]

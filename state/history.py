@@ -103,8 +103,9 @@ import numpy as np
 from rocksdict import (BlockBasedOptions, BottommostLevelCompaction, Cache, CompactOptions, DBCompressionType,
                        Options, Rdict, ReadOptions, WriteBatch, WriteOptions)
 
+from loopline.errors import Closed, ConfigError
+
 from . import codes as _codes
-from .errors import ConfigError
 
 __all__ = ["HistoryConfig", "HistoryStore", "rdict_options", "EMBEDDING", "EVENT"]
 
@@ -328,7 +329,7 @@ class HistoryStore:
 
     def _live(self) -> Rdict:
         if self._db is None:
-            raise ConfigError(f"store: the history store at {self.path} is closed")
+            raise Closed(f"store: the history store at {self.path} is closed")
         return self._db
 
     # -- appends ----------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ import base64
 import hashlib
 from typing import Any, Iterable, MutableMapping
 
+from loopline.errors import InvalidEvent
+
 from .attribution import AttributionConfig, AttributionJoin, Output
-from .errors import InvalidEvent
 from .events import Conversion, EventLimits, Impression, parse_event
 from .sizes import CHUNK_BYTES, MAX_DEADLETTER_RAW, size_of
 

@@ -79,7 +79,8 @@ import copy
 from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Mapping, MutableMapping
 
-from .errors import ConfigError
+from loopline.errors import ConfigError
+
 from .sizes import size_of
 
 __all__ = ["QualityCounts", "QualityCountsConfig", "merge_aggregates", "empty_aggregate", "load_aggregate",

@@ -87,7 +87,8 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from .errors import ConfigError
+from loopline.errors import ConfigError
+
 from .reach_query import Query, evaluate, parse_query
 from .reach_strata import ScoreModel, Strata, allocate, learn_strata, path_of, probe_scores
 from .reach_vocab import Vocabulary

@@ -35,7 +35,7 @@ attribute, code -1 where a user lacks it) with numpy, in one vectorized pass per
 >>> parse_query("age in (18-24")
 Traceback (most recent call last):
 ...
-loopline.state.errors.ConfigError: query: expected ',' or ')' at column 14 (end of query)
+loopline.errors.ConfigError: query: expected ',' or ')' at column 14 (end of query)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["parse_query", "Query", "QueryLimits", "evaluate"]
 
@@ -201,7 +201,7 @@ def _attrs(node: tuple, out: set) -> set:
 
 
 def parse_query(text: str, limits: QueryLimits = QueryLimits()) -> Query:
-    """Parse ``text``; raise :class:`~loopline.state.errors.ConfigError` (``query: ...``) if it is not
+    """Parse ``text``; raise :class:`~loopline.errors.ConfigError` (``query: ...``) if it is not
     a valid, bounded query."""
     if not isinstance(text, str):
         raise ConfigError(f"query: must be text, got {type(text).__name__}")

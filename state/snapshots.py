@@ -61,7 +61,7 @@ import os
 import re
 import tempfile
 
-from .errors import ConfigError, LooplineError
+from loopline.errors import ConfigError, LooplineError
 
 __all__ = ["SnapshotDir", "SnapshotError", "read", "read_latest", "write_atomic", "DEFAULT_KEEP"]
 

@@ -59,7 +59,7 @@ class BrokerWatch:
 
     def __init__(self, bootstrap: str, data_dir: str, policy: str = "stop"):
         if policy not in RESET_POLICIES:
-            from loopline.state.errors import ConfigError
+            from loopline.errors import ConfigError
             raise ConfigError(f"on_broker_reset: must be one of {', '.join(RESET_POLICIES)}, got {policy!r}")
         self.bootstrap = bootstrap
         self.data_dir = data_dir

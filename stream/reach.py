@@ -43,8 +43,8 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from loopline.errors import ConfigError
 from loopline.state.dedup import RecentIds
-from loopline.state.errors import ConfigError
 from loopline.state.reach import ReachSampler, Sample, finish, merge_stats, query_stats
 from loopline.state.reach_query import parse_query
 
@@ -284,4 +284,4 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
             q = parse_query(text)
             return await answers.respond(web, lambda: answer(q), key=text)
         except ConfigError as exc:
-            return web.json({"error": str(exc)}, status=400)
+            return web.json({"error": str(exc)}, status=exc.http_status)

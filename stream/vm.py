@@ -31,10 +31,10 @@ import numpy as np
 import orjson
 from faust.web import View
 
+from loopline.errors import ConfigError
 from loopline.kernels.dispatch import TABLE_KEY, apply_table, dispatch_model
-from loopline.model.serving import parse_score_request, score_candidates
+from loopline.model.serving import score_answer
 from loopline.model.verticals import StepInbox, VMStage, VMStageConfig
-from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
@@ -249,20 +249,9 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
     @app.page("/score/")
     class Score(View):
         async def post(self, request):
-            try:
-                body = await request.read()
-                try:
-                    obj = orjson.loads(body)
-                except orjson.JSONDecodeError as exc:
-                    raise ConfigError(f"request: not JSON ({exc})") from None
-                req = parse_score_request(obj, set(state["serving"]))
-                scores = score_candidates(state["serving"][req.vertical], stage_featurizer(), state["history"], req)
-            except ConfigError as exc:
-                msg = str(exc)
-                status = 404 if msg.startswith("vertical:") else 413 if msg.startswith("candidates: at most") else 400
-                return self.json({"error": str(exc)}, status=status)
-            return self.json({"user": req.user, "vertical": req.vertical, "variant": cfg.vm_serve,
-                              "scores": [round(float(s), 6) for s in scores]})
+            status, answer = score_answer(await request.read(), state["serving"], stage_featurizer,
+                                          state["history"], cfg.vm_serve)
+            return self.json(answer, status=status)  # the status comes from the error's type
 
     def stage_featurizer():
         return state["stage"].featurizers[cfg.vm_serve]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
 from loopline.kernels.dispatch import (CANDIDATES, HIGH_PRECISION, TABLE_KEY, DispatchConfig, DispatchLinear,
                                        apply_table, dispatch_model, load_table, save_table)
 from loopline.kernels.fp8_gemm import triton_supported
 from loopline.model.mods import MLP
-from loopline.state.errors import ConfigError
 
 EMULATED = ("emulated:tensor", "emulated:row", "emulated:block")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
 from loopline.kernels.probe import Probe, ProbeConfig, WelfordStats, mere
-from loopline.state.errors import ConfigError
 
 
 def _model():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.detectors import ADWIN, ADWINConfig, PageHinkley, PageHinkleyConfig, make_detector
-from loopline.state.errors import ConfigError
 
 
 def _loss_stream(seed: int, n: int, shift_at: int, rate0: float, rate1: float) -> np.ndarray:

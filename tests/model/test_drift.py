@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.drift import DriftConfig, FeatureDrift, feature_values, js_divergence, psi
-from loopline.state.errors import ConfigError
 
 
 def _examples(rng, n, t0, campaign_p, slot_mean, rate):

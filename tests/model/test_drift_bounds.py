@@ -2,9 +2,9 @@
 
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.drift import DriftConfig, FeatureDrift
 from loopline.model.monitor import LabelCap, Monitor, MonitorConfig
-from loopline.state.errors import ConfigError
 
 
 def stream(n, junk_every=1, start=0.0, shift=False):

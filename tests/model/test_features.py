@@ -9,9 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loopline.errors import ConfigError
 from loopline.model.features import EVENT_TYPES, SPARSE_KEYS, FeatureConfig, Featurizer, gap_buckets, hash_id
 from loopline.model.vm import VMConfig, VMFeaturizer
-from loopline.state.errors import ConfigError
 
 SMALL = FeatureConfig(table_sizes={"user": 50, "ad": 40, "campaign": 8, "vertical": 4, "attrs": 16, "feats": 16},
                       seq_len=4, hash_cache=30)

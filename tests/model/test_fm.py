@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from loopline.errors import ConfigError
 from loopline.model.features import FeatureConfig, Featurizer
 from loopline.model.fm import FMConfig, FoundationModel, LoopFMAutoencoder
 from loopline.model.kunlun import flops_per_example, param_count
 from loopline.model.trainer import OnlineTrainer, TrainerConfig
-from loopline.state.errors import ConfigError
 
 SMALL = FMConfig(features=FeatureConfig(table_sizes={"user": 200, "ad": 100, "campaign": 20, "vertical": 8,
                                                      "attrs": 64, "feats": 64}, seq_len=8))

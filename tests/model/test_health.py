@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.health import HealthConfig, ModelHealth, example_loss
 from loopline.model.metrics import BinaryMetrics
 from loopline.model.monitor import Monitor, MonitorConfig
-from loopline.state.errors import ConfigError
 
 
 def _rows(rng, n, t0, t1, models, shift_ts=None):

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from loopline.errors import ConfigError
 from loopline.model.kunlun import (GDPA, HierarchicalSeedPooling, KunlunConfig, KunlunEncoder,
                                    MultiEventEncoder, SlidingWindowSelfAttention, block_flops,
                                    flops_per_example, gdpa, param_count)
-from loopline.state.errors import ConfigError
 
 TOL = dict(rtol=1e-9, atol=1e-10)  # references run in float64
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
+from loopline.errors import ConfigError, InvalidMetricInput, LooplineError
 from loopline.model.metrics import EPS, BinaryMetrics, MetricsConfig, auc, log_loss
-from loopline.state.errors import ConfigError, InvalidMetricInput, LooplineError
 
 
 def sigmoid(x):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from loopline.errors import ConfigError
 from loopline.model.mods import MLP, BlockNorm, activation
-from loopline.state.errors import ConfigError
 
 
 def _rms(t):

@@ -102,7 +102,7 @@ def test_history_written_by_the_stage_is_read_strictly_before_each_example(tmp_p
 
 @pytest.mark.parametrize("field,value", [("publish_every", 0)])
 def test_stage_config_errors_name_the_field(field, value):
-    from loopline.state.errors import ConfigError
+    from loopline.errors import ConfigError
     with pytest.raises(ConfigError, match=f"^{field}"):
         FMStageConfig(**{field: value})
 

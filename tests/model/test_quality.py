@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.quality import (QualityConfig, _box_ls, _solve_many, adjust_reach, assess, bootstrap_ls,
                                     campaign_table, fit_em, fit_gls, fit_ls, param_bootstrap_ls, report_covariance)
-from loopline.state.errors import ConfigError
 from loopline.state.quality_counts import QualityCounts
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from loopline.errors import ConfigError
 from loopline.model.baseline import LogisticBaseline
 from loopline.model.features import Featurizer
 from loopline.model.metrics import BinaryMetrics
 from loopline.model.trainer import OnlineTrainer, TrainerConfig, latest_snapshot
-from loopline.state.errors import ConfigError
 
 
 def examples(n, seed=0):

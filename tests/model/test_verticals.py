@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from loopline.errors import ConfigError
 from loopline.model.pipeline import FMStage, FMStageConfig
 from loopline.model.trainer import TrainerConfig
 from loopline.model.verticals import VARIANTS, StepInbox, VMStage, VMStageConfig, parse_variants, transfer_ratio
-from loopline.state.errors import ConfigError
 from loopline.state.history import HistoryStore
 
 from .test_fm import SMALL

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.verticals import OTHER_VERTICAL, VMStage, VMStageConfig
 from loopline.model.vm import VMConfig
-from loopline.state.errors import ConfigError
 
 TINY = VMConfig(table_size=64, emb_dim=4, hidden=(8, 4))
 

@@ -14,9 +14,9 @@ import zipfile
 import orjson
 import pytest
 
+from loopline.errors import ConfigError, DatasetError
 from loopline.ops import datasets
 from loopline.ops.datasets import DATASETS, RECBOLE_WHEEL, dataset_lines, movielens_lines, movielens_wheel
-from loopline.state.errors import ConfigError, DatasetError
 from loopline.state.events import parse_event
 
 PREFIX = "recbole/dataset_example/ml-100k/ml-100k"

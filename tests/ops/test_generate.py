@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError, InvalidEvent
 from loopline.ops.generate import MALFORMED_KINDS, GenerateConfig, generate, generate_labelled, write_log
-from loopline.state.errors import ConfigError, InvalidEvent
 from loopline.state.events import REASONS, Conversion, Impression, parse_event
 
 DUPLICATES = ("duplicate_impression", "duplicate_conversion")

@@ -11,11 +11,11 @@ from dataclasses import replace
 import orjson
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.ops.bench_quality import bench_quality
 from loopline.ops.eventlog import read_log
 from loopline.ops.generate import QUALITY_SOURCES, GenerateConfig, generate, write_log
 from loopline.ops.quality import quality_counts_from_records
-from loopline.state.errors import ConfigError
 from loopline.state.events import parse_event
 
 CFG = GenerateConfig(users=1500, days=5, seed=2, campaigns=30, quality_sources=QUALITY_SOURCES)

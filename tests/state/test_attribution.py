@@ -4,8 +4,8 @@ import random
 
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.state.attribution import AttributionConfig, AttributionJoin
-from loopline.state.errors import ConfigError
 from loopline.state.events import Conversion, Impression
 
 CFG = AttributionConfig(window_s=100.0, lateness_s=10.0, bucket_s=5.0, dedup_horizon_s=100.0)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.state.codes import (HEADER, dequantize, pack, pack_int4, payload_len, qmax, quantize, unpack,
                                   unpack_int4)
-from loopline.state.errors import ConfigError
 
 # float32 work and the float32 product q * scale add ~1e-7 relative to the ideal bound
 SLACK = 1e-6

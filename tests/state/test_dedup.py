@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.state.dedup import DedupConfig, RecentIds
-from loopline.state.errors import ConfigError
 
 
 def test_a_repeat_within_the_horizon_is_dropped_and_counted():

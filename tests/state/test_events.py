@@ -3,7 +3,7 @@
 import orjson
 import pytest
 
-from loopline.state.errors import InvalidEvent
+from loopline.errors import InvalidEvent
 from loopline.state.events import REASONS, Conversion, EventLimits, Impression, event_key, parse_event
 
 from ..malformed_corpus import CASES, CONV, IMP, with_
@@ -70,7 +70,7 @@ def test_the_plausible_range_and_the_value_bounds_are_configurable():
                                       ({"max_impressions": 0}, "max_impressions"),
                                       ({"max_str": 0}, "max_str")])
 def test_bad_limits_name_the_field(kw, field):
-    from loopline.state.errors import ConfigError
+    from loopline.errors import ConfigError
     with pytest.raises(ConfigError, match=f"^{field}"):
         EventLimits(**kw)
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loopline.errors import Closed, ConfigError
 from loopline.state.codes import qmax
-from loopline.state.errors import ConfigError
 from loopline.state.history import EMBEDDING, EVENT, HistoryConfig, HistoryStore
 
 D = 8
@@ -424,8 +424,9 @@ def test_a_closed_store_says_so(tmp_path):
     h = HistoryStore(str(tmp_path / "h"))
     h.close()
     h.close()  # idempotent
-    with pytest.raises(ConfigError, match=r"^store:"):
+    with pytest.raises(Closed, match=r"^store:") as err:
         h.last_events("u1", 1.0, 1)
+    assert err.value.http_status == 503
 
 
 def test_key_layout_is_kind_user_nul_time_seq(store):

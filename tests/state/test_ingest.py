@@ -255,7 +255,7 @@ def test_held_events_survive_a_restart():
 @pytest.mark.parametrize("field,value", [("max_ahead_s", 0), ("max_ahead_s", float("nan")),
                                          ("ahead_confirm", -1), ("ahead_confirm", 1.5)])
 def test_bad_skew_settings_name_the_field(field, value):
-    from loopline.state.errors import ConfigError
+    from loopline.errors import ConfigError
     with pytest.raises(ConfigError, match=f"^{field}"):
         AttributionConfig(**{field: value})
 

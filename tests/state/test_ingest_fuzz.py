@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loopline.errors import InvalidEvent
 from loopline.state.attribution import AttributionConfig
-from loopline.state.errors import InvalidEvent
 from loopline.state.events import REASONS, EventLimits, parse_event
 from loopline.state.ingest import INTERNAL, IngestCore
 

@@ -299,7 +299,7 @@ def test_conversions_of_one_impression_are_bounded(before):
 
 def test_held_events_fit_the_meta_record_and_their_number_is_bounded():
     from loopline.state.attribution import MAX_AHEAD_CONFIRM
-    from loopline.state.errors import ConfigError
+    from loopline.errors import ConfigError
     with pytest.raises(ConfigError, match="^ahead_confirm"):
         AttributionConfig(ahead_confirm=MAX_AHEAD_CONFIRM + 1)
     cfg = AttributionConfig(ahead_confirm=MAX_AHEAD_CONFIRM)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from loopline.errors import ConfigError
 from loopline.model.quality import assess, campaign_table
-from loopline.state.errors import ConfigError
 from loopline.state.quality_counts import BOUND_COUNTERS, QualityCounts, QualityCountsConfig, merge_aggregates
 
 

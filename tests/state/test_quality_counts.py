@@ -5,7 +5,7 @@ import random
 import orjson
 import pytest
 
-from loopline.state.errors import InvalidEvent
+from loopline.errors import InvalidEvent
 from loopline.state.events import REASONS, SegmentAssertion, TruthReport, parse_event
 from loopline.state.ingest import IngestCore
 from loopline.state.quality_counts import QualityCounts, merge_aggregates

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.reach import (ReachConfig, ReachSampler, Sample, ThetaBaseline, answer, build_sample,
                                   exact_answer, finish, merge_stats, query_stats, segment_attr, user_hash)
 from loopline.state.reach_strata import Strata, allocate, learn_strata, probe_scores

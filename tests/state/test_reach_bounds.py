@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.reach import ReachConfig, ReachSampler, answer, segment_attr
 from loopline.state.reach_vocab import HeavyHitters, Vocabulary
 

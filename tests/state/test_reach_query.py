@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.reach_query import QueryLimits, evaluate, parse_query
 
 VALUES = {"age": ["18-24", "25-34", "65+"], "gender": ["F", "M"], "geo": ["US-CA", "US-TX", "IS-1"]}

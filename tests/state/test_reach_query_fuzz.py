@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.reach_query import evaluate, parse_query
 
 pytestmark = pytest.mark.fuzz

@@ -14,10 +14,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loopline.errors import ConfigError
 from loopline.model.baseline import LogisticBaseline
 from loopline.model.features import Featurizer
 from loopline.model.trainer import OnlineTrainer, atomic_save, latest_snapshot
-from loopline.state.errors import ConfigError
 from loopline.state.snapshots import SnapshotDir, SnapshotError, read, read_latest, write_atomic
 
 

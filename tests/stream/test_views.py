@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loopline.errors import ConfigError
 from loopline.ops.broker import EmbeddedBroker, create_topics
 from loopline.ops.eventlog import read_log
 from loopline.ops.generate import GenerateConfig, write_log
 from loopline.ops.replay import replay
 from loopline.ops.worker import WorkerProcess
-from loopline.state.errors import ConfigError
 from loopline.stream.app import TOPICS, CachedView, WorkerConfig, build_app, make_table
 from tests.conftest import wait_for
 

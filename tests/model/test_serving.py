@@ -1,0 +1,81 @@
+"""``POST /score/`` without the web framework (``model.serving.score_answer``): the HTTP status comes from the
+error's type (404 unknown vertical, 413 too many candidates, 400 any other bad field, 503 a closed store)."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from loopline.errors import ConfigError, NotFound, TooLarge
+from loopline.model.serving import MAX_CANDIDATES, parse_score_request, score_answer
+from loopline.model.vm import VMConfig, VMFeaturizer, VMLearner
+from loopline.state.history import HistoryStore
+
+CFG = VMConfig(table_size=64, history="mean", sequence="fm", seq_len=4, code_dim=3)
+
+
+@pytest.fixture
+def served(tmp_path):
+    history = HistoryStore(str(tmp_path / "h"))
+    history.append_embeddings([("u1", 1.0, 1, np.array([0.1, 0.2, 0.3], np.float32))])
+    yield {"feed": VMLearner(CFG, seed=0)}, history
+    history.close()
+
+
+def _answer(obj, served, raw=None):
+    serving, history = served
+    calls = []
+
+    def featurizer():
+        calls.append(1)
+        return VMFeaturizer(CFG)
+
+    status, body = score_answer(raw if raw is not None else orjson.dumps(obj), serving, featurizer, history, "v")
+    return status, body, len(calls)
+
+
+def _request(n=1, vertical="feed"):
+    return {"user": "u1", "vertical": vertical, "ts": 2.0,
+            "candidates": [{"ad": f"a{i}", "campaign": "c1"} for i in range(n)]}
+
+
+def test_a_valid_request_is_scored(served):
+    status, body, _ = _answer(_request(3), served)
+    assert status == 200, body
+    assert body["user"] == "u1" and body["vertical"] == "feed" and body["variant"] == "v"
+    assert len(body["scores"]) == 3 and all(0 < s < 1 for s in body["scores"])
+
+
+@pytest.mark.parametrize("obj,raw,status,field", [
+    (_request(vertical="shop"), None, 404, "vertical"),
+    (_request(MAX_CANDIDATES + 1), None, 413, "candidates"),
+    (_request(MAX_CANDIDATES), None, 200, None),
+    ({**_request(), "user": ""}, None, 400, "user"),
+    ({**_request(), "candidates": "a1"}, None, 400, "candidates"),
+    ({**_request(), "ts": "soon"}, None, 400, "ts"),
+    (None, b"{not json", 400, "request"),
+    ([1, 2], None, 400, "request"),
+], ids=["unknown-vertical", "too-many-candidates", "at-the-limit", "empty-user", "candidates-not-a-list",
+        "ts-not-a-number", "not-json", "not-an-object"])
+def test_the_status_comes_from_the_errors_type(served, obj, raw, status, field):
+    got, body, featurized = _answer(obj, served, raw)
+    assert got == status, body
+    if field is not None:
+        assert body["error"].startswith(f"{field}:") and "\n" not in body["error"], body
+        assert featurized == 0  # a bad request never reaches the model
+
+
+def test_a_closed_history_store_answers_503(served):
+    served[1].close()
+    status, body, _ = _answer(_request(), served)
+    assert status == 503 and body["error"].startswith("store:"), body
+
+
+def test_parse_score_request_raises_the_typed_errors_which_are_still_config_errors():
+    with pytest.raises(NotFound, match="^vertical:"):
+        parse_score_request(_request(vertical="shop"), {"feed"})
+    with pytest.raises(TooLarge, match="^candidates: at most 2 per request, got 3"):
+        parse_score_request(_request(3), {"feed"}, max_candidates=2)
+    with pytest.raises(ConfigError):
+        parse_score_request(_request(vertical="shop"), {"feed"})
