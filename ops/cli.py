@@ -21,20 +21,22 @@ from loopline.state.attribution import AttributionConfig
 __all__ = ["main", "build_parser"]
 
 
-def _emit(obj: dict, as_json: bool, title: str = "") -> None:
+def _emit(obj: dict, as_json: bool, title: str = "", file=None) -> None:
+    """``obj`` as indented JSON or as an indented list, to ``file`` (default: stdout)."""
+    file = file or sys.stdout
     if as_json:
-        sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+        file.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     if title:
-        print(title)
+        print(title, file=file)
 
     def walk(d, indent=0):
         for k, v in d.items():
             if isinstance(v, dict) and v:
-                print("  " * indent + f"{k}:")
+                print("  " * indent + f"{k}:", file=file)
                 walk(v, indent + 1)
             else:
-                print("  " * indent + f"{k}: {v}")
+                print("  " * indent + f"{k}: {v}", file=file)
     walk(obj)
 
 
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malformed", type=float, default=0.0, metavar="FRACTION")
     p.add_argument("--quality", action="store_true",
                    help="add segment assertions of three sources of known quality and truth reports")
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the log's path; '-' writes it to stdout (the summary then goes to stderr)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="the main job end to end on the embedded broker")
@@ -294,7 +297,9 @@ def _run(a) -> int:
         from .generate import QUALITY_SOURCES
         summary = write_log(GenerateConfig(users=a.users, days=a.days, seed=a.seed, malformed=a.malformed,
                                            quality_sources=QUALITY_SOURCES if a.quality else ()), a.out)
-        _emit(summary, a.json, f"loopline generate: wrote {a.out}")
+        to_stdout = a.out == "-"  # stdout holds the log alone, so it can be piped
+        _emit(summary, a.json, f"loopline generate: wrote {'stdout' if to_stdout else a.out}",
+              file=sys.stderr if to_stdout else None)
         return 0
     if a.cmd == "demo":
         from .demo import run_demo

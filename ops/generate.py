@@ -63,10 +63,10 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -712,11 +712,16 @@ def write_log(cfg: GenerateConfig, path, progress: bool = False) -> dict:
     ``start_ts, end_ts, shift_ts, expected_ctr``, the stopped/started campaigns, ``path`` and ``bytes``;
     with ``quality_sources``, ``quality`` (per source: a, b, their realized values, labelled users and
     impressions, truth reports) and ``valid``/``lines`` count the assertions and reports too.
-    ``progress`` prints a line to stderr every million lines."""
+    ``progress`` prints a line to stderr every million lines. ``path`` ``"-"`` writes to stdout (its
+    binary buffer, flushed and left open)."""
     log = _Log(cfg)
-    path = Path(path)
+    if str(path) == "-":
+        sys.stdout.flush()  # anything printed before comes first
+        out = contextlib.nullcontext(sys.stdout.buffer)
+    else:
+        out = open(path, "wb")
     size, buf = 0, []
-    with open(path, "wb") as f:
+    with out as f:
         for n, (line, _) in enumerate(log.lines(), 1):
             buf.append(line)
             if len(buf) >= 8192:
@@ -730,4 +735,5 @@ def write_log(cfg: GenerateConfig, path, progress: bool = False) -> dict:
             chunk = b"\n".join(buf) + b"\n"
             f.write(chunk)
             size += len(chunk)
+        f.flush()
     return {**log.summary(), "path": str(path), "bytes": size}

@@ -130,3 +130,22 @@ def test_evaluate_reports_the_fm_beside_the_logistic_baseline(small_log):
     for name in ("fm", "lr"):
         assert set(models[name]) >= {"auc", "logloss", "ne", "calibration", "n"}
         assert models[name]["n"] == json.loads(r.stdout)["examples"]["total"]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text-summary", "json-summary"])
+def test_generate_out_dash_writes_only_the_log_to_stdout_and_the_summary_to_stderr(as_json, capsysbinary):
+    from loopline.ops.cli import main
+
+    rc = main(["generate", "--users", "20", "--days", "0.5", "--out", "-"] + (["--json"] if as_json else []))
+    out, err = capsysbinary.readouterr()
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert out.endswith(b"\n") and lines
+    assert all(isinstance(json.loads(line), dict) for line in lines)  # a clean log: nothing else on stdout
+    if as_json:
+        summary = json.loads(err)
+    else:
+        assert err.startswith(b"loopline generate: wrote stdout\n"), err[:200]
+        summary = {k: v for k, _, v in (ln.partition(": ") for ln in err.decode().splitlines()[1:])}
+    assert int(summary["lines"]) == len(lines) and int(summary["bytes"]) == len(out)
+    assert summary["path"] == "-"
