@@ -17,8 +17,6 @@ from ``ValueError`` and the failures from ``RuntimeError``, so callers that catc
 working. ``Closed`` is 503 rather than 409: what is closed is the serving process's own store, not a
 resource the client conflicts with, and another (or the restarted) worker can answer the same request.
 
-``loopline.state.errors`` re-exports this module, so imports from the old place keep working.
-
 >>> NotFound("vertical: no model for 'shop'").http_status
 404
 >>> isinstance(TooLarge("candidates: at most 1000 per request, got 1001"), ConfigError)

@@ -317,9 +317,10 @@ class VMLearner:
 
     @torch.no_grad()
     def predict_many(self, b: VMBatch) -> np.ndarray:
-        """Serving predictions (the serving head only)."""
+        """Serving predictions (the serving head only), without recording the graph for a backward."""
         self.model.eval()
-        return torch.sigmoid(self.model(b)["logit"]).numpy().astype(np.float64)
+        with torch.inference_mode():
+            return torch.sigmoid(self.model(b)["logit"]).numpy().astype(np.float64)
 
     def step(self, b: VMBatch) -> tuple[np.ndarray, dict]:
         """Progressive validation: the serving predictions before this batch's update (what

@@ -74,7 +74,7 @@ from pathlib import Path
 
 import orjson
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.stream.app import TOPICS
 
 from .broker import EmbeddedBroker, create_topics
@@ -95,7 +95,7 @@ MONITOR_VIEWS = ("/metrics", "/drift")
 
 @dataclass(frozen=True)
 class SoakConfig:
-    """One soak run. A bad field raises :class:`~loopline.state.errors.ConfigError` naming it."""
+    """One soak run. A bad field raises :class:`~loopline.errors.ConfigError` naming it."""
 
     minutes: float = 10.0  # wall-clock length of the traffic (start-up of the workers not included)
     rate: float = 25.0  # events/s of wall time (impressions and conversions). Each impression becomes a

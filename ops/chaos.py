@@ -103,7 +103,7 @@ and its measured figures; ``ok`` at the top is true when every scenario passed.
 >>> ChaosConfig(scenarios=("nope",))
 Traceback (most recent call last):
 ...
-loopline.state.errors.ConfigError: scenarios: unknown 'nope' (known: view_load, kills, broker_restart, corrupt_snapshot, disk_full, standby)
+loopline.errors.ConfigError: scenarios: unknown 'nope' (known: view_load, kills, broker_restart, corrupt_snapshot, disk_full, standby)
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 __all__ = ["ChaosConfig", "SCENARIOS", "prepare", "run_scenario", "run_chaos", "format_chaos"]
 
@@ -143,7 +143,7 @@ ENV_DISK_FULL = "LOOPLINE_CHAOS_DISK_FULL"
 
 @dataclass(frozen=True)
 class ChaosConfig:
-    """One ``loopline chaos`` run. A bad field raises :class:`~loopline.state.errors.ConfigError` naming it."""
+    """One ``loopline chaos`` run. A bad field raises :class:`~loopline.errors.ConfigError` naming it."""
 
     events: int = 5000  # lines of the generated log (cut to exactly this many)
     kills: int = 3  # kill -9s in the ``kills`` scenario

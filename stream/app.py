@@ -31,7 +31,7 @@ from faust.utils import json as faust_json
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopline.state.attribution import AttributionConfig
-from loopline.state.errors import ConfigError, LooplineError
+from loopline.errors import ConfigError, LooplineError
 from loopline.state.reach import ReachConfig
 
 from .broker_watch import RESET_POLICIES, BrokerWatch

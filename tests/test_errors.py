@@ -37,12 +37,6 @@ def test_not_found_and_too_large_are_config_errors_so_existing_handlers_still_ca
     assert not issubclass(Closed, ConfigError) and issubclass(Closed, RuntimeError)
 
 
-def test_the_old_import_path_names_the_same_classes():
-    from loopline.state import errors as old
-    assert old.__all__ == errors.__all__
-    assert all(getattr(old, n) is getattr(errors, n) for n in errors.__all__)
-
-
 @pytest.mark.parametrize("call,field", [
     (lambda: quantize(torch.zeros(2, 2), "nope"), "recipe"),
     (lambda: quantize(torch.zeros(2), "row"), "x"),

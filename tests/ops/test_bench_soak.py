@@ -8,7 +8,7 @@ import pytest
 from loopline.ops.bench_soak import SoakConfig, SoakTraffic
 from loopline.ops.cli import main
 from loopline.ops.eventlog import partition_for
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 from loopline.state.events import Conversion, Impression, event_key, parse_event
 
 

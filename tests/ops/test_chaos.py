@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from loopline.ops.chaos import SCENARIOS, ChaosConfig, format_chaos, prepare, run_scenario
-from loopline.state.errors import ConfigError
+from loopline.errors import ConfigError
 
 EVENTS = 900
 
