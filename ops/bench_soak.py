@@ -458,7 +458,12 @@ def _mean_near(samples: list, t: float, key: str, k: int = 3) -> float | None:
 
 
 def _median_within(samples: list, lo: float, hi: float, key: str) -> float | None:
+    """The median of ``key`` over the samples taken in [lo, hi], or the nearest one's value when none was
+    (a short run samples less often than the stretch is long)."""
     vals = [s[key] for s in samples if lo <= s["t"] <= hi and s.get(key) is not None]
+    if not vals:
+        near = sorted((s for s in samples if s.get(key) is not None), key=lambda s: abs(s["t"] - (lo + hi) / 2))
+        vals = [near[0][key]] if near else []
     return round(statistics.median(vals), 1) if vals else None
 
 

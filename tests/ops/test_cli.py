@@ -149,3 +149,13 @@ def test_generate_out_dash_writes_only_the_log_to_stdout_and_the_summary_to_stde
         summary = {k: v for k, _, v in (ln.partition(": ") for ln in err.decode().splitlines()[1:])}
     assert int(summary["lines"]) == len(lines) and int(summary["bytes"]) == len(out)
     assert summary["path"] == "-"
+
+
+def test_generate_into_a_pipe_the_reader_closes_stops_quietly():
+    # `loopline generate --out - | head -1`: no traceback, the shell's SIGPIPE status
+    p = subprocess.Popen([sys.executable, "-m", "loopline.ops.cli", "generate", "--users", "3000", "--days", "7",
+                          "--out", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(p.stdout.readline())["type"]
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and b"Traceback" not in err, err[-500:]
