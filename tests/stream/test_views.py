@@ -291,6 +291,14 @@ def test_a_worker_sets_the_gil_switch_interval_its_config_names(tmp_path):
         WorkerConfig(gil_switch_ms=0)
 
 
+def test_the_producer_lingers_as_its_config_says(tmp_path):
+    # Faust's default (0) sent about one produce request per changelog message
+    app = build_app(WorkerConfig(store="memory://", data_dir=str(tmp_path), role="ingest", producer_linger_ms=7))
+    assert app.conf.producer_linger == pytest.approx(0.007) and app.producer.linger_ms == 7
+    with pytest.raises(ConfigError, match="^producer_linger_ms:"):
+        WorkerConfig(producer_linger_ms=-1)
+
+
 def test_the_heap_keeper_gives_freed_memory_back_to_the_system():
     from loopline.stream.heap import HeapKeeper
 
