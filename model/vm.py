@@ -315,12 +315,11 @@ class VMLearner:
         self.version = 0
         self._shared_forward = mode_free(self.model)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_many(self, b: VMBatch) -> np.ndarray:
         """Serving predictions (the serving head only), without recording the graph for a backward."""
         self.model.eval()
-        with torch.inference_mode():
-            return torch.sigmoid(self.model(b)["logit"]).numpy().astype(np.float64)
+        return torch.sigmoid(self.model(b)["logit"]).numpy().astype(np.float64)
 
     def step(self, b: VMBatch) -> tuple[np.ndarray, dict]:
         """Progressive validation: the serving predictions before this batch's update (what
