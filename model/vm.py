@@ -169,7 +169,6 @@ class VMFeaturizer:
                        soft=torch.tensor([math.nan if s is None else float(s) for s in soft], dtype=torch.float32),
                        size=B)
 
-
     def _codes(self, codes: list | None, B: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, L, C) codes, left-padded (the newest at L-1), and their mask; ``codes`` has B rows, or one
         row for all B."""

@@ -452,11 +452,6 @@ def _sample(t: float, producer: "_Producer", prober: _Prober, data_dir: str) -> 
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def _mean_near(samples: list, t: float, key: str, k: int = 3) -> float | None:
-    vals = [s[key] for s in sorted(samples, key=lambda s: abs(s["t"] - t))[:k] if s.get(key) is not None]
-    return round(statistics.fmean(vals), 1) if vals else None
-
-
 def _median_within(samples: list, lo: float, hi: float, key: str) -> float | None:
     """The median of ``key`` over the samples taken in [lo, hi], or the nearest one's value when none was
     (a short run samples less often than the stretch is long)."""
@@ -467,11 +462,15 @@ def _median_within(samples: list, lo: float, hi: float, key: str) -> float | Non
     return round(statistics.median(vals), 1) if vals else None
 
 
+def _warm(samples: list, duration: float, key: str) -> float | None:
+    """``key`` at the end of warm-up: the median of the samples within a twentieth of the run of its third."""
+    return _median_within(samples, duration / 3 - duration / 20, duration / 3 + duration / 20, key)
+
+
 def _growth(samples: list, duration: float, key: str) -> dict:
     """RSS after warm-up and at the end, each a median over a stretch of samples (module docstring)."""
-    third, last = duration / 3, samples[-1]["t"]
-    warm = _median_within(samples, third - duration / 20, third + duration / 20, key)
-    end = _median_within(samples, last - duration / 10, last, key)
+    warm, end = _warm(samples, duration, key), _median_within(samples, samples[-1]["t"] - duration / 10,
+                                                              samples[-1]["t"], key)
     after = [s[key] for s in samples if s["t"] >= duration / 3 and s.get(key) is not None]
     return {"rss_mb_warm": warm, "rss_mb_end": end,
             "rss_growth_after_warmup": round((end - warm) / warm, 4) if warm and end is not None else None,
@@ -600,8 +599,8 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
         "data_dir_mb": last["data_dir_mb"], "data_dir_breakdown_mb": breakdown,
         "ingested": last["ingested"], "labelled_examples": last["labelled"], "fm_examples": last["fm_examples"],
         # did the worker keep up? lags after warm-up and at the end (growing: the rate is too high)
-        "ingest_lag_warm": _mean_near(samples, elapsed / 3, "ingest_lag"), "ingest_lag_end": last["ingest_lag"],
-        "fm_lag_warm": _mean_near(samples, elapsed / 3, "fm_lag"), "fm_lag_end": last["fm_lag"],
+        "ingest_lag_warm": _warm(samples, elapsed, "ingest_lag"), "ingest_lag_end": last["ingest_lag"],
+        "fm_lag_warm": _warm(samples, elapsed, "fm_lag"), "fm_lag_end": last["fm_lag"],
         "views_p99_ms": prober.percentiles(99), "views_p50_ms": prober.percentiles(50),
         "views_max_ms": prober.percentiles(100),
         "views_p99_ms_after_warmup": prober.percentiles(99, after=elapsed / 3),

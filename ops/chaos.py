@@ -643,7 +643,6 @@ async def _phases(dep: _Deployment, chunks: list, marks: list, loaded: tuple, lo
     await producer.start()
     follower = asyncio.ensure_future(follow())
     phases = []
-    pid = dep.workers["ingest"].proc.pid
     # every process's CPU per chunk: where a loaded chunk's time goes on a machine the roles share
     pids = {name: w.proc.pid for name, w in dep.workers.items()}
     pids["broker"] = dep.broker.proc.pid
@@ -657,7 +656,7 @@ async def _phases(dep: _Deployment, chunks: list, marks: list, loaded: tuple, lo
             on = on and load is not None
             if on:
                 load.on()
-            cpu, each = _cpu_s(pid), cpus()
+            before = cpus()
             t = time.perf_counter()
             deadline = time.monotonic() + ctx.cfg.wait
             futures = [await producer.send("events", r.raw, key=r.key, partition=partition_for(r.key, r.raw, P))
@@ -671,15 +670,15 @@ async def _phases(dep: _Deployment, chunks: list, marks: list, loaded: tuple, lo
                     raise ChaosFailure(f"timed out waiting for ingest to process chunk {i + 1}")
                 await asyncio.sleep(0.005)
             dt = time.perf_counter() - t
-            cpu = None if cpu is None or _cpu_s(pid) is None else _cpu_s(pid) - cpu
-            each = {name: round((c - each[name]) / dt, 3) for name, c in cpus().items()
-                    if c is not None and each.get(name) is not None}
+            used = {name: c - before[name] for name, c in cpus().items()
+                    if c is not None and before.get(name) is not None}  # CPU seconds in the chunk
             if on:
                 load.off()
             phases.append({"events": len(chunk), "loaded": on, "seconds": round(dt, 3),
                            "events_per_s": round(len(chunk) / dt, 1),
-                           "ingest_cpu_ms_per_event": None if cpu is None else round(1000 * cpu / len(chunk), 4),
-                           "cores_used": each})
+                           "ingest_cpu_ms_per_event": round(1000 * used["ingest"] / len(chunk), 4)
+                           if "ingest" in used else None,
+                           "cores_used": {name: round(c / dt, 3) for name, c in used.items()}})
             ctx.say(f"{dep.name}: chunk {i + 1}/{len(chunks)} ({'loaded' if on else 'unloaded'}) ingested at "
                     f"{len(chunk) / dt:,.0f} events/s")
     finally:

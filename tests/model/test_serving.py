@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loopline.errors import ConfigError, NotFound, TooLarge
 from loopline.model.serving import MAX_CANDIDATES, parse_score_request, score_answer
@@ -79,3 +81,35 @@ def test_parse_score_request_raises_the_typed_errors_which_are_still_config_erro
         parse_score_request(_request(3), {"feed"}, max_candidates=2)
     with pytest.raises(ConfigError):
         parse_score_request(_request(vertical="shop"), {"feed"})
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                     max_leaves=12)
+
+
+@st.composite
+def _near_valid(draw):
+    """Bodies close to a valid request: each field replaced by any JSON now and then."""
+    cand = {"ad": draw(st.one_of(st.text(max_size=8), _json)), "campaign": draw(st.one_of(st.just("c1"), _json))}
+    if draw(st.booleans()):
+        cand["features"] = draw(_json)
+    obj = {"user": draw(st.one_of(st.just("u1"), _json)), "vertical": draw(st.one_of(st.just("feed"), _json)),
+           "candidates": draw(st.one_of(st.lists(st.just(cand), max_size=3), _json))}
+    if draw(st.booleans()):
+        obj["ts"] = draw(st.one_of(st.floats(), _json))
+    if draw(st.booleans()):
+        obj["attrs"] = draw(_json)
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) if draw(st.booleans()) else draw(st.binary(max_size=200))
+
+
+@pytest.mark.fuzz
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # scoring reads, never writes
+@given(body=_near_valid())
+def test_any_body_gets_a_score_or_a_4xx_with_one_line_never_an_exception(served, body):
+    status, answer, _ = _answer(None, served, raw=body)
+    assert status == 200 or 400 <= status < 500, (status, answer)
+    if status == 200:
+        assert all(0.0 <= s <= 1.0 for s in answer["scores"])
+    else:
+        assert answer["error"] and "\n" not in answer["error"]
