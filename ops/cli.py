@@ -303,8 +303,8 @@ def _run(a) -> int:
               file=sys.stderr if to_stdout else None)
         return 0
     if a.cmd == "demo":
-        from .demo import run_demo
-        out = run_demo(users=a.users, days=a.days, progress=not a.json)
+        from .demo import DemoConfig, run_demo
+        out = run_demo(DemoConfig(users=a.users, days=a.days), progress=not a.json)
         _emit(out, a.json, "loopline demo")
         return 0
     if a.cmd == "reach":

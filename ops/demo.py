@@ -1,6 +1,6 @@
 """``loopline demo``: the main job end to end on the embedded broker.
 
-Public surface: ``run_demo``.
+Public surface: ``DemoConfig``, ``run_demo``.
 
 Starts a Tansu broker on a free loopback port and one worker (role ``all``), generates a small
 synthetic log with some malformed lines, replays it, waits for the worker's end-of-log counts, checks
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import dataclass
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,18 @@ from .generate import GenerateConfig, write_log
 from .replay import collect_results, replay
 from .worker import WorkerProcess
 
-__all__ = ["run_demo"]
+__all__ = ["DemoConfig", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``loopline demo`` generates and where it keeps its files (a temporary folder by default)."""
+
+    users: int = 300
+    days: float = 3.0
+    seed: int = 1
+    partitions: int = 4
+    workdir: str | None = None
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -32,10 +44,10 @@ def _say(msg: str, progress: bool) -> None:
         print(f"demo: {msg}", file=sys.stderr, flush=True)
 
 
-def run_demo(users: int = 300, days: float = 3.0, seed: int = 1, partitions: int = 4,
-             progress: bool = True, workdir: str | None = None) -> dict:
+def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
+    users, days, seed, partitions = cfg.users, cfg.days, cfg.seed, cfg.partitions
     with tempfile.TemporaryDirectory(prefix="loopline-demo-") as tmp:
-        work = Path(workdir or tmp)
+        work = Path(cfg.workdir or tmp)
         log_path = work / "events.jsonl"
         gen = write_log(GenerateConfig(users=users, days=days, seed=seed, malformed=0.01), str(log_path))
         records = read_log(str(log_path))

@@ -2,13 +2,13 @@
 
 import pytest
 
-from loopline.ops.demo import run_demo
+from loopline.ops.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_runs_end_to_end_and_matches_evaluate(tmp_path):
-    out = run_demo(users=120, days=2, progress=False, workdir=str(tmp_path))
+    out = run_demo(DemoConfig(users=120, days=2, workdir=str(tmp_path)), progress=False)
     assert out["matches_evaluate"] is True
     assert out["examples"] > 0 and out["deadlettered"] > 0 and out["accepted"] > out["examples"]
     assert out["worker_stop"] == "stopped on SIGTERM"
