@@ -10,11 +10,11 @@ variant (progressive metrics, then a training step), exactly as ``loopline evalu
 FM step, so both give the same numbers. Score rows go to ``model.scores``; ``/vm/`` shows the metrics.
 
 Snapshots: every ``SNAPSHOT_EVERY`` steps (and at the end of a replay) the whole stage is saved with the
-last step trained on; the serving copy ``/score/`` answers from is refreshed at the same time, its
-Linear layers dispatched by LoKA's rule (``kernels/dispatch.py``: FP8 only where measured accurate and
-faster on this machine; on a CPU every layer stays in high precision) and the decision tables saved
-with the snapshot. A
-restarted worker loads the newest snapshot, reads both inputs again from the start (its own read: the
+last step trained on; the serving copy ``/score/`` answers from is refreshed at the same time (the
+weights copied into a model traced once per vertical: ``model/serving.py``), its Linear layers
+dispatched by LoKA's rule (``kernels/dispatch.py``: FP8 only where measured accurate and faster on this
+machine; on a CPU every layer stays in high precision) and the decision tables saved with the snapshot.
+A restarted worker loads the newest snapshot, reads both inputs again from the start (its own read: the
 stage knows what it has trained on, the consumer group does not), puts the codes of the steps it has
 already trained on back into its store (idempotent appends) and trains on from the next step.
 """
@@ -33,7 +33,7 @@ from faust.web import View
 
 from loopline.errors import ConfigError
 from loopline.kernels.dispatch import TABLE_KEY, apply_table, dispatch_model
-from loopline.model.serving import score_answer
+from loopline.model.serving import ServingModel, score_answer
 from loopline.model.verticals import StepInbox, VMStage, VMStageConfig
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
@@ -139,14 +139,24 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         await handle(msgs_of_records(m for msgs in inputs.values() for m in msgs))
 
     def refresh_serving(stage: VMStage) -> None:
-        """The serving copies, each with its FP8 dispatch: LoKA's Probe + Dispatch measured on this machine
-        once per vertical (calibrated on its newest batch), then re-applied to every later copy."""
-        serving = {vt: copy.deepcopy(l) for (vt, va), l in stage.learners.items() if va == cfg.vm_serve}
-        for vt, learner in serving.items():
+        """The serving copies (``model.serving.ServingModel``: traced once, then refreshed in place), each
+        with its FP8 dispatch: LoKA's Probe + Dispatch measured on this machine once per vertical
+        (calibrated on its newest batch), then re-applied to a copy built after a restart. The mapping is
+        replaced, never changed, while the event loop may read it."""
+        serving = dict(state["serving"])
+        for (vt, va), learner in stage.learners.items():
+            if va != cfg.vm_serve:
+                continue
+            measurable = vt not in state["fp8"] and (vt, cfg.vm_serve) in stage.last_batches
+            if vt in serving and not measurable:
+                serving[vt].refresh(learner.model)
+                continue  # (a copy made before its vertical had a batch to measure on is made once more)
+            model = copy.deepcopy(learner.model)
             if vt in state["fp8"]:
-                apply_table(learner.model, state["fp8"][vt])
+                apply_table(model, state["fp8"][vt])
             elif (vt, cfg.vm_serve) in stage.last_batches:
-                _, state["fp8"][vt] = dispatch_model(learner.model, [stage.last_batches[(vt, cfg.vm_serve)]])
+                _, state["fp8"][vt] = dispatch_model(model, [stage.last_batches[(vt, cfg.vm_serve)]])
+            serving[vt] = ServingModel(model, learner.cfg)
         state["serving"] = serving
 
     async def handle(messages) -> None:

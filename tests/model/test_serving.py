@@ -3,14 +3,18 @@ error's type (404 unknown vertical, 413 too many candidates, 400 any other bad f
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 import orjson
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopline.errors import ConfigError, NotFound, TooLarge
-from loopline.model.serving import MAX_CANDIDATES, parse_score_request, score_answer
+from loopline.model.serving import MAX_CANDIDATES, ServingModel, parse_score_request, score_answer
 from loopline.model.vm import VMConfig, VMFeaturizer, VMLearner
 from loopline.state.history import HistoryStore
 
@@ -113,3 +117,59 @@ def test_any_body_gets_a_score_or_a_4xx_with_one_line_never_an_exception(served,
         assert all(0.0 <= s <= 1.0 for s in answer["scores"])
     else:
         assert answer["error"] and "\n" not in answer["error"]
+
+
+# ServingModel: the traced serving copy /score/ answers from
+
+def _batches(cfg, sizes=(1, 4, 17)):
+    """Batches of several sizes, histories of several lengths, some attrs and features missing."""
+    f = VMFeaturizer(cfg)
+    rng = np.random.default_rng(0)
+    out = []
+    for n in sizes:
+        exs = [{"ad": f"a{rng.integers(50)}", "campaign": f"c{rng.integers(5)}", "vertical": "feed", "label": i % 2,
+                "attrs": {"age": "25-34"} if i % 3 else {}, "features": {"slot": str(i)} if i % 2 else {}}
+               for i in range(n)]
+        seq = int(rng.integers(0, cfg.seq_len + 3))
+        codes = [rng.standard_normal((seq, cfg.code_dim)).astype(np.float32)] * n
+        raw = [[(float(t), f"a{t}", "c1", "impression") for t in range(seq)]] * n
+        out.append(f.batch(exs, codes, raw))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["base", "loopfm+kd", "ah+sa", "raw+loopfm", "loopfm+kd+mods"])
+def test_the_traced_serving_copy_scores_as_the_learner_bit_for_bit(variant):
+    from loopline.model.verticals import VMStageConfig
+    cfg = replace(VMStageConfig().config_of(variant), table_size=128, seq_len=6)
+    learner = VMLearner(cfg, seed=1)
+    serving = ServingModel(learner.model, cfg)
+    assert serving.traced
+    for b in _batches(cfg):
+        assert np.array_equal(serving.predict_many(b), learner.predict_many(b))
+
+
+def test_a_refresh_serves_the_new_weights_without_tracing_again(monkeypatch):
+    cfg = replace(CFG, history="attention")
+    learner = VMLearner(cfg, seed=0)
+    serving = ServingModel(learner.model, cfg)
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: pytest.fail("traced again"))
+    batches = _batches(cfg)
+    before = serving.predict_many(batches[2])
+    for _ in range(3):  # each refresh switches buffers; both must follow the learner
+        learner.learn_many(batches[2])
+        serving.refresh(learner.model)
+        assert np.array_equal(serving.predict_many(batches[1]), learner.predict_many(batches[1]))
+    assert not np.array_equal(serving.predict_many(batches[2]), before)
+
+
+def test_a_copy_with_fp8_dispatched_layers_is_served_eagerly():
+    from loopline.kernels.dispatch import apply_table
+    from loopline.model.verticals import VMStageConfig
+    cfg = replace(VMStageConfig().config_of("base"), table_size=64)
+    learner = VMLearner(cfg, seed=0)
+    model = copy.deepcopy(learner.model)
+    assert apply_table(model, {"layers": [{"name": "serving", "choice": "emulated:row"}]})["swapped"] == ["serving"]
+    serving = ServingModel(model, cfg)
+    assert not serving.traced
+    b = _batches(cfg, sizes=(5,))[0]
+    assert np.allclose(serving.predict_many(b), learner.predict_many(b), atol=0.05)
