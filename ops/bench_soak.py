@@ -443,12 +443,24 @@ def _sample(t: float, producer: "_Producer", prober: _Prober, data_dir: str) -> 
     row = {"t": round(t, 2), "events": producer.sent, "users": producer.traffic.distinct_users,
            "event_time": round(producer.sim_ts, 1), **prober.counts(),
            "rss_mb": _rss_mb(prober.worker.proc.pid), "rss_anon_mb": _rss_mb(prober.worker.proc.pid, "RssAnon"),
-           "data_dir_mb": round(_dir_mb(data_dir), 2)}
+           "data_dir_mb": round(_dir_mb(data_dir), 2), **_heap_parts(prober.worker)}
     row["ingest_lag"] = row["events"] - row["ingested"]  # sent, not yet read by ingest
     row["fm_lag"] = row["labelled"] - (row["fm_examples"] or 0)  # labelled, not yet trained on
     if prober.monitor is not None:
         row["monitor_rss_mb"] = _rss_mb(prober.monitor.proc.pid)
     return row
+
+
+def _heap_parts(worker: WorkerProcess) -> dict:
+    """Where the worker's memory is, by its own ``/views``: what the program holds in malloc
+    (``heap_in_use_mb``), what the allocator keeps free in its arenas (``heap_free_mb``: fragmentation),
+    and RocksDB's memtables and block caches (allocated through malloc too, so part of the first)."""
+    views = worker.view("/views") or {}
+    usage = (views.get("_heap") or {}).get("usage") or {}
+    rocks = sum(row.get(k, 0) for row in (views.get("_rocksdb") or {}).values()
+                for k in ("memtables_mb", "block_cache_mb", "readers_mb"))
+    return {"heap_in_use_mb": usage.get("in_use_mb"), "heap_free_mb": usage.get("free_mb"),
+            "rocksdb_mb": round(rocks, 1) if views else None}
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -492,6 +504,9 @@ def _plot(samples: list, latency: dict, path: Path) -> None:
     fig, (ax1, ax2, ax4) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     ax1.plot(t, [s["rss_mb"] for s in samples], label="worker (role all)")
     ax1.plot(t, [s.get("rss_anon_mb") for s in samples], color="C0", ls="--", lw=0.8, label="its heaps (RssAnon)")
+    for key, label in (("heap_in_use_mb", "malloc: in use"), ("heap_free_mb", "malloc: free in arenas"),
+                       ("rocksdb_mb", "RocksDB buffers")):
+        ax1.plot(t, [s.get(key) for s in samples], lw=0.8, label=label)
     if any(s.get("monitor_rss_mb") for s in samples):
         ax1.plot(t, [s.get("monitor_rss_mb") for s in samples], label="worker (role monitor)")
     ax1.axvline(samples[-1]["t"] / 60 / 3 if samples else 0, color="grey", ls=":", label="end of warm-up")
@@ -596,6 +611,10 @@ def bench_soak(cfg: SoakConfig = SoakConfig(), out_path: str | None = None, prog
         # the same for the anonymous part alone (the heaps, without the libraries' pages)
         "rss_anon": {k.replace("rss_mb_", "mb_").replace("rss_", ""): v
                      for k, v in _growth(samples, elapsed, "rss_anon_mb").items()},
+        # the same for malloc's figures: live allocations (RocksDB's among them) and free space in the arenas
+        **{part: {k.replace("rss_mb_", "mb_").replace("rss_", ""): v for k, v in _growth(samples, elapsed, key).items()}
+           for part, key in (("heap_in_use", "heap_in_use_mb"), ("heap_free", "heap_free_mb"),
+                             ("rocksdb_buffers", "rocksdb_mb"))},
         "data_dir_mb": last["data_dir_mb"], "data_dir_breakdown_mb": breakdown,
         "ingested": last["ingested"], "labelled_examples": last["labelled"], "fm_examples": last["fm_examples"],
         # did the worker keep up? lags after warm-up and at the end (growing: the rate is too high)

@@ -531,7 +531,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         """Each view's computations: how many, how long (``ms_max``), cache hits, collisions, evictions;
         the heap trims (``_heap``); how long the event loop was held, and where (``_loop``)."""
         out = {name: dict(v.stats, cached_keys=len(v._answers)) for name, v in sorted(_VIEWS.items())}
-        return web.json({**out, "_heap": dict(heap.counts), "_loop": loop_watch.report(),
+        return web.json({**out, "_heap": {**heap.counts, "usage": heap.usage()}, "_loop": loop_watch.report(),
                          "_rocksdb": rocksdb_memory(app)})
 
     app.loopline_stores = {}  # name -> a role's own RocksDB store (a history store), for /views _rocksdb

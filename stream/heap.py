@@ -12,6 +12,10 @@ Two remedies, both standard for long-lived glibc processes:
 * every ``trim_s`` seconds, ``malloc_trim(0)`` returns the free pages of every arena to the system (in a
   thread: it walks the heap, and ctypes releases the GIL for it).
 
+:meth:`HeapKeeper.usage` reads ``mallinfo2``: what the program holds (``in_use_mb``, mmapped blocks
+included) and what the allocator keeps free inside its arenas (``free_mb``). Together they tell a growing
+resident size apart: live allocations that grow (a structure filling, or a leak) or fragmentation.
+
 On a C library without these calls (musl, macOS) both do nothing (``available`` False).
 
 >>> keeper = HeapKeeper(max_arenas=2)
@@ -27,6 +31,11 @@ import ctypes.util
 __all__ = ["HeapKeeper"]
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h: ten size_t fields, summed over every arena
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _libc():
@@ -46,6 +55,18 @@ class HeapKeeper:
         self.counts = {"trims": 0, "released": 0, "max_arenas": max_arenas if self.available else None}
         if self.available and max_arenas > 0:
             self._libc.mallopt(M_ARENA_MAX, int(max_arenas))
+
+    def usage(self) -> dict | None:
+        """The allocator's own figures (MiB): ``in_use_mb`` (allocated, mmapped blocks included),
+        ``free_mb`` (free inside the arenas), ``mmapped_mb``; None without ``mallinfo2``."""
+        fn = getattr(self._libc, "mallinfo2", None) if self.available else None
+        if fn is None:
+            return None
+        fn.restype = _Mallinfo2
+        m = fn()
+        mb = 1 << 20
+        return {"in_use_mb": round((m.uordblks + m.hblkhd) / mb, 1), "free_mb": round(m.fordblks / mb, 1),
+                "mmapped_mb": round(m.hblkhd / mb, 1)}
 
     def trim(self) -> bool:
         """Give free heap pages back to the system; True when some were released."""

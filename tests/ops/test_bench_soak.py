@@ -58,6 +58,9 @@ def test_a_short_soak_reports_memory_views_and_bounds(tmp_path, capsys):
     assert abs(sum(out["data_dir_breakdown_mb"].values()) - out["data_dir_mb"]) < 1
     assert abs(out["rss_growth_after_warmup"] - (out["rss_mb_end"] / out["rss_mb_warm"] - 1)) < 1e-3
     assert 50 < out["rss_anon"]["mb_end"] < out["rss_mb_end"]  # the heaps: part of RSS, not all of it
+    # malloc's own figures: live allocations (RocksDB's buffers among them) and free space, each within RSS
+    assert 0 < out["rocksdb_buffers"]["mb_end"] < out["heap_in_use"]["mb_end"] < out["rss_mb_end"]
+    assert 0 <= out["heap_free"]["mb_end"] < out["rss_mb_end"]
     assert out["monitor"]["rss_mb_end"] > 100
     for view in ("/ingest/", "/fm/", "/vm/", "/reach", "/reach?q=...", "/quality", "/metrics", "/drift"):
         assert 0 < out["views_p50_ms"][view] <= out["views_p99_ms"][view] <= out["views_max_ms"][view], view

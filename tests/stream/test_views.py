@@ -310,9 +310,12 @@ def test_the_heap_keeper_gives_freed_memory_back_to_the_system():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
+    in_use = keeper.usage()["in_use_mb"]
     chunks = [bytearray(64 * 1024) for _ in range(3000)]  # ~190 MiB in small blocks, below mmap's threshold
+    assert keeper.usage()["in_use_mb"] > in_use + 150, "mallinfo2 did not see the allocations"
     keep = chunks[-1]  # the heap's top stays in use: free() alone cannot shrink it
     del chunks
+    assert keeper.usage()["free_mb"] > 150, "the freed blocks are not free inside the arena"
     before = rss_kb()
     assert keeper.trim() and keeper.counts == {"trims": 1, "released": 1, "max_arenas": 2}
     assert rss_kb() < before - 100 * 1024, "malloc_trim gave less than 100 MiB back"
