@@ -32,7 +32,6 @@ that want a path or a single file.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -158,9 +157,7 @@ class OnlineTrainer:
 def atomic_save(obj, path: str) -> str:
     """``torch.save`` ``obj`` to ``path`` durably (temporary, fsync, rename, fsync of the directory): a
     reader, or a restart after a crash, sees the old file or the whole new one, never a part."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return snapshots.write_atomic(path, buf.getvalue())
+    return snapshots.write_atomic(path, snapshots.encoder(obj))
 
 
 def latest_snapshot(directory: str) -> str | None:

@@ -1,8 +1,8 @@
 """Snapshot I/O, written once for every role: atomic and durable writes, verified loads with fall-back to
 the previous good snapshot, stale temporaries removed, and a bounded number kept.
 
-Public surface: ``SnapshotDir``, ``SnapshotError``, ``read``, ``read_latest``, ``write_atomic``,
-``DEFAULT_KEEP``.
+Public surface: ``SnapshotDir``, ``SnapshotError``, ``encoder``, ``read``, ``read_latest``,
+``write_atomic``, ``DEFAULT_KEEP``.
 
 **Layout.** One directory per snapshot series (``fm-snapshots``, ``vm-snapshots``), one file per
 snapshot::
@@ -18,6 +18,9 @@ committed by one rename: there is never a file without its checksum, or a checks
 **Writes** (:func:`write_atomic`): the bytes go to ``.snapshot-<random>.tmp`` in the same directory, are
 ``fsync``-ed, renamed over the final name (atomic on POSIX), and then the directory is ``fsync``-ed so
 the rename itself survives a power loss. A kill leaves at most one temporary, never a partial snapshot.
+A snapshot is streamed: ``torch.save`` writes into the temporary through the hash that names it, so a
+save never holds the encoded snapshot in memory (tens of MB at a time, several times a minute in a
+busy worker: large transient blocks that the allocator keeps and fragments).
 
 **Loads** (:func:`read`, :func:`read_latest`): a snapshot is good when its bytes hash to the digest in
 its name *and* ``torch.load(weights_only=True)`` accepts them, so a truncated or bit-flipped file is
@@ -63,7 +66,7 @@ import tempfile
 
 from loopline.errors import ConfigError, LooplineError
 
-__all__ = ["SnapshotDir", "SnapshotError", "read", "read_latest", "write_atomic", "DEFAULT_KEEP"]
+__all__ = ["SnapshotDir", "SnapshotError", "encoder", "read", "read_latest", "write_atomic", "DEFAULT_KEEP"]
 
 DEFAULT_KEEP = 2  # snapshots kept per series: the newest and one to fall back to (each can be tens of MB)
 
@@ -77,15 +80,32 @@ class SnapshotError(LooplineError, ValueError):
     """A snapshot file that must not be loaded: truncated, corrupted, or holding more than plain data."""
 
 
+def _short(sha) -> str:
+    return sha.hexdigest()[:16]
+
+
 def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+    return _short(hashlib.sha256(data))
 
 
-def _encode(obj) -> bytes:
+class _Hashing:
+    """A binary file that hashes what is written through it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def encoder(obj):
+    """A writer for :func:`write_atomic`: ``torch.save`` of ``obj`` straight into the file."""
     import torch  # the snapshot format; imported on use (see "Why torch here")
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    return lambda f: torch.save(obj, f)
 
 
 def _decode(data: bytes):
@@ -101,17 +121,27 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> str:
+def write_atomic(path, data) -> str:
     """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the whole new one:
-    a temporary beside it, ``fsync``, rename, ``fsync`` of the directory. Returns ``path``."""
-    directory = os.path.dirname(path) or "."
+    a temporary beside it, ``fsync``, rename, ``fsync`` of the directory. Returns the path written.
+
+    ``data``: bytes, or a function that writes them into a binary file (streamed, never held whole).
+    ``path``: a path, or a function of the written bytes' digest (:func:`_digest`) returning one, for
+    names that carry their checksum."""
+    directory = os.path.dirname(path if isinstance(path, str) else path("")) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            out = _Hashing(f)
+            if callable(data):
+                data(out)
+            else:
+                out.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if not isinstance(path, str):
+            path = path(_short(out.sha))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -203,9 +233,9 @@ class SnapshotDir:
         Then rotate: the ``keep`` newest remain, and none newer than ``step`` (see the module doc)."""
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10 ** 10:
             raise ConfigError(f"step: must be an int in [0, 1e10), got {step!r}")
-        data = _encode(obj)
-        name = f"snapshot-{step:010d}-{_digest(data)}.pt"
-        path = write_atomic(os.path.join(self.path, name), data)
+        path = write_atomic(lambda digest: os.path.join(self.path, f"snapshot-{step:010d}-{digest}.pt"),
+                            encoder(obj))
+        name = os.path.basename(path)
         self.counts["saved"] += 1
         series = _series(self.path)
         stale = [n for s, n in series if s > step or (s == step and n != name)]

@@ -230,3 +230,20 @@ def test_bad_arguments_name_the_field(tmp_path):
         SnapshotDir(str(tmp_path)).save(obj(1), -1)
     with pytest.raises(ConfigError, match="^step"):
         SnapshotDir(str(tmp_path)).save(obj(1), np.int64(3).item() + 0.5)
+
+
+def test_a_save_streams_the_snapshot_instead_of_holding_its_bytes(tmp_path):
+    import hashlib
+    import tracemalloc
+
+    big = {"w": torch.ones(4_000_000)}  # 16 MB encoded
+    tracemalloc.start()
+    try:
+        path = SnapshotDir(str(tmp_path)).save(big, 7)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"the save held {peak / 2**20:.1f} MB of Python memory"
+    with open(path, "rb") as f:  # the name's digest is the streamed bytes' hash
+        assert os.path.basename(path) == f"snapshot-{7:010d}-{hashlib.sha256(f.read()).hexdigest()[:16]}.pt"
+    assert torch.equal(read(path)["w"], big["w"])
