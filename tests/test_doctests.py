@@ -8,7 +8,7 @@ import pytest
 
 import loopline
 
-MODULES = ["loopline.errors"] + sorted(
+MODULES = ["loopline.errors", "loopline.settings"] + sorted(
     m.name for sub in ("state", "model", "kernels", "stream", "ops")
     for m in pkgutil.walk_packages(importlib.import_module(f"loopline.{sub}").__path__, f"loopline.{sub}.")
 )
