@@ -73,7 +73,7 @@ class DemoConfig:
     """What ``loopline demo`` generates, trains and asks, and where it keeps its files."""
 
     # about 8,100 labelled impressions over 6 days: 32 FM steps of 256, so DAS (scored by the snapshot
-    # the FM publishes every 20 steps) has rows after the shift; about 2 minutes on 2 cores
+    # the FM publishes every 20 steps) has rows after the shift; about 70 s on 2 otherwise idle cores
     users: int = 500
     days: float = 6.0
     seed: int = 1
@@ -307,11 +307,11 @@ def _report(live: dict, examples: list[dict], rows: list[dict], out_dir: Path, t
 
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     """Run the demo (see the module docstring); returns everything it shows as one dict."""
-    from loopline.model.verticals import VMStageConfig
+    t_start = time.perf_counter()
+    from loopline.model.verticals import VMStageConfig  # imports torch: part of the run's time
     # torchrec's call of a deprecated torch.fx helper logs a warning once per process (the in-process
     # evaluate here): noise for a newcomer, and nothing Loopline can act on
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    t_start = time.perf_counter()
     p = _Progress(progress)
     work = _run_dir(cfg)
     log_path = work / "events.jsonl"
