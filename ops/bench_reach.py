@@ -1,36 +1,46 @@
-"""Reach benchmark: accuracy of the stratified sample with fall-back against uniform, proportional and
-theta-sketch baselines of the same memory, and query latency.
+"""``loopline bench reach``: reach accuracy by segment size against uniform, proportional and theta-sketch
+baselines of the same memory, on several generated populations and budgets, and query latency.
 
-Public surface: ``bench_reach``, ``population``, ``random_queries``.
+Public surface: ``bench_reach``, ``POPULATIONS``, ``random_queries``, ``ThetaSketches``, ``proportional_sample``.
 
-* **Population** (in-process, numpy): ``users`` users (1M by default) with Zipf attributes over the
-  generator's value lists (``ops/generate.py``: age, gender, geo, device, interest; exponent 1.1), the
-  device distribution depending on the geo (so attributes are not independent), and a heavy-tailed
-  number of impressions per user (1 + Poisson of a lognormal rate).
-* **Past data**: the strata are learned from a uniform 5% sample of a *second*, independent draw of
-  the population (the previous period), weighted by 1/0.05; workload: every value and pair of values.
-* **Samples of the same memory**: ours (learned strata, Neyman allocation with the floor
-  ``min_per_stratum``, fall-back) with ``sample_share`` of the users (2%), and the same sample answered
-  without either fall-back (``ours_no_fallback``, an ablation); uniform (one stratum, same
-  number of users); proportional (our strata, ``n_h`` proportional to ``N_h``, no fall-back); theta
-  sketches sized to our sample's bytes. All built from the same hashes.
-* **Queries**: random conjunctions of 1 to 3 predicates (``=``, ``in``, ``not``, ``!=``) on distinct
-  attributes, values drawn uniformly from each attribute's values (so rare values are frequent), and
-  some ``or`` of two; each is bucketed by its true share (>= 10%, 1-10%, 0.1-1%, < 0.1%; at least 20
-  users) and up to ``per_bucket`` per bucket are kept.
-* **Figures** per bucket and method: the median and p90 relative error of the users estimate (and of
-  impressions for the sampling methods) and the share of queries whose 95% interval holds the truth;
-  and the ratio of ours to uniform's median error.
-* **Latency**: ``answer`` on a sample of ``latency_users`` users (100k), in-process: p50/p99 over the
-  query set, repeated; and over HTTP: an embedded broker and 2 real ``reach`` workers are given the
-  first ``latency_users`` users (one impression each, produced to ``audience``; each worker holds half
-  the partitions, the whole population as its sample), then ``ask_workers`` (what ``loopline reach
-  --workers`` runs) is timed from this process, fan-out, both answers and the merge included.
+* **Populations** (numpy, generated here; ``users`` each, 200,000 by default), three correlation
+  structures:
+  - ``independent``: six attributes drawn independently (Zipf-like geo and interest with long tails,
+    a geometric income);
+  - ``correlated``: the issue's kind: heavy-tailed attributes tied by a latent affluence (age, income
+    and device follow it; device depends on geo and age too, interest on age and gender) and
+    impressions that grow with affluence;
+  - ``clustered``: 40 latent segments of Zipf sizes, each with its own concentrated distribution of
+    every attribute (a mixture model: strong within-segment correlation).
+  Each user has 1 + Poisson(lognormal) impressions.
+* **Past data**: the score model of ours is learned from a uniform sample of the budget's size of a
+  *second*, independent draw of the population (weighted by N/n): what the sampler has from the
+  previous epoch. The proportional baseline's strata are learned from the same past sample.
+* **Methods, the same memory**: at each budget (0.5%, 1%, 2%, 5% of the users) ours (the mixture
+  design and the estimator of ``state/reach_sampler.py`` / ``state/reach_estimate.py``, built by
+  :func:`~loopline.state.reach_sample.build_sample`); ``uniform`` (one bottom-k sample of users, the same
+  number, Horvitz-Thompson, no fall-back); ``proportional`` (strata, ``n_h`` proportional to ``N_h``); and
+  ``theta`` (:class:`ThetaSketches`, KMV sketches of every attribute value and of all users, sized to
+  our frozen sample's bytes, answered by set operations). The sample methods hold the same users, so
+  the same bytes.
+* **Queries**: random rules of 1 to 3 predicates (``=``, ``in``, ``not``, ``!=``; some ``or``) with values
+  drawn uniformly (so rare values are common), bucketed by true share (>= 10%, 1-10%, 0.1-1%, < 0.1%;
+  at least 20 users); ``per_bucket`` per bucket. Each method is run on ``reps`` independent hash seeds.
+* **Figures**, per population, budget, bucket and method: the median relative error of users over all
+  (rule, seed) pairs, its p90, the share of 95% intervals that hold the truth; impressions' the same for
+  the sample methods; and per population and budget the groups ``>=1%`` and ``<1%`` with ours over
+  uniform, and whether the goals hold (``>=1%``: at most 1.25x uniform; ``<1%``: at most 0.5x; every
+  bucket's coverage in 0.90-0.98).
+* **Latency**: :func:`~loopline.state.reach_estimate.answer` on a ``latency_users`` sample in-process
+  (parse included), and over HTTP: an embedded broker and 2 real ``reach`` workers holding the same
+  users (produced to ``audience``), timed through ``ask_workers`` (what ``loopline reach --workers``
+  runs: fan-out, both answers and the merge).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -39,15 +49,20 @@ import time
 import numpy as np
 
 from loopline.errors import ConfigError
-from loopline.state.reach import ThetaBaseline, answer, build_sample, exact_answer, with_score_model
+from loopline.state.reach_estimate import answer, score_interval
 from loopline.state.reach_query import evaluate, parse_query
-from loopline.state.reach_strata import Strata, allocate, learn_strata, probe_scores
+from loopline.state.reach_sample import Sample, build_sample
+from loopline.state.reach_sampler import G_MAX
+from loopline.state.reach_strata import ScoreModel, learn_strata, probe_scores
 
-from .generate import AGES, DEVICES, GENDER_WEIGHTS, GENDERS, GEOS, INTERESTS
+from .generate import AGES, DEVICES, GENDERS, GEOS, INTERESTS
 
-__all__ = ["bench_reach", "population", "random_queries"]
+__all__ = ["bench_reach", "POPULATIONS", "random_queries", "ThetaSketches", "proportional_sample"]
 
 BUCKETS = (("10%+", 0.10, 1.01), ("1-10%", 0.01, 0.10), ("0.1-1%", 0.001, 0.01), ("<0.1%", 0.0, 0.001))
+GROUPS = {">=1%": ("10%+", "1-10%"), "<1%": ("0.1-1%", "<0.1%")}
+BUDGETS = (0.005, 0.01, 0.02, 5e-2)
+# the generator's value lists (random_queries' default)
 VALUES = {"age": list(AGES), "gender": list(GENDERS), "geo": list(GEOS), "device": list(DEVICES),
           "interest": list(INTERESTS)}
 
@@ -57,53 +72,282 @@ def _zipf(n: int, s: float) -> np.ndarray:
     return p / p.sum()
 
 
-def population(users: int, seed: int, zipf_s: float = 1.1) -> tuple[dict, np.ndarray]:
-    """Attribute codes (``VALUES`` order) and impressions per user."""
-    rng = np.random.default_rng(seed)
-    cols = {
-        "age": rng.choice(len(AGES), users, p=_zipf(len(AGES), zipf_s)),
-        "gender": rng.choice(len(GENDERS), users, p=np.array(GENDER_WEIGHTS) / sum(GENDER_WEIGHTS)),
-        "geo": rng.choice(len(GEOS), users, p=_zipf(len(GEOS), zipf_s)),
-        "interest": rng.choice(len(INTERESTS), users, p=_zipf(len(INTERESTS), zipf_s)),
-    }
-    # device depends on geo: each geo rotates the Zipf order of devices by its rank mod 5
-    base = rng.choice(len(DEVICES), users, p=_zipf(len(DEVICES), zipf_s))
-    cols["device"] = (base + cols["geo"] % len(DEVICES)) % len(DEVICES)
-    cols = {a: c.astype(np.int32) for a, c in cols.items()}
-    rate = np.exp(rng.normal(0.5, 1.0, users))
-    imps = (1 + rng.poisson(rate)).astype(np.float64)
-    return cols, imps
+def _names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
 
 
-def random_queries(n: int, seed: int) -> list[str]:
-    """``n`` random query texts (see the module docstring)."""
+def _imps(rng, log_rate) -> np.ndarray:
+    return (1 + rng.poisson(np.exp(log_rate))).astype(np.float64)
+
+
+def independent(users: int, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """Six independent attributes with long tails."""
     rng = np.random.default_rng(seed)
-    attrs = list(VALUES)
+    values = {"age": _names("a", 7), "gender": ["F", "M", "U"], "geo": _names("g", 60), "device": _names("d", 5),
+              "interest": _names("i", 40), "income": _names("inc", 10)}
+    probs = {"age": [.22, .2, .18, .15, .12, .08, .05], "gender": [.52, .45, .03], "geo": _zipf(60, 1.1),
+             "device": _zipf(5, 1.2), "interest": _zipf(40, 1.0), "income": 0.5 ** np.arange(1, 11)}
+    cols = {a: rng.choice(len(values[a]), users, p=np.asarray(probs[a]) / np.sum(probs[a])).astype(np.int32)
+            for a in values}
+    return cols, values, _imps(rng, rng.normal(0.5, 1.0, users))
+
+
+def correlated(users: int, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """Heavy-tailed attributes tied by a latent affluence (module docstring)."""
+    rng = np.random.default_rng(seed)
+    n = users
+    values = {"gender": ["F", "M", "U"], "age": _names("a", 7), "geo": _names("g", 80), "device": _names("d", 6),
+              "interest": _names("i", 50), "income": _names("inc", 8)}
+    aff = rng.normal(0, 1, n)
+    gender = rng.choice(3, n, p=[.53, .44, .03])
+    age = np.clip(np.round(2 + 1.3 * rng.normal(0, 1, n) + 0.4 * (gender == 1) + 0.3 * aff), 0, 6).astype(int)
+    geo = rng.choice(80, n, p=_zipf(80, 1.3))
+    income = np.clip(np.floor(3 + 1.5 * aff + 0.8 * (geo % 7 == 0) - 0.5 * (geo > 40) + rng.normal(0, .7, n)),
+                     0, 7).astype(int)
+    logits = np.stack([np.zeros(n), 0.4 * aff + 0.3 * (age < 3), -1 + 0.2 * (age > 3), -2.5 + 0.5 * aff,
+                       -4 + 0.8 * (geo > 50), -5 + 0.6 * (age == 6)], 1)
+    p = np.exp(logits)
+    p /= p.sum(1, keepdims=True)
+    device = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    interest = (rng.choice(50, n, p=_zipf(50, 1.2)) + 7 * age + 13 * gender) % 50
+    cols = {"gender": gender, "age": age, "geo": geo, "device": device, "interest": interest, "income": income}
+    return {a: c.astype(np.int32) for a, c in cols.items()}, values, _imps(rng, rng.normal(0.3 + 0.3 * aff, 1.2))
+
+
+def clustered(users: int, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """40 latent segments, each with its own concentrated attribute distributions."""
+    rng = np.random.default_rng(seed)
+    k = 40
+    values = {"age": _names("a", 7), "gender": ["F", "M", "U"], "geo": _names("g", 50), "device": _names("d", 5),
+              "interest": _names("i", 60), "lang": _names("l", 12)}
+    seg = rng.choice(k, users, p=_zipf(k, 1.2))
+    cols = {}
+    for a, vals in values.items():
+        v = len(vals)
+        cum = np.stack([rng.dirichlet(_zipf(v, 1.0) * v * 0.5 + 0.05) for _ in range(k)]).cumsum(1)
+        cols[a] = (cum[seg] > rng.random((users, 1))).argmax(1).astype(np.int32)
+    return cols, values, _imps(rng, rng.normal(0.2 + 0.05 * (seg % 5), 1.0))
+
+
+POPULATIONS = {"independent": independent, "correlated": correlated, "clustered": clustered}
+
+
+def random_queries(n: int, seed: int, values: dict | None = None) -> list[str]:
+    """``n`` random rules over ``values`` (default: the generator's): conjunctions of 1 to 3 predicates
+    on distinct attributes, values drawn uniformly, one in ten an ``or`` of two."""
+    values = values or VALUES
+    rng = np.random.default_rng(seed)
+    attrs = list(values)
 
     def predicate(a: str) -> str:
-        vals = VALUES[a]
+        vals = values[a]
         kind = rng.random()
         if kind < 0.65:
             return f"{a} = {vals[rng.integers(len(vals))]}"
         if kind < 0.85:
             k = int(rng.integers(2, min(4, len(vals)) + 1))
-            pick = rng.choice(len(vals), k, replace=False)
-            return f"{a} in ({', '.join(vals[i] for i in pick)})"
+            return f"{a} in ({', '.join(vals[i] for i in rng.choice(len(vals), k, replace=False))})"
         if kind < 0.93:
             return f"not {a} = {vals[rng.integers(len(vals))]}"
         return f"{a} != {vals[rng.integers(len(vals))]}"
 
     def conj() -> str:
-        k = int(rng.integers(1, 4))
-        return " and ".join(predicate(a) for a in rng.choice(attrs, k, replace=False))
+        return " and ".join(predicate(a) for a in rng.choice(attrs, int(rng.integers(1, 4)), replace=False))
 
-    out = []
-    for _ in range(n):
-        out.append(f"({conj()}) or ({conj()})" if rng.random() < 0.1 else conj())
+    return [f"({conj()}) or ({conj()})" if rng.random() < 0.1 else conj() for _ in range(n)]
+
+
+class ThetaSketches:
+    """KMV (theta) sketches: one of all users and one per attribute value, each the ``k`` smallest user
+    hashes (``k`` the largest that fits ``budget_bytes`` at 8 bytes a hash) and its threshold ``theta``
+    (1 while the sketch holds everyone). A rule is answered by set operations on the hashes below the
+    smaller threshold: ``in``/``or`` a union, ``and`` an intersection, ``not`` all users less the operand;
+    the estimate is ``|S| / theta`` and its interval the score interval of the count (users only: a
+    theta sketch counts distinct keys)."""
+
+    def __init__(self, cols: dict, values: dict, hashes: np.ndarray, budget_bytes: int):
+        n = len(hashes)
+        sizes = [n] + [int(x) for a in cols for x in np.bincount(cols[a][cols[a] >= 0], minlength=len(values[a]))]
+        self.k = 16
+        while sum(min(s, self.k * 2) for s in sizes) * 8 <= budget_bytes and self.k < n:
+            self.k *= 2
+        lo, hi = self.k, self.k * 2  # the largest k that fits, between the powers of two
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if sum(min(s, mid) for s in sizes) * 8 <= budget_bytes else (lo, mid)
+        self.k = lo
+        self.vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+        self.all = self._sketch(hashes)
+        self.sk = {a: [self._sketch(hashes[cols[a] == c]) for c in range(len(values[a]))] for a in cols}
+        self.nbytes = 8 * (len(self.all[1]) + sum(len(s[1]) for lst in self.sk.values() for s in lst))
+
+    def _sketch(self, h: np.ndarray) -> tuple[float, np.ndarray]:
+        if len(h) <= self.k:
+            return 1.0, np.sort(h)
+        part = np.partition(h, self.k)
+        return float(part[self.k]), np.sort(part[:self.k])
+
+    def _eval(self, node: tuple) -> tuple[float, np.ndarray]:
+        kind = node[0]
+        if kind == "all":
+            return self.all
+        if kind == "in":
+            parts = [self.sk[node[1]][c] for v in node[2] if (c := self.vocab.get(node[1], {}).get(v)) is not None]
+            return self._union(parts) if parts else (1.0, np.zeros(0))
+        if kind == "not":
+            t, h = self._eval(node[1])
+            theta = min(t, self.all[0])
+            a = self.all[1][self.all[1] < theta]
+            return theta, np.setdiff1d(a, h[h < theta], assume_unique=True)
+        subs = [self._eval(s) for s in node[1]]
+        if kind == "or":
+            return self._union(subs)
+        theta = min(t for t, _ in subs)
+        out = subs[0][1][subs[0][1] < theta]
+        for _, h in subs[1:]:
+            out = np.intersect1d(out, h[h < theta], assume_unique=True)
+        return theta, out
+
+    @staticmethod
+    def _union(parts: list) -> tuple[float, np.ndarray]:
+        theta = min(t for t, _ in parts)
+        return theta, np.unique(np.concatenate([h[h < theta] for _, h in parts]))
+
+    def answer(self, query) -> dict:
+        theta, h = self._eval(parse_query(query).tree if isinstance(query, str) else query.tree)
+        m = len(h)
+        est = m / theta
+        lo, hi = score_interval(est, m * (1 - theta) / theta ** 2, 1 / theta)
+        return {"users": est, "users_ci": [lo, hi]}
+
+
+def proportional_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray, past: dict,
+                        past_w: np.ndarray, k: int, max_strata: int = 64, min_per_stratum: int = 30) -> Sample:
+    """Stratified sampling with proportional allocation: strata learned from the past sample (the old
+    sampler's learner), ``n_h`` proportional to the past estimate of ``N_h``, a bottom-k sample of each."""
+    max_strata = max(1, min(max_strata, k // (2 * min_per_stratum)))
+    st = learn_strata(past, values, past_w, probe_scores(past, values, past_w), max_strata=max_strata,
+                      min_leaf=max(2.0 * min_per_stratum, 5e-4 * float(past_w.sum())))
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+    leaf = st.assign_codes(cols, vocab, len(hashes))
+    share = np.asarray(st.n) / max(sum(st.n), 1e-12)
+    parts = []
+    for h in range(len(st)):
+        rows = np.flatnonzero(leaf == h)
+        if len(rows):
+            kh = max(1, int(round(k * share[h])))
+            parts.append(build_sample({a: c[rows] for a, c in cols.items()}, values, hashes[rows], imps[rows],
+                                      np.ones(len(rows)), kh))
+    return Sample.merge(parts)
+
+
+def our_weights(cols: dict, values: dict, past: dict, past_w: np.ndarray, rare_share: float = 0.3) -> np.ndarray:
+    """``g`` of every user under the score model learned from the past sample (the sampler's rule)."""
+    model = ScoreModel.fit(past, values, past_w)
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+    n = len(next(iter(cols.values())))
+    return np.minimum(G_MAX, (1 - rare_share) + rare_share * model.q_codes(cols, vocab, n))
+
+
+def _progress(msg: str) -> None:
+    print(f"bench reach: {msg}", file=sys.stderr, flush=True)
+
+
+def _pct(xs, q) -> float | None:
+    return round(float(np.percentile(xs, q)), 4) if len(xs) else None
+
+
+def _choose(cols: dict, values: dict, candidates: int, per_bucket: int, seed: int) -> dict:
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+    n = len(next(iter(cols.values())))
+    chosen: dict = {b[0]: [] for b in BUCKETS}
+    seen = set()
+    for text in random_queries(candidates, seed, values):
+        q = parse_query(text)
+        if q.text in seen:
+            continue
+        seen.add(q.text)
+        m = evaluate(q.tree, cols, vocab)
+        size = int(m.sum())
+        if size < 20:
+            continue
+        for name, lo, hi in BUCKETS:
+            if lo <= size / n < hi and len(chosen[name]) < per_bucket:
+                chosen[name].append((q, m))
+    return chosen
+
+
+def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, reps: int, min_per_stratum: int,
+              seed: int) -> dict:
+    gen = POPULATIONS[name]
+    cols, values, imps = gen(users, seed)
+    past_all, _, _ = gen(users, seed + 100)
+    chosen = _choose(cols, values, candidates, per_bucket, seed + 4)
+    truth = {b: [(int(m.sum()), float(imps[m].sum())) for _, m in qs] for b, qs in chosen.items()}
+    out = {"users": users, "attributes": {a: len(v) for a, v in values.items()},
+           "rules": {b: len(qs) for b, qs in chosen.items()}, "budgets": {}}
+    for share in budgets:
+        k = max(1, int(round(users * share)))
+        past_rows = np.random.default_rng(seed + 2).choice(users, min(k, users), replace=False)
+        past = {a: c[past_rows] for a, c in past_all.items()}
+        past_w = np.full(len(past_rows), users / len(past_rows))
+        g = our_weights(cols, values, past, past_w)
+        acc = {m: {b: {"err": [], "cover": [], "ierr": [], "icover": []} for b in chosen}
+               for m in ("ours", "uniform", "proportional", "theta")}
+        nbytes = theta_k = 0
+        fallbacks = 0
+        for r in range(reps):
+            hashes = np.random.default_rng(seed + 1000 + r).random(users)
+            ours = build_sample(cols, values, hashes, imps, g, k)
+            uniform = build_sample(cols, values, hashes, imps, np.ones(users), k)
+            prop = proportional_sample(cols, values, hashes, imps, past, past_w, k, min_per_stratum=min_per_stratum)
+            theta = ThetaSketches(cols, values, hashes, ours.nbytes)
+            nbytes, theta_k = ours.nbytes, theta.k
+            methods = {"ours": lambda q: answer(ours, q, min_per_stratum),
+                       "uniform": lambda q: answer(uniform, q, min_per_stratum, composite=False),
+                       "proportional": lambda q: answer(prop, q, min_per_stratum, composite=False),
+                       "theta": theta.answer}
+            for b, qs in chosen.items():
+                for (q, _), (tu, ti) in zip(qs, truth[b]):
+                    for m, fn in methods.items():
+                        a = fn(q)
+                        p = acc[m][b]
+                        p["err"].append(abs(a["users"] - tu) / tu)
+                        p["cover"].append(a["users_ci"][0] <= tu <= a["users_ci"][1])
+                        if "impressions" in a:
+                            p["ierr"].append(abs(a["impressions"] - ti) / ti)
+                            p["icover"].append(a["impressions_ci"][0] <= ti <= a["impressions_ci"][1])
+                        if m == "ours":
+                            fallbacks += a["fallback"]
+        res: dict = {"sample_users": k, "sample_bytes": nbytes, "theta_k": theta_k, "buckets": {}, "groups": {},
+                     "ours_fallback_share": round(fallbacks / max(1, reps * sum(len(q) for q in chosen.values())), 3)}
+        for b in chosen:
+            res["buckets"][b] = {m: _figures(acc[m][b]) for m in acc}
+        for grp, members in GROUPS.items():
+            res["groups"][grp] = {m: _figures({k2: sum((acc[m][b][k2] for b in members), []) for k2 in acc[m][members[0]]})
+                                  for m in acc}
+            u, o = res["groups"][grp]["uniform"]["users_median_rel_err"], res["groups"][grp]["ours"]["users_median_rel_err"]
+            res["groups"][grp]["ours_over_uniform"] = round(o / u, 3) if u else None
+        cov = [res["buckets"][b]["ours"]["users_coverage"] for b in chosen if res["buckets"][b]["ours"]["users_coverage"] is not None]
+        common, rare = res["groups"][">=1%"]["ours_over_uniform"], res["groups"]["<1%"]["ours_over_uniform"]
+        res["goals"] = {"common_within_1.25x": common is not None and common <= 1.25,
+                        "rare_at_most_half": rare is not None and rare <= 0.5,
+                        "coverage_0.90_0.98": bool(cov) and all(0.90 <= c <= 0.98 for c in cov)}
+        out["budgets"][f"{share:g}"] = res
+        _progress(f"  {name} at {share:.1%}: ours/uniform >=1% {common}, <1% {rare}; coverage {cov}")
     return out
 
 
-def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_min: int) -> dict:
+def _figures(p: dict) -> dict:
+    f = {"users_median_rel_err": _pct(p["err"], 50), "users_p90_rel_err": _pct(p["err"], 90),
+         "users_coverage": round(float(np.mean(p["cover"])), 3) if p["cover"] else None, "n": len(p["err"])}
+    if p["ierr"]:
+        f.update({"impressions_median_rel_err": _pct(p["ierr"], 50),
+                  "impressions_coverage": round(float(np.mean(p["icover"])), 3)})
+    return f
+
+
+def _http_latency(cols: dict, values: dict, n_users: int, texts: list[str], repeats: int, n_min: int) -> dict:
     """Start a broker and 2 reach workers, give them ``n_users`` users (one impression each, produced
     straight to ``audience``), and time ``loopline reach --workers`` fan-outs from this process."""
     import asyncio
@@ -122,9 +366,8 @@ def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_mi
         prod = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=256 * 1024)
         await prod.start()
         try:
-            names = list(VALUES)
             for i in range(n_users):
-                attrs = {a: VALUES[a][int(cols[a][i])] for a in names}
+                attrs = {a: values[a][int(cols[a][i])] for a in values}
                 v = {"type": "impression", "id": f"i{i}", "user": f"u{i}", "ts": 1_700_000_000.0 + i * 0.01,
                      "campaign": "c1", "attrs": attrs}
                 await prod.send("audience", orjson.dumps(v), key=f"u{i}".encode())
@@ -137,12 +380,13 @@ def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_mi
         workers = []
         try:
             create_topics(broker.bootstrap, {t: 4 for t in TOPICS})
-            extra = ("--role", "reach", "--reach-sample-users", str(n_users), "--reach-epoch", "1e9")
+            # a budget with room for every user (partitions are uneven): the workers hold all n_users
+            extra = ("--role", "reach", "--reach-budget-users", str(2 * n_users), "--reach-epoch", "1e9")
             workers = [WorkerProcess(broker.url, f"{tmp}/w{i}", 4, extra=extra).start() for i in range(2)]
             urls = [f"http://127.0.0.1:{w.port}" for w in workers]
             t0 = time.perf_counter()
             asyncio.run(produce(broker.bootstrap))
-            _progress(f"  produced {n_users:,} audience messages in {time.perf_counter() - t0:.1f}s; waiting for the workers")
+            _progress(f"  produced {n_users:,} audience messages in {time.perf_counter() - t0:.1f}s; waiting")
             deadline = time.monotonic() + 300
             while True:
                 a = ask_workers(urls, "*", timeout=5.0, n_min=n_min)
@@ -151,7 +395,6 @@ def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_mi
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"reach workers did not take the sample in time: {a}\n{workers[0].tail()}")
                 time.sleep(1.0)
-            _progress(f"  workers hold {a['sample_users']:,} users after {time.perf_counter() - t0:.1f}s; timing")
             for text in texts[:20]:  # warm-up: the frozen samples are built on first use
                 ask_workers(urls, text, timeout=5.0, n_min=n_min)
             times, partial, server = [], 0, []
@@ -173,152 +416,74 @@ def _http_latency(cols: dict, n_users: int, texts: list[str], repeats: int, n_mi
             "slower_worker_compute_p99": round(float(np.percentile(server, 99)), 3)}
 
 
-def _pct(xs, q) -> float | None:
-    return round(float(np.percentile(xs, q)), 4) if len(xs) else None
-
-
-def _progress(msg: str) -> None:
-    print(f"bench reach: {msg}", file=sys.stderr, flush=True)
-
-
-def bench_reach(users: int = 1_000_000, sample_share: float = 0.02, per_bucket: int = 200, candidates: int = 4000,
-                min_per_stratum: int = 30, max_strata: int = 64, latency_users: int = 100_000, repeats: int = 3,
-                seed: int = 0, out_path: str | None = "bench-reach.json", http_workers: bool = True) -> dict:
+def bench_reach(users: int = 200_000, budgets=BUDGETS, populations=tuple(POPULATIONS), per_bucket: int = 60,
+                candidates: int = 2000, reps: int = 4, min_per_stratum: int = 30, latency_users: int = 40_000,
+                repeats: int = 3, seed: int = 0, out_path: str | None = "bench-reach.json",
+                http_workers: bool = True) -> dict:
     """Run the benchmark; write and return its JSON."""
     if users < 1000:
         raise ConfigError(f"users: at least 1000, got {users}")
-    if not 0 < sample_share <= 0.5:
-        raise ConfigError(f"sample_share: must be in (0, 0.5], got {sample_share}")
+    if not budgets or not all(0 < b <= 0.5 for b in budgets):
+        raise ConfigError(f"budgets: shares in (0, 0.5], got {budgets}")
+    unknown = set(populations) - set(POPULATIONS)
+    if unknown:
+        raise ConfigError(f"populations: unknown {sorted(unknown)}; known: {sorted(POPULATIONS)}")
     t_start = time.perf_counter()
-    _progress(f"population of {users:,} users")
-    cols, imps = population(users, seed)
-    rng = np.random.default_rng(seed + 1)
-    hashes = rng.random(users)
-    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in VALUES.items()}
-
-    _progress("learning strata from past data (5% of an independent draw)")
-    t0 = time.perf_counter()
-    past_cols, _ = population(users, seed + 100)
-    keep = np.random.default_rng(seed + 2).random(users) < 0.05
-    past_cols = {a: c[keep] for a, c in past_cols.items()}
-    w = np.full(int(keep.sum()), 1 / 0.05)
-    r = probe_scores(past_cols, VALUES, w)
-    n = int(round(users * sample_share))
-    max_strata = max(1, min(max_strata, n // (2 * min_per_stratum)))  # floors take at most half the sample
-    strata = learn_strata(past_cols, VALUES, w, r, max_strata=max_strata,
-                          min_leaf=max(2.0 * min_per_stratum, 5e-4 * users))
-    plain = Strata(strata.nodes, strata.s, strata.n)  # the same strata, everyone weighing 1 inside them
-    with_score_model(strata, past_cols, VALUES, w, vocab)
-    learn_s = time.perf_counter() - t0
-    caps = allocate(np.array(strata.n), np.array(strata.s), n, min_per_stratum)
-    ours = build_sample(cols, VALUES, hashes, imps, strata, caps)
-    uniform = build_sample(cols, VALUES, hashes, imps, Strata.root(), [ours.n])
-    prop_caps = allocate(np.array(plain.n), np.ones(len(plain)), ours.n, 0)
-    proportional = build_sample(cols, VALUES, hashes, imps, plain, prop_caps)
-    _progress(f"samples: ours {ours.n:,} users in {len(strata)} strata ({ours.nbytes:,} bytes), uniform {uniform.n:,}, "
-              f"proportional {proportional.n:,}; building theta sketches of the same bytes")
-    theta = ThetaBaseline(cols, VALUES, ours.nbytes)
-
-    _progress(f"{candidates} candidate queries, bucketed by true size")
-    qrng = np.random.default_rng(seed + 3)
-    texts = random_queries(candidates, seed + 4)
-    by_bucket: dict[str, list] = {b[0]: [] for b in BUCKETS}
-    for i, text in enumerate(texts):
-        q = parse_query(text)
-        size = int(evaluate(q.tree, cols, vocab).sum())
-        share = size / users
-        if size < 20:
-            continue
-        for name, lo, hi in BUCKETS:
-            if lo <= share < hi:
-                by_bucket[name].append(q)
-        if (i + 1) % 1000 == 0:
-            _progress(f"  {i + 1}/{candidates} candidates evaluated")
-    chosen = {}
-    for name, qs in by_bucket.items():
-        uniq = list({q.text: q for q in qs}.values())
-        idx = qrng.permutation(len(uniq))[:per_bucket]
-        chosen[name] = [uniq[i] for i in sorted(idx)]
-
-    methods = {
-        "ours": lambda q: answer(ours, q, min_per_stratum),
-        "ours_no_fallback": lambda q: answer(ours, q, 0, composite=False),
-        "uniform": lambda q: answer(uniform, q, 0),
-        "proportional": lambda q: answer(proportional, q, 0),
-        "theta": theta.answer,
-    }
-    results: dict = {}
-    examples = []
-    done = 0
-    total_q = sum(len(v) for v in chosen.values())
-    t0 = time.perf_counter()
-    for name, qs in chosen.items():
-        per: dict = {m: {"err": [], "cover": [], "ierr": [], "icover": []} for m in methods}
-        fallbacks = 0
-        for q in qs:
-            truth = exact_answer(cols, VALUES, imps, q)
-            for m, fn in methods.items():
-                a = fn(q)
-                p = per[m]
-                p["err"].append(abs(a["users"] - truth["users"]) / truth["users"])
-                p["cover"].append(a["users_ci"][0] <= truth["users"] <= a["users_ci"][1])
-                if "impressions" in a:
-                    p["ierr"].append(abs(a["impressions"] - truth["impressions"]) / truth["impressions"])
-                    p["icover"].append(a["impressions_ci"][0] <= truth["impressions"] <= a["impressions_ci"][1])
-                if m == "ours":
-                    fallbacks += a["fallback"]
-                    if len(examples) < 8 and len(qs) and q is qs[0]:
-                        examples.append({"bucket": name, "truth": truth, "ours": a})
-            done += 1
-            if done % 50 == 0:
-                rate = done / (time.perf_counter() - t0)
-                _progress(f"  answered {done}/{total_q} queries x {len(methods)} methods, {rate:.0f}/s, "
-                          f"ETA {(total_q - done) / rate:.0f}s")
-        results[name] = {"queries": len(qs), "ours_fallback_share": round(fallbacks / len(qs), 3) if qs else None}
-        for m, p in per.items():
-            results[name][m] = {
-                "users_median_rel_err": _pct(p["err"], 50), "users_p90_rel_err": _pct(p["err"], 90),
-                "users_coverage": round(float(np.mean(p["cover"])), 3) if p["cover"] else None,
-            }
-            if p["ierr"]:
-                results[name][m].update({
-                    "impressions_median_rel_err": _pct(p["ierr"], 50),
-                    "impressions_p90_rel_err": _pct(p["ierr"], 90),
-                    "impressions_coverage": round(float(np.mean(p["icover"])), 3)})
-        u, o = results[name]["uniform"]["users_median_rel_err"], results[name]["ours"]["users_median_rel_err"]
-        results[name]["ours_over_uniform_median_err"] = round(o / u, 3) if u else None
+    pops = {}
+    for name in populations:
+        _progress(f"population {name}: {users:,} users, budgets {[f'{b:.1%}' for b in budgets]}, {reps} seeds")
+        pops[name] = _accuracy(name, users, budgets, per_bucket, candidates, reps, min_per_stratum, seed)
 
     _progress(f"latency on a {latency_users:,}-user sample")
-    lat_caps = allocate(np.array(strata.n), np.array(strata.s), latency_users, min_per_stratum)
-    big = build_sample(cols, VALUES, hashes, imps, strata, lat_caps)
-    all_q = [q for qs in chosen.values() for q in qs]
+    name = populations[0]
+    cols, values, imps = POPULATIONS[name](max(users, latency_users), seed)
+    cols = {a: c[:latency_users] for a, c in cols.items()}
+    big = build_sample(cols, values, np.random.default_rng(seed).random(latency_users), imps[:latency_users],
+                       np.ones(latency_users), latency_users)
+    texts = random_queries(200, seed + 9, values)
     times = []
     for _ in range(repeats):
-        for q in all_q:
+        for text in texts:
             t = time.perf_counter()
-            answer(big, q.text, min_per_stratum)  # parse included, as a server does
+            answer(big, text, min_per_stratum)  # parse included, as a server does
             times.append(time.perf_counter() - t)
-    times_ms = np.array(times) * 1000
+    ms = np.array(times) * 1000
     http = None
     if http_workers:
-        _progress(f"latency over HTTP: 2 reach workers holding a {latency_users:,}-user sample")
-        http = _http_latency(cols, latency_users, [q.text for q in all_q], repeats, min_per_stratum)
-    out = {
-        "population": {"users": users, "impressions": int(imps.sum()), "attributes": {a: len(v) for a, v in VALUES.items()},
-                       "zipf_s": 1.1},
-        "sample": {"share": sample_share, "ours": ours.describe(), "uniform_users": uniform.n,
-                   "proportional_users": proportional.n, "theta_lg_k": theta.lg_k, "theta_bytes": theta.nbytes,
-                   "min_per_stratum": min_per_stratum, "max_strata": max_strata, "strata_learn_s": round(learn_s, 2)},
-        "buckets": results,
-        "latency_in_process_ms": {"sample_users": big.n, "strata": len(big.keys), "queries": len(times),
-                                  "p50": round(float(np.percentile(times_ms, 50)), 3),
-                                  "p99": round(float(np.percentile(times_ms, 99)), 3)},
-        "latency_http_ms": http,
-        "examples": examples,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+        _progress(f"latency over HTTP: 2 reach workers holding {latency_users:,} users")
+        http = _http_latency(cols, values, latency_users, texts, repeats, min_per_stratum)
+    out = {"populations": pops,
+           "goals_at_2pct": {p: r["budgets"].get("0.02", {}).get("goals") for p, r in pops.items()},
+           "latency_in_process_ms": {"sample_users": big.n, "queries": len(times),
+                                     "p50": round(float(np.percentile(ms, 50)), 3),
+                                     "p99": round(float(np.percentile(ms, 99)), 3)},
+           "latency_http_ms": http,
+           "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+           "seconds": round(time.perf_counter() - t_start, 1)}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+def table(out: dict, budget: str = "0.02") -> str:
+    """The README's table: per population and bucket at one budget, median relative error of users and
+    coverage for each method."""
+    lines = ["| population | bucket | rules | ours | uniform | proportional | theta | ours / uniform |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p, r in out["populations"].items():
+        res = r["budgets"][budget]
+        rows = [(b, res["buckets"][b]) for b in res["buckets"]] + [(g, res["groups"][g]) for g in GROUPS]
+        for b, f in rows:
+            cells = [f"{f[m]['users_median_rel_err']:.3f}, {f[m]['users_coverage']:.2f}"
+                     if f[m]["users_median_rel_err"] is not None else "-" for m in ("ours", "uniform", "proportional", "theta")]
+            u, o = f["uniform"]["users_median_rel_err"], f["ours"]["users_median_rel_err"]
+            ratio = f"{o / u:.2f}" if u else "-"
+            lines.append(f"| {p} | {b} | {f['ours']['n'] // max(1, 1)} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m loopline.ops.bench_reach: the table of a JSON file
+    with open(sys.argv[1]) as f:
+        print(table(json.load(f), sys.argv[2] if len(sys.argv) > 2 else "0.02"))
+_ = math

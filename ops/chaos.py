@@ -257,7 +257,7 @@ def prepare(cfg: ChaosConfig, progress: bool = True, workdir: str | None = None)
     ctx.evaluate_s = time.monotonic() - t
     steps = math.ceil(ev["examples"]["total"] / 256)  # the FM trainer's micro-batch (TrainerConfig.batch_size)
     ctx.snapshot_every = cfg.snapshot_every or max(1, min(20, steps // 4))
-    rcfg = ReachConfig(sample_users=cfg.reach_sample_users, epoch_s=REACH_EPOCH_S, horizon_epochs=1)
+    rcfg = ReachConfig(budget_users=cfg.reach_sample_users * cfg.partitions, epoch_s=REACH_EPOCH_S, horizon_epochs=1)
     merged = Sample.merge(samples_from_log(ctx.log_path, cfg.partitions, rcfg))
     impressions = sum(1 for o in ingest_outputs(ctx.records, cfg.partitions, audience=True)
                       if o.kind == "audience" and o.value.get("type") == "impression")
@@ -334,7 +334,7 @@ class _Deployment:
             role = role or name
             args = ("--role", role)
             if role == "reach":
-                args += ("--reach-sample-users", str(self.ctx.cfg.reach_sample_users),
+                args += ("--reach-budget-users", str(self.ctx.cfg.reach_sample_users * self.ctx.cfg.partitions),
                          "--reach-epoch", repr(REACH_EPOCH_S), "--reach-horizon", "1")
             self.specs[name] = (role, data_dir or str(self.dir / name), args + tuple(extra),
                                 {ENV_SNAPSHOT_EVERY: str(self.ctx.snapshot_every), **(env or {})})

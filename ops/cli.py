@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", default="loopfm+kd", help="vm role: the variant POST /score/ answers with")
     p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
     _attribution_args(p)
-    p.add_argument("--reach-sample-users", type=int, default=20000, help="reach: sampled users per partition and epoch")
+    p.add_argument("--reach-budget-users", type=int, default=20000, help="reach: users the sample holds in all")
     p.add_argument("--reach-epoch", type=float, default=86400.0, help="reach: epoch, seconds of event time")
     p.add_argument("--reach-horizon", type=int, default=7, help="reach: epochs in the horizon")
 
@@ -246,7 +246,7 @@ def _run(a) -> int:
                            web_port=a.web_port, web_host=a.web_host, web_tables=a.web_tables,
                            view_cache_s=a.view_cache, view_stale_s=a.view_stale, app_id=a.app_id,
                            attribution=_attribution_cfg(a), evaluation=a.evaluation, stall_s=a.stall, on_broker_reset=a.on_broker_reset, vm_variants=_variants(a.variants), vm_serve=a.serve,
-                           loglevel=a.loglevel, reach=ReachConfig(sample_users=a.reach_sample_users,
+                           loglevel=a.loglevel, reach=ReachConfig(budget_users=a.reach_budget_users,
                                                                   epoch_s=a.reach_epoch, horizon_epochs=a.reach_horizon))
         run_worker(cfg, grace_s=a.grace)
         return 0

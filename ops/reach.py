@@ -49,7 +49,7 @@ def reach_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partitions", type=int, default=4, help="partitions of the audience topic")
     p.add_argument("--app-id", default="loopline", help="with --broker: the workers' app id")
     p.add_argument("--worker-role", default="reach", choices=["reach", "all"], help="with --broker: the workers' role")
-    p.add_argument("--sample-users", type=int, default=d.sample_users, help="per partition and epoch")
+    p.add_argument("--budget-users", type=int, default=d.budget_users, help="users the sample holds in all")
     p.add_argument("--epoch", type=float, default=d.epoch_s, help="epoch length, seconds of event time")
     p.add_argument("--horizon", type=int, default=d.horizon_epochs, help="epochs in the horizon")
     p.add_argument("--min-per-stratum", type=int, default=d.min_per_stratum)
@@ -61,7 +61,7 @@ def reach_args(p: argparse.ArgumentParser) -> None:
 
 def _cfg(a):
     from loopline.state.reach import ReachConfig
-    return ReachConfig(sample_users=a.sample_users, epoch_s=a.epoch, horizon_epochs=a.horizon,
+    return ReachConfig(budget_users=a.budget_users, epoch_s=a.epoch, horizon_epochs=a.horizon,
                        min_per_stratum=a.min_per_stratum)
 
 
@@ -76,7 +76,7 @@ def samples_from_log(path: str, partitions: int, cfg, progress: bool = False) ->
         records = read_log(path)
     except OSError as exc:
         raise ConfigError(f"events: cannot read {path!r}: {exc.strerror}") from None
-    samplers = [ReachSampler(cfg, q) for q in range(partitions)]
+    samplers = [ReachSampler(cfg, q, partitions) for q in range(partitions)]
     for o in ingest_outputs(records, partitions, progress="reach" if progress else None, audience=True):
         v = o.value
         if o.kind == "audience" and v.get("type") == "impression":
@@ -130,7 +130,7 @@ def ask_workers(urls: list[str], query: str, timeout: float = 2.0, n_min: int = 
         parts.append(body["stats"])
         answered.update(body["partitions"])
         total = max(total, int(body.get("partitions_total", 0)))
-    merged = merge_stats(parts) if parts else {"strata": {}, "borrow": {}, "n_min": n_min}
+    merged = merge_stats(parts)
     missing = sorted(set(range(total)) - answered) if total else []
     down = [u for u, s in workers.items() if s != "ok"]
     out = finish(merged, q.text)
@@ -185,7 +185,7 @@ async def ask_stream(bootstrap: str, query: str, partitions: int, app_id: str = 
     errors = [s["error"] for s in shares.values() if "error" in s]
     if errors:
         raise ConfigError(errors[0])
-    merged = merge_stats([s["stats"] for s in shares.values()]) if shares else {"strata": {}, "borrow": {}, "n_min": 30}
+    merged = merge_stats([s["stats"] for s in shares.values()])
     out = finish(merged, q.text)
     out.update({"partial": len(shares) < partitions, "query_id": qid, "partitions": sorted(shares),
                 "missing_partitions": sorted(set(range(partitions)) - set(shares)),

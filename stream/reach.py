@@ -14,8 +14,9 @@ Public surface: ``register_reach``, ``changelog_topic``.
   ``audience`` topic to keep at least the horizon (retention), which the embedded broker does.
 * ``GET /reach?q=QUERY`` answers for the partitions this worker holds: the answer plus the additive
   per-stratum sums (``stats``) that ``loopline reach --workers`` merges across workers, and the
-  partitions it covered. Without ``q``: a summary of each partition's sample (users, bytes per user,
-  strata, epochs). A bad query gives HTTP 400 and ``{"error": "query: ..."}``. Each partition's frozen
+  partitions it covered; each answer states the event-time ``range`` it covers and the
+  ``sample_bytes``. Without ``q``: a summary of each partition's sample (users, bytes, the budget, the
+  range) and the bytes in all (``sample_bytes`` frozen, ``memory_bytes`` streaming). A bad query gives HTTP 400 and ``{"error": "query: ..."}``. Each partition's frozen
   sample is rebuilt at most every ``REFRESH_S`` seconds while the stream changes it.
 * **Stream table.** A query ``{"id", "q"}`` sent to every partition of ``reach.queries`` is answered,
   on each partition by the worker holding it, into the table ``reach.answers`` keyed by the query id:
@@ -122,7 +123,7 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
             log.warning("reach: rebuilding partition %d failed (%s); will retry", p, exc)
 
     async def _rebuild(p: int) -> None:
-        sampler, ids = ReachSampler(rcfg, p), RecentIds()
+        sampler, ids = ReachSampler(rcfg, p, cfg.partitions), RecentIds()
         consumer = AIOKafkaConsumer(bootstrap_servers=cfg.broker, enable_auto_commit=False,
                                     max_partition_fetch_bytes=4 * 1024 * 1024)
         await consumer.start()
@@ -260,17 +261,19 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
     def summary() -> dict:
         parts = held()
         out = {"partitions": parts, "partitions_total": cfg.partitions, "stats": dict(stats),
-               "rebuilding": sorted(rebuilding), "samples": {}}
+               "rebuilding": sorted(rebuilding), "budget_users": rcfg.budget_users, "samples": {}}
         for p in parts:
             out["samples"][str(p)] = {**sample_of(p).describe(), "memory": samplers[p].memory(),
                                       "counts": dict(samplers[p].counts), "bounds": samplers[p].bounds()}
+        # the bytes this worker's samples take: frozen (what queries read) and streaming (what the sampler holds)
+        out["sample_bytes"] = sum(v["bytes"] for v in out["samples"].values())
+        out["memory_bytes"] = sum(v["memory"]["bytes"] for v in out["samples"].values())
         return out
 
     def answer(q) -> dict:
         t0 = time.perf_counter()
         parts = held()
-        merged = merge_stats([query_stats(sample_of(p), q, rcfg.min_per_stratum) for p in parts]) if parts \
-            else {"strata": {}, "borrow": {}, "n_min": rcfg.min_per_stratum}
+        merged = merge_stats([query_stats(sample_of(p), q, rcfg.min_per_stratum) for p in parts])
         return {**finish(merged, q.text), "partitions": parts, "partitions_total": cfg.partitions,
                 "stats": merged, "worker_ms": round((time.perf_counter() - t0) * 1000, 3)}
 

@@ -32,7 +32,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def test_batch_queries_answer_one_json_object_per_line_with_the_query(log, tmp_path, capsys):
     qfile = tmp_path / "q.txt"
     qfile.write_text("gender = F\n\n# a comment\nage in (18-24, 25-34) and not geo = US-CA\nage in (\n*\n")
-    rc, out, _ = run(capsys, "reach", "--events", log, "--queries", str(qfile), "--sample-users", "80", "--json")
+    rc, out, _ = run(capsys, "reach", "--events", log, "--queries", str(qfile), "--budget-users", "320", "--json")
     assert rc == 0
     lines = [orjson.loads(x) for x in out.splitlines()]
     assert [x["query"] for x in lines] == ["gender = F", "age in (18-24, 25-34) and not geo = US-CA", "age in (", "*"]
@@ -43,12 +43,14 @@ def test_batch_queries_answer_one_json_object_per_line_with_the_query(log, tmp_p
         assert a["users_ci"][0] <= a["users"] <= a["users_ci"][1]
         assert a["impressions_ci"][0] <= a["impressions"] <= a["impressions_ci"][1]
         assert isinstance(a["fallback"], bool)
+        assert a["range"]["to"] - a["range"]["from"] <= 2 * 86_400 + 3600 and a["sample_bytes"] > 0
+        assert a["sample_users"] <= 320 and a["budget_users"] == 320
 
 
 def test_a_saved_sample_answers_like_the_log_it_came_from(log, tmp_path, capsys):
     sample = str(tmp_path / "s.json")
     q = "gender = M or device = ios"
-    rc, out, _ = run(capsys, "reach", q, "--events", log, "--sample-users", "50", "--save-sample", sample, "--json")
+    rc, out, _ = run(capsys, "reach", q, "--events", log, "--budget-users", "200", "--save-sample", sample, "--json")
     assert rc == 0
     from_log = orjson.loads(out)
     rc, out, _ = run(capsys, "reach", q, "--sample", sample, "--json")
@@ -62,7 +64,7 @@ def test_a_saved_sample_answers_like_the_log_it_came_from(log, tmp_path, capsys)
     (["reach", "--events", "LOG"], "ConfigError: query: give a query"),
     (["reach", "*", "--events", "/nonexistent.jsonl"], "ConfigError: events: cannot read"),
     (["reach", "*", "--sample", "LOG"], "ConfigError: sample: "),
-    (["reach", "*", "--events", "LOG", "--sample-users", "0"], "ConfigError: sample_users: "),
+    (["reach", "*", "--events", "LOG", "--budget-users", "0"], "ConfigError: budget_users: "),
 ])
 def test_errors_are_one_line_with_exit_code_2(log, capsys, argv, fragment):
     rc, out, err = run(capsys, *[log if a == "LOG" else a for a in argv])
@@ -96,16 +98,21 @@ def test_workers_that_are_down_or_hung_give_a_partial_answer_within_the_timeout(
 
 
 def test_bench_reach_smoke(tmp_path):
-    from loopline.ops.bench_reach import bench_reach
-    out = bench_reach(users=20_000, per_bucket=6, candidates=300, latency_users=2000, repeats=1, http_workers=False,
-                      out_path=str(tmp_path / "b.json"))
-    assert set(out["buckets"]) == {"10%+", "1-10%", "0.1-1%", "<0.1%"}
-    big = out["buckets"]["10%+"]
-    for m in ("ours", "uniform", "proportional", "theta"):
-        assert 0 <= big[m]["users_median_rel_err"] < 0.5
-        assert 0 <= big[m]["users_coverage"] <= 1
-    assert out["sample"]["ours"]["sampled_users"] <= 0.02 * 20_000 + 1
+    from loopline.ops.bench_reach import POPULATIONS, bench_reach, table
+    out = bench_reach(users=20_000, budgets=(0.02, 0.05), per_bucket=6, candidates=300, reps=1, latency_users=2000,
+                      repeats=1, http_workers=False, out_path=str(tmp_path / "b.json"))
+    assert set(out["populations"]) == set(POPULATIONS) and len(POPULATIONS) >= 3
+    for pop in out["populations"].values():
+        at = pop["budgets"]["0.02"]
+        assert at["sample_users"] == 400 and at["sample_bytes"] > 0
+        assert set(at["buckets"]) == {"10%+", "1-10%", "0.1-1%", "<0.1%"} and set(at["groups"]) == {">=1%", "<1%"}
+        big = at["buckets"]["10%+"]
+        for m in ("ours", "uniform", "proportional", "theta"):
+            assert 0 <= big[m]["users_median_rel_err"] < 0.5
+            assert 0 <= big[m]["users_coverage"] <= 1
+        assert set(at["goals"]) == {"common_within_1.25x", "rare_at_most_half", "coverage_0.90_0.98"}
     assert out["latency_in_process_ms"]["p50"] > 0
+    assert "| correlated | <1% |" in table(out)
     assert (tmp_path / "b.json").exists()
 
 

@@ -12,7 +12,7 @@ from loopline.state.reach import ReachConfig, ReachSampler, answer, segment_attr
 from loopline.state.reach_vocab import HeavyHitters, Vocabulary
 
 AGES = ("18-24", "25-34", "65+")
-CENSUS = dict(sample_users=50_000, min_per_stratum=5)  # every user sampled: answers are exact counts
+CENSUS = dict(budget_users=50_000, min_per_stratum=5)  # every user sampled: answers are exact counts
 
 
 def test_sixty_four_junk_names_no_longer_lock_out_age():
@@ -91,8 +91,8 @@ def test_segment_labels_are_bounded_and_a_sampled_user_keeps_its_own():
 def test_under_the_caps_the_sample_is_unchanged():
     users = [(f"u{i}", {"age": AGES[i % 3], "geo": f"g{i % 7}", "gender": "FM"[i % 2]}) for i in range(3000)]
     samples = []
-    for cfg in (ReachConfig(sample_users=300, min_per_stratum=10, epoch_s=100.0),
-                ReachConfig(sample_users=300, min_per_stratum=10, epoch_s=100.0, max_attrs=500,
+    for cfg in (ReachConfig(budget_users=300, min_per_stratum=10, epoch_s=100.0),
+                ReachConfig(budget_users=300, min_per_stratum=10, epoch_s=100.0, max_attrs=500,
                             max_values=50_000, vocab_candidates=7)):
         s = ReachSampler(cfg)
         for k in range(3):
@@ -127,7 +127,7 @@ events = st.lists(st.one_of(
 @pytest.mark.fuzz
 @given(events)
 def test_the_vocabulary_stays_bounded_and_every_code_stays_valid(evs):
-    s = ReachSampler(ReachConfig(sample_users=4, min_per_stratum=1, epoch_s=100.0, horizon_epochs=2, max_attrs=3,
+    s = ReachSampler(ReachConfig(budget_users=4, min_per_stratum=1, epoch_s=100.0, horizon_epochs=2, max_attrs=3,
                                  max_values=2, vocab_candidates=2, max_segment_users=3))
     for ev in evs:
         if ev[0] == "imp":
@@ -138,7 +138,7 @@ def test_the_vocabulary_stays_bounded_and_every_code_stays_valid(evs):
         assert all(len(s.values[a]) <= 2 and s.vocab[a] == {v: i for i, v in enumerate(s.values[a])}
                    for a in s.attrs)
         for rec in s.records.values():
-            assert all(c == -1 or c < len(s.values[s.attrs[j]]) for j, c in enumerate(rec[1]))
+            assert all(c == -1 or c < len(s.values[s.attrs[j]]) for j, c in enumerate(rec.codes))
     sample = s.snapshot()
     a = answer(sample, "a = 1 or seg.s.x = yes")
     assert 0 <= a["users"] <= sample.w_users.sum() + 1e-6

@@ -20,7 +20,7 @@ from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
-REACH = ("--role", "reach", "--reach-sample-users", "60")
+REACH = ("--role", "reach", "--reach-budget-users", "240")
 
 
 async def resend(bootstrap: str, topic: str, n: int) -> int:

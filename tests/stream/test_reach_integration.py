@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 QUERY = "gender = F and not geo = US-CA"
 SEG_QUERY = "seg.s_good.auto_intender = yes and gender = F"
-REACH = ("--role", "reach", "--reach-sample-users", "60", "--reach-epoch", "86400", "--reach-horizon", "7")
+REACH = ("--role", "reach", "--reach-budget-users", "240", "--reach-epoch", "86400", "--reach-horizon", "7")
 
 
 def audience_values(path: str, partitions: int) -> list[bytes]:
@@ -62,7 +62,7 @@ def wait_for(fn, timeout: float, what: str):
 def test_fan_out_partial_answer_and_recovery(broker, start_worker, tmp_path):
     log = str(tmp_path / "log.jsonl")
     write_log(GenerateConfig(users=500, days=0.8, seed=5, quality_sources=QUALITY_SOURCES), log)
-    cfg = ReachConfig(sample_users=60)
+    cfg = ReachConfig(budget_users=240)
     merged = Sample.merge(samples_from_log(log, 4, cfg))
     offline = answer(merged, QUERY, cfg.min_per_stratum)
     offline_seg = answer(merged, SEG_QUERY, cfg.min_per_stratum)

@@ -1,0 +1,293 @@
+"""Reach estimates from a frozen sample: users and impressions a targeting rule reaches, each an
+:class:`Estimate` that names its bounds.
+
+Public surface: ``Estimate``, ``query_stats``, ``merge_stats``, ``finish``, ``answer``, ``users_estimate``,
+``exact_answer``, ``score_interval``.
+
+**Direct estimate** (Horvitz-Thompson). Users: ``U = sum 1/pi_u`` over the sampled users the rule
+matches, variance estimate ``V = sum (1 - pi_u) / pi_u^2`` (the sample is a priority sample: given its
+threshold, users are in independently, so this is the Poisson-sampling variance). Impressions: the same
+with ``y_u / pi_u`` over the users whose impressions in the range are complete.
+
+**Interval** (score type, with a small-count correction). A total of few matches is far from normal, so
+the 95% interval is the Wilson/score interval of a Poisson count on the *effective* number of matches
+``m = U^2 / V`` (``U / m`` users per effective match): ``m + z^2/2 +- z sqrt(m + z^2/4)``, scaled back.
+With many matches it is ``U +- 1.96 sqrt(V)``; with none it is ``[0, z^2 (w - 1)]`` (``w`` the
+sample's largest weight: ``w - 1`` unseen users stand beside each sampled one). Users the sample holds with ``pi = 1`` are exact
+(zero width). The lower end is never below the users the sample saw.
+
+**Fall-back for few matches** (flagged: ``fallback``). A rule that is a conjunction ``C1 and C2 and ...``
+(no attribute in two clauses) and matches fewer than ``n_min`` sampled users also gets a *synthetic* estimate
+``S = N prod_j (U_j / N)`` (each clause measured on the whole sample, where it has many more matches):
+exact when the clauses are independent. The answer mixes the two by their mean squared errors,
+``phi = MSE_S / (MSE_S + V_D)``: ``V_D`` the direct one's variance (at least what the synthetic size
+implies, so "no match" is not taken as certainty), ``MSE_S`` the synthetic one's squared bias, estimated
+from the gap ``(D - S)^2 - V_D`` and never below ``(c S)^2``. ``c``, the synthetic model's relative bias,
+is *measured on the sample itself*: over the pairs of attribute values that have at least ``n_min``
+matches, the mean of ``((D - S) / S)^2`` less its sampling noise (``BIAS_FLOOR <= c <= 1``). A
+population whose attributes are independent gets a small ``c`` and borrows much; one with strongly
+correlated attributes gets a large ``c`` and little. The interval uses the mixture's MSE.
+
+**Distributed.** :func:`query_stats` gives sums that add across partitions (:func:`merge_stats`);
+:func:`finish` makes the answer from pooled sums, the same as :func:`answer` on the merged sample.
+
+>>> import numpy as np
+>>> from loopline.state.reach_sample import Sample
+>>> s = Sample({"g": np.array([0, 1, 1, 0])}, {"g": ["a", "b"]}, [1.0, 1.0, 1.0, 1.0], [1.0] * 4, [2, 1, 1, 3])
+>>> a = answer(s, "g = a")
+>>> a["users"], a["users_ci"], a["impressions"]
+(2.0, [2.0, 2.0], 5.0)
+>>> users_estimate(query_stats(s, "g = b"))
+Estimate(estimate=2.0, lower=2.0, upper=2.0, level=0.95, se=0.0)
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .reach_query import Query, evaluate, parse_query
+from .reach_sample import Sample
+
+__all__ = ["Estimate", "query_stats", "merge_stats", "finish", "answer", "users_estimate", "exact_answer",
+           "score_interval"]
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+BIAS_FLOOR = 0.1  # the synthetic estimate is always allowed this much relative bias
+BIAS_DEFAULT = 0.5  # ... and this much when the sample has no pair of values to measure it on
+MAX_PAIR_CELLS = 1 << 16  # value pairs of two attributes the bias measurement looks at, at most
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A point estimate with its two-sided interval at ``level`` and standard error."""
+
+    estimate: float
+    lower: float
+    upper: float
+    level: float = 0.95
+    se: float = 0.0
+
+    def __post_init__(self):
+        assert self.lower <= self.estimate + 1e-6 and self.estimate <= self.upper + 1e-6, \
+            f"bounds do not hold the estimate: {self.lower} <= {self.estimate} <= {self.upper}"
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` lies inside the interval."""
+        return self.lower <= value <= self.upper
+
+
+def _q(query) -> Query:
+    return query if isinstance(query, Query) else parse_query(query)
+
+
+def _terms(sample: Sample) -> np.ndarray:
+    """Per-row terms ``(6, n)``: 1, w, w(w-1), wi y, y^2 wi(wi-1), wi (``w = 1/pi``; ``wi`` the impressions
+    weight, 0 where impressions are incomplete)."""
+    def build():
+        w, wi, y = sample.w_users, sample.w_imps, sample.imps.astype(np.float64)
+        return np.ascontiguousarray(np.stack([np.ones_like(w), w, w * (w - 1), wi * y,
+                                              y * y * wi * np.maximum(wi - 1, 0), wi]))
+    return sample.cached("terms", build)
+
+
+def _bias(sample: Sample, n_min: int) -> list[float]:
+    """``[sum, count]`` of the independence model's squared relative bias over pairs of attribute values
+    with at least ``n_min`` matches, each less its sampling noise (module docstring)."""
+    def build():
+        w = sample.w_users
+        total = float(w.sum())
+        if total <= 0 or sample.n < 2 * n_min:
+            return [0.0, 0.0]
+        attrs = [a for a in sorted(sample.cols) if not a.startswith("seg.")]
+        acc, cnt = 0.0, 0
+        for a, b in itertools.combinations(attrs, 2):
+            va, vb = len(sample.values[a]), len(sample.values[b])
+            if va * vb > MAX_PAIR_CELLS:
+                continue
+            ca, cb = sample.cols[a].astype(np.int64), sample.cols[b].astype(np.int64)
+            ok = (ca >= 0) & (cb >= 0)
+            code = ca[ok] * vb + cb[ok]
+            m = np.bincount(code, minlength=va * vb)
+            d = np.bincount(code, weights=w[ok], minlength=va * vb)
+            v = np.bincount(code, weights=(w * (w - 1))[ok], minlength=va * vb)
+            pa = np.bincount(ca[ca >= 0], weights=w[ca >= 0], minlength=va) / total
+            pb = np.bincount(cb[cb >= 0], weights=w[cb >= 0], minlength=vb) / total
+            s = total * np.outer(pa, pb).ravel()
+            cells = (m >= n_min) & (s > 0)
+            if cells.any():
+                r = (d[cells] - s[cells]) / s[cells]
+                acc += float((r * r - v[cells] / s[cells] ** 2).sum())
+                cnt += int(cells.sum())
+        return [acc, float(cnt)]
+    return sample.cached(("bias", n_min), build)
+
+
+def _names(node: tuple, out: set) -> set:
+    if node[0] == "in":
+        out.add(node[1])
+    elif node[0] == "not":
+        _names(node[1], out)
+    elif node[0] in ("and", "or"):
+        for sub in node[1]:
+            _names(sub, out)
+    return out
+
+
+def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) -> dict:
+    """Sums for ``query`` (text or parsed) over one sample, additive over partitions
+    (:func:`merge_stats`). ``composite=False`` leaves out what the fall-back needs."""
+    q = _q(query)
+    terms = _terms(sample)
+    tree = q.tree
+    clauses = list(tree[1]) if tree[0] == "and" and composite else []
+    names = [_names(c, set()) for c in clauses]
+    if sum(len(x) for x in names) != len(set().union(*names)) if names else False:
+        clauses = []  # clauses sharing an attribute are not independent in any population
+    if sample.cols:
+        ev = lambda t: evaluate(t, sample.cols, sample.vocab)  # noqa: E731
+    else:  # users without any attribute: every row is the same
+        none = {a: np.full(1, -1, dtype=np.int32) for a in q.attrs or ("_",)}
+        ev = lambda t: np.full(sample.n, bool(evaluate(t, none, {})[0]))  # noqa: E731
+    if clauses:
+        masks = [ev(c) for c in clauses]
+        mask = np.logical_and.reduce(masks)
+    else:
+        masks, mask = [], ev(tree)
+    m = mask.astype(np.float64)
+    d = terms[:5] @ m  # matched: rows, users, users variance, impressions, impressions variance
+    out = {"n": sample.n, "n_min": n_min, "users_total": float(terms[1].sum()),
+           "imps_total": float(terms[3].sum()), "mean_w": float(terms[1].sum() / max(sample.n, 1)),
+           "wmax": float(sample.w_users.max()) if sample.n else 0.0,
+           "exact": [float((terms[1] * m * (terms[2] == 0)).sum()), float((terms[3] * m * (terms[4] == 0)).sum())],
+           "direct": d.tolist(), "bytes": sample.nbytes, "range": sample.info.get("range"),
+           "budget_users": int(sample.info.get("budget_users", 0))}
+    if masks:
+        out["clauses"] = [(terms[1:5] @ mk.astype(np.float64)).tolist() for mk in masks]
+        out["bias"] = _bias(sample, n_min)
+    return out
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """Add the sums of several partitions or workers (disjoint users)."""
+    if not parts:
+        return {"n": 0, "n_min": 30, "users_total": 0.0, "imps_total": 0.0, "mean_w": 0.0, "wmax": 0.0,
+                "exact": [0.0, 0.0], "direct": [0.0] * 5, "bytes": 0, "range": None, "budget_users": 0}
+    add = lambda xs: [float(sum(v)) for v in zip(*xs)]  # noqa: E731
+    n = sum(p["n"] for p in parts)
+    ranges = [p["range"] for p in parts if p.get("range")]
+    out = {"n": n, "n_min": parts[0]["n_min"], "users_total": sum(p["users_total"] for p in parts),
+           "imps_total": sum(p["imps_total"] for p in parts), "wmax": max(p["wmax"] for p in parts),
+           "exact": add([p["exact"] for p in parts]), "direct": add([p["direct"] for p in parts]),
+           "bytes": sum(p["bytes"] for p in parts), "budget_users": sum(p.get("budget_users", 0) for p in parts),
+           "range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None}
+    out["mean_w"] = out["users_total"] / n if n else 0.0
+    if all("clauses" in p for p in parts) and len({len(p["clauses"]) for p in parts}) == 1:
+        out["clauses"] = [add(cs) for cs in zip(*[p["clauses"] for p in parts])]
+        out["bias"] = add([p["bias"] for p in parts])
+    return out
+
+
+def score_interval(est: float, var: float, w0: float, z: float = Z95) -> tuple[float, float]:
+    """The score interval of a total ``est`` with variance ``var`` on its effective number of matches
+    (module docstring); ``w0``: the largest weight, for the bound of no match at all.
+
+    >>> [round(x, 1) for x in score_interval(100.0, 100.0, 1.0)]  # 100 matches of weight 1: 100 +- 1.96 * 10
+    [82.2, 121.6]
+    """
+    if est <= 0:
+        return 0.0, z * z * max(w0 - 1.0, 0.0)  # w0 - 1 unseen users per seen one (0 in a census)
+    if var <= 1e-12:
+        return est, est
+    m, scale = est * est / var, var / est
+    half = z * np.sqrt(m + z * z / 4)
+    return float(scale * max(m + z * z / 2 - half, 0.0)), float(scale * (m + z * z / 2 + half))
+
+
+def _bias_c(stats: dict) -> float:
+    acc, cnt = stats.get("bias", [0.0, 0.0])
+    if cnt <= 0:
+        return BIAS_DEFAULT
+    return float(min(1.0, max(BIAS_FLOOR, np.sqrt(max(acc / cnt, 0.0)))))
+
+
+def _composite(direct: float, v_dir: float, synth: float, v_syn: float, unit: float, c: float):
+    """Mix a direct and a synthetic estimate by their mean squared errors; (estimate, its MSE, phi)."""
+    v_d = max(v_dir, synth * max(unit - 1.0, 0.0))  # no match is not certainty
+    mse_s = max((direct - synth) ** 2 - v_d, (c * synth) ** 2) + v_syn
+    phi = mse_s / (mse_s + v_d) if mse_s + v_d > 0 else 1.0
+    return phi * direct + (1 - phi) * synth, phi * phi * v_d + (1 - phi) ** 2 * mse_s, phi
+
+
+def _parts(stats: dict) -> tuple[tuple, tuple, bool, float]:
+    """Users (estimate, variance, exact part) and impressions the same, whether the fall-back moved
+    the answer, and the synthetic share."""
+    m, u, vu, i, vi = stats["direct"]
+    ex_u, ex_i = stats["exact"]
+    users, imps = (u, vu, ex_u), (i, vi, ex_i)
+    clauses = stats.get("clauses")
+    n_tot, i_tot = stats["users_total"], stats["imps_total"]
+    if not clauses or m >= stats["n_min"] or n_tot <= 0 or vu <= 0 and m > 0:
+        return users, imps, False, 0.0
+    c = _bias_c(stats)
+    su, si, rel_u, rel_i = n_tot, i_tot, 0.0, 0.0
+    for cu, cvu, ci, cvi in clauses:
+        su *= cu / n_tot
+        si *= ci / i_tot if i_tot > 0 else 0.0
+        rel_u += cvu / cu ** 2 if cu > 0 else 0.0
+        rel_i += cvi / ci ** 2 if ci > 0 else 0.0
+    mean_imps = i_tot / n_tot
+    eu, mu, phi_u = _composite(u, vu, su, su * su * rel_u, stats["mean_w"], c)
+    eu = max(eu, m)  # the users the sample saw are there
+    ei, mi, phi_i = _composite(i, vi, si, si * si * rel_i, stats["mean_w"] * max(mean_imps, 1.0), c)
+    moved = phi_u < 0.999 or phi_i < 0.999
+    return (eu, mu, 0.0), (ei, mi, 0.0), moved, round(1 - phi_u, 4)
+
+
+def users_estimate(stats: dict) -> Estimate:
+    """The users estimate of pooled sums."""
+    return _estimates(stats)[0]
+
+
+def _estimates(stats: dict) -> tuple[Estimate, Estimate, bool, float]:
+    (u, vu, ex_u), (i, vi, ex_i), moved, share = _parts(stats)
+    wmax = stats["wmax"]
+    imp_mean = stats["imps_total"] / stats["users_total"] if stats["users_total"] > 0 else 1.0
+    seen = stats["direct"][0]
+    lo_u, hi_u = score_interval(u - ex_u, vu, wmax)
+    lo_i, hi_i = score_interval(i - ex_i, vi, 1.0 + (wmax - 1.0) * max(imp_mean, 1.0))
+    eu = Estimate(round(u, 1), round(max(ex_u + lo_u, min(seen, u)), 1), round(ex_u + hi_u, 1),
+                  se=round(float(np.sqrt(vu)), 2))
+    ei = Estimate(round(i, 1), round(ex_i + lo_i, 1), round(ex_i + hi_i, 1), se=round(float(np.sqrt(vi)), 2))
+    return eu, ei, moved, share
+
+
+def finish(stats: dict, query_text: str | None = None) -> dict:
+    """The answer from pooled sums: users and impressions with 95% intervals, the fall-back's share,
+    the event-time range covered and the bytes the sample takes."""
+    eu, ei, moved, share = _estimates(stats)
+    rng = stats.get("range")
+    out = {"users": eu.estimate, "users_ci": [eu.lower, eu.upper], "users_se": eu.se,
+           "impressions": ei.estimate, "impressions_ci": [ei.lower, ei.upper], "impressions_se": ei.se,
+           "level": eu.level, "fallback": moved, "fallback_share": share,
+           "matched_sample_users": int(stats["direct"][0]), "sample_users": int(stats["n"]),
+           "budget_users": int(stats.get("budget_users", 0)), "sample_bytes": int(stats.get("bytes", 0)),
+           "range": {"from": rng[0], "to": rng[1], "seconds": round(rng[1] - rng[0], 3)} if rng else None}
+    if query_text is not None:
+        out = {"query": query_text, **out}
+    return out
+
+
+def answer(sample: Sample, query, n_min: int = 30, composite: bool = True) -> dict:
+    """The answer of one sample (a partition, or several merged) to ``query``."""
+    q = _q(query)
+    return finish(query_stats(sample, q, n_min, composite), q.text)
+
+
+def exact_answer(cols: dict, values: dict, imps: np.ndarray, query) -> dict:
+    """The true users and impressions of ``query`` over a whole population (codes into ``values``)."""
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+    m = evaluate(_q(query).tree, cols, vocab)
+    return {"users": int(m.sum()), "impressions": float(imps[m].sum())}

@@ -1,0 +1,401 @@
+"""The reach sampler: one partition's sample of the users in the impression stream over the event-time
+horizon, within a fixed share of a total memory budget.
+
+Public surface: ``ReachSampler``, ``user_hash``, ``segment_attr``.
+
+**The horizon** is the last ``horizon_epochs * epoch_s`` seconds of event time (7 days by default),
+measured back from the partition's newest event time ``now``, on a grid of ``epoch_s /
+buckets_per_epoch`` (an hour by default): the sample covers ``[from, now]`` with ``from`` the start of
+the bucket holding ``now - horizon``, so at least the whole horizon and at most one bucket more, and
+every answer says which range (``range``; never before the first event's bucket). A user is in it if it had an impression in the range (its
+newest event time is kept exactly); its impressions are counted per bucket, and buckets older than
+``from`` are forgotten.
+
+**One sample of users, not one per epoch.** The partition keeps at most ``k = ceil(budget_users /
+partitions)`` users: the users seen in the range with the smallest priorities ``hash(user) / g(user)``
+below the threshold ``tau`` (bottom-k priority sampling: a user is in with probability
+``pi = min(1, g tau)``, once however many impressions it has, whatever their order). When a user beyond
+``k`` comes in, the one with the largest priority leaves and ``tau`` drops to its priority. When users
+leave the horizon and the sample is less than half full, ``tau`` rises (at most 2x per bucket) so new
+and returning users fill it again. The threshold in force is kept per bucket (its smallest value
+there), and so a user is counted with ``pi_u = min(1, min over the buckets from its newest impression
+to now of g tau)``: the users the sample still holds and that rule admits are exactly those that
+were never turned away since; its impressions are complete when the same holds from ``from`` on
+(``w_imps``, ``state/reach_sample.py``).
+
+**The weight ``g``** mixes uniform sampling with over-sampling of rare users (defensive importance
+sampling): ``g = (1 - rare_share) + rare_share * q``, ``q`` the score model's weight
+(``state/reach_strata.py``: large for users whose attribute values or pairs of values were rare in the
+past), scaled to mean 1. So every user is sampled at no less than ``1 - rare_share`` of the uniform
+rate (a common rule's variance is at most ``1 / (1 - rare_share)`` of a uniform sample's of the same
+size, usually less), and ``rare_share`` of the budget goes to rare users (capped at ``G_MAX``). The
+model is learned again at every epoch boundary from the sample (weighted by ``1/pi``); the model in
+force is kept per bucket with its threshold, so a user's ``pi`` takes the smallest ``g tau`` over the
+buckets since its newest impression. Before the first model everyone weighs 1 (uniform).
+
+>>> s = ReachSampler(_config(budget_users=50, min_per_stratum=5))
+>>> for i in range(200):
+...     s.observe(f"u{i}", 100.0 + i, {"gender": "F" if i % 4 else "M"}, impressions=2)
+>>> sample = s.snapshot()
+>>> sample.n, sample.info["range"]
+(50, [0.0, 299.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import re
+import sys
+
+import numpy as np
+
+from .reach_sample import Sample
+from .reach_strata import ScoreModel
+from .reach_vocab import Vocabulary
+
+__all__ = ["ReachSampler", "user_hash", "segment_attr"]
+
+G_MAX = 100.0  # the largest sampling weight (a user never weighs more than this many average users' chances)
+
+
+def _config(**kw):
+    from .reach import ReachConfig
+    return ReachConfig(**kw)
+
+
+def user_hash(user: str, seed: int = 0) -> float:
+    """A user's sampling hash: a uniform number in (0, 1) from a keyed BLAKE2b of its id.
+
+    >>> 0 < user_hash("u1") < 1, user_hash("u1") == user_hash("u1"), user_hash("u1", 1) != user_hash("u1")
+    (True, True, True)
+    """
+    d = hashlib.blake2b(user.encode(), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    return ((int.from_bytes(d, "little") >> 11) + 0.5) * (1.0 / (1 << 53))
+
+
+def segment_attr(source: str, segment: str) -> str:
+    """The query attribute of a data source's segment label (``segment`` events; value ``yes``):
+    a rule such as ``seg.s1.female = yes and age = 25-34`` targets the users source ``s1`` puts in
+    ``female``. Characters the query language's names do not allow become ``_``.
+
+    >>> segment_attr("dmp-2", "auto intender")
+    'seg.dmp_2.auto_intender'
+    """
+    return f"seg.{re.sub(r'[^A-Za-z0-9_]', '_', source)}.{re.sub(r'[^A-Za-z0-9_]', '_', segment)}"
+
+
+class _User:
+    """A sampled user: hash, attribute codes (newest impression's), newest event time, impressions per
+    bucket, and its priority under the model in force."""
+
+    __slots__ = ("h", "codes", "last", "imps", "rho")
+
+    def __init__(self, h: float, codes: tuple, last: float, rho: float):
+        self.h, self.codes, self.last, self.rho = h, codes, last, rho
+        self.imps: dict[int, int] = {}
+
+
+class ReachSampler:
+    """The sample of one partition (module docstring). ``observe`` takes one accepted impression;
+    ``snapshot`` freezes the horizon's sample into a :class:`~loopline.state.reach_sample.Sample`."""
+
+    def __init__(self, cfg=None, partition: int = 0, partitions: int = 1):
+        cfg = cfg if cfg is not None else _config()
+        self.cfg = cfg
+        self.partition = partition
+        self.partitions = max(1, int(partitions))
+        self.k = max(1, math.ceil(cfg.budget_users / self.partitions))  # this partition's share of the budget
+        self.horizon_s = cfg.epoch_s * cfg.horizon_epochs
+        self.bucket_s = cfg.epoch_s / cfg.buckets_per_epoch
+        self.vocabulary = Vocabulary(cfg.max_attrs, cfg.max_values, cfg.vocab_candidates, self._pruned)
+        self.records: dict[str, _User] = {}
+        self.heap: list = []  # (-priority, user), lazily cleaned: the largest priority on top
+        self.tau = math.inf
+        self.now: float | None = None
+        self.bucket: int | None = None  # the bucket of ``now``
+        self.first_bucket = 0  # the bucket of the first event (the range starts no earlier)
+        self.epoch: int | None = None
+        self.taus: dict[int, dict[int, float]] = {}  # bucket -> {model id in force: smallest tau under it}
+        self.models: dict[int, ScoreModel | None] = {0: None}
+        self.model_id = 0
+        self.version = 0  # changes whenever the sample does
+        self.counts = {"impressions": 0, "too_old": 0, "evicted": 0, "expired": 0, "models_learned": 0,
+                       "tau_raised": 0, "segment_users_evicted": 0, "segments_dropped": 0}
+        # user -> {segment attr: "yes"} for every user a source labelled (before or after its
+        # impressions: the quality counts' rule), so rules can name a source's segment; at most
+        # max_segment_users users, the least recently labelled forgotten first (a sampled user keeps
+        # the labels its record holds)
+        self.segments: dict[str, dict[str, str]] = {}
+
+    # the vocabulary's tables
+    @property
+    def attrs(self) -> list[str]:
+        return self.vocabulary.attrs
+
+    @property
+    def values(self) -> dict[str, list[str]]:
+        return self.vocabulary.values
+
+    @property
+    def vocab(self) -> dict[str, dict[str, int]]:
+        return self.vocabulary.vocab
+
+    def bounds(self) -> dict:
+        """Every bound of this sampler and how often it bit: the budget, the vocabulary's caps and
+        pruning (``state/reach_vocab.py``) and the segment labels held."""
+        return {**self.vocabulary.bounds(), "budget_users": self.k, "sampled_users": len(self.records),
+                "evicted": self.counts["evicted"], "segment_users": len(self.segments),
+                "max_segment_users": self.cfg.max_segment_users,
+                "segment_users_evicted": self.counts["segment_users_evicted"],
+                "segments_dropped": self.counts["segments_dropped"]}
+
+    def range(self) -> list[float] | None:
+        """The event-time range ``[from, to]`` the sample covers (module docstring)."""
+        if self.now is None:
+            return None
+        return [max(self._start_bucket(), self.first_bucket) * self.bucket_s, self.now]
+
+    def _start_bucket(self) -> int:
+        return math.floor((self.now - self.horizon_s) / self.bucket_s)
+
+    # -- the stream ------------------------------------------------------------------------------------
+    def observe(self, user: str, ts: float, attrs: dict, impressions: int = 1) -> None:
+        """One accepted impression of ``user`` at event time ``ts`` with targeting ``attrs``."""
+        own = attrs  # the weight g sees the impression's own attributes only (segments may come later)
+        seg = self.segments.get(user)
+        if seg:
+            attrs = {**attrs, **seg}
+        if self.now is None:
+            self._start(ts)
+        elif ts > self.now:
+            self._advance(ts)
+        b = math.floor(ts / self.bucket_s)
+        if b < self._start_bucket():
+            self.counts["too_old"] += 1
+            return
+        self.counts["impressions"] += impressions
+        rec = self.records.get(user)
+        if rec is not None:
+            rec.imps[b] = rec.imps.get(b, 0) + impressions
+            rec.last = max(rec.last, ts)
+            rec.codes = self._recode(rec.codes, attrs, seg)
+            self.version += 1
+            return
+        h = user_hash(user, self.cfg.seed)
+        rho = h / self._g(own)
+        if rho >= self.tau:
+            return
+        rec = self.records[user] = _User(h, self.vocabulary.encode(attrs), ts, rho)
+        rec.imps[b] = impressions
+        heapq.heappush(self.heap, (-rho, user))
+        self._evict()
+        self.version += 1
+
+    def _g(self, attrs: dict) -> float:
+        model = self.models[self.model_id]
+        if model is None:
+            return 1.0
+        a = self.cfg.rare_share
+        return min(G_MAX, (1 - a) + a * model.q({k: v for k, v in attrs.items() if not k.startswith("seg.")}))
+
+    def _g_codes(self, model_id: int, cols: dict, n: int) -> np.ndarray:
+        model = self.models[model_id]
+        if model is None:
+            return np.ones(n)
+        a = self.cfg.rare_share
+        cols = {k: c for k, c in cols.items() if not k.startswith("seg.")}
+        return np.minimum(G_MAX, (1 - a) + a * model.q_codes(cols, self.vocab, n))
+
+    def _evict(self) -> None:
+        while len(self.records) > self.k and self.heap:
+            neg, user = heapq.heappop(self.heap)
+            rec = self.records.get(user)
+            if rec is None or rec.rho != -neg:
+                continue  # stale: gone, or re-prioritized under a newer model
+            del self.records[user]
+            self.tau = min(self.tau, -neg)
+            self.counts["evicted"] += 1
+        if self.bucket is not None:
+            t = self.taus[self.bucket]
+            t[self.model_id] = min(t.get(self.model_id, math.inf), self.tau)
+
+    def assert_segment(self, user: str, source: str, segment: str) -> None:
+        """A ``segment`` event: ``source`` puts ``user`` in ``segment``. A user already in the sample
+        gets the attribute at once; a later one with its first impression."""
+        key = segment_attr(source, segment)
+        seg = self.segments.pop(user, None)
+        if seg is None:
+            seg = {}
+            while len(self.segments) >= self.cfg.max_segment_users:  # forget the least recently labelled
+                del self.segments[next(iter(self.segments))]
+                self.counts["segment_users_evicted"] += 1
+        self.segments[user] = seg  # the most recently labelled last
+        if key in seg:
+            return
+        if len(seg) >= self.cfg.max_attrs:
+            self.counts["segments_dropped"] += 1
+            return
+        seg[key] = "yes"
+        rec = self.records.get(user)
+        if rec is not None:
+            extra = self.vocabulary.encode({key: "yes"})
+            codes = list(rec.codes) + [-1] * (len(extra) - len(rec.codes))
+            rec.codes = tuple(c if e == -1 else e for c, e in zip(codes, extra))
+            self.version += 1
+
+    def _recode(self, old: tuple, attrs: dict, seg: dict | None) -> tuple:
+        """A sampled user's codes from its newest impression's ``attrs`` (segments included). A user
+        whose segment labels were forgotten (``max_segment_users``) keeps the ones its record holds."""
+        codes = self.vocabulary.encode(attrs)
+        slots = self.vocabulary.seg_slots
+        if seg is None and slots:
+            carry = [j for j in slots if j < len(old) and old[j] != -1]
+            if carry:
+                keep = list(codes)
+                for j in carry:
+                    if keep[j] == -1:
+                        keep[j] = old[j]
+                codes = tuple(keep)
+        return codes
+
+    def _pruned(self, j: int, code: int | None) -> None:
+        """The vocabulary gave slot ``j`` (``code`` None) or its value ``code`` to another: every
+        sampled user's code for the old one becomes missing."""
+        for rec in self.records.values():
+            codes = rec.codes
+            if j < len(codes) and codes[j] != -1 and (code is None or codes[j] == code):
+                rec.codes = codes[:j] + (-1,) + codes[j + 1:]
+        self.version += 1
+
+    # -- time ------------------------------------------------------------------------------------------
+    def _start(self, ts: float) -> None:
+        self.now = ts
+        self.bucket = self.first_bucket = math.floor(ts / self.bucket_s)
+        self.epoch = math.floor(ts / self.cfg.epoch_s)
+        self.taus[self.bucket] = {self.model_id: self.tau}
+
+    def _advance(self, ts: float) -> None:
+        self.now = ts
+        b = math.floor(ts / self.bucket_s)
+        if b > self.bucket:
+            self.bucket = b
+            self._expire()
+            if len(self.records) < self.k / 2 and self.tau < math.inf:
+                self.tau *= min(2.0, 0.75 * self.k / max(len(self.records), 1))
+                self.counts["tau_raised"] += 1
+            self.taus[b] = {self.model_id: self.tau}
+        e = math.floor(ts / self.cfg.epoch_s)
+        if e > self.epoch:
+            for _ in range(min(e - self.epoch, 64)):  # the vocabulary's hit counts halve at every boundary
+                self.vocabulary.decay()
+            self.epoch = e
+            self._learn()
+        self.version += 1
+
+    def _expire(self) -> None:
+        start = self._start_bucket()
+        for old in [k for k in self.taus if k < start]:
+            del self.taus[old]
+        t0 = start * self.bucket_s
+        for user in [u for u, r in self.records.items() if r.last < t0]:
+            del self.records[user]
+            self.counts["expired"] += 1
+        for rec in self.records.values():
+            if min(rec.imps) < start:
+                rec.imps = {k: v for k, v in rec.imps.items() if k >= start}
+        live = {m for t in self.taus.values() for m in t} | {self.model_id}
+        for m in [m for m in self.models if m not in live]:
+            del self.models[m]
+
+    def _learn(self) -> None:
+        """A new score model from the sample (weighted by 1/pi); held users are re-prioritized under
+        it and those it no longer admits leave."""
+        users, cols, h, pi, _ = self._frozen()
+        if len(users) < 2 * self.cfg.min_per_stratum:
+            return
+        fit_cols = {a: c for a, c in cols.items() if not a.startswith("seg.")
+                    and (not self.cfg.attrs or a in self.cfg.attrs)}
+        if not fit_cols:
+            return
+        model = ScoreModel.fit(fit_cols, self.values, 1.0 / pi)
+        self.model_id += 1
+        self.models[self.model_id] = model
+        self.taus[self.bucket][self.model_id] = self.tau  # the rest of this bucket runs under the new model
+        g = self._g_codes(self.model_id, cols, len(users))
+        rho = h / g
+        for user, r in zip(users, rho.tolist()):
+            rec = self.records[user]
+            rec.rho = r
+        for user, rec in list(self.records.items()):
+            if rec.rho >= self.tau:
+                del self.records[user]
+                self.counts["evicted"] += 1
+        self.heap = [(-rec.rho, u) for u, rec in self.records.items()]
+        heapq.heapify(self.heap)
+        self._evict()
+        self.counts["models_learned"] += 1
+
+    # -- the answers -----------------------------------------------------------------------------------
+    def _columns(self, codes: list[tuple]) -> dict:
+        mat = np.full((len(codes), len(self.attrs)), -1, dtype=np.int32)
+        for i, c in enumerate(codes):
+            mat[i, :len(c)] = c
+        return {a: mat[:, j] for j, a in enumerate(self.attrs)}
+
+    def _frozen(self):
+        """The users the rule admits: ids, columns, hashes, ``pi`` and the impressions ``pi``
+        (0 where their impressions may be incomplete)."""
+        if self.now is None:
+            return [], {a: np.zeros(0, dtype=np.int32) for a in self.attrs}, np.zeros(0), np.ones(0), np.zeros(0)
+        start = self._start_bucket()
+        t0 = start * self.bucket_s
+        users = [u for u, r in self.records.items() if r.last >= t0]
+        recs = [self.records[u] for u in users]
+        n = len(recs)
+        cols = self._columns([r.codes for r in recs])
+        h = np.array([r.h for r in recs], dtype=np.float64)
+        last_b = np.array([math.floor(r.last / self.bucket_s) for r in recs], dtype=np.int64)
+        span = np.arange(start, self.bucket + 1)
+        a_user = np.full(n, np.inf)
+        a_all = np.full(n, np.inf)
+        for m in sorted({m for t in self.taus.values() for m in t}):
+            t = np.array([self.taus.get(b, {}).get(m, np.inf) for b in span])
+            suffix = np.minimum.accumulate(t[::-1])[::-1]  # smallest tau of model m from each bucket on
+            g = self._g_codes(m, cols, n)
+            a_user = np.minimum(a_user, g * suffix[np.clip(last_b - start, 0, len(span) - 1)])
+            a_all = np.minimum(a_all, g * suffix[0])
+        keep = h < a_user
+        pi = np.minimum(1.0, a_user)
+        pi_imps = np.where(h < a_all, np.minimum(1.0, a_all), 0.0)
+        users = [u for u, k in zip(users, keep.tolist()) if k]
+        cols = {a: c[keep] for a, c in cols.items()}
+        return users, cols, h[keep], pi[keep], pi_imps[keep]
+
+    def snapshot(self) -> Sample:
+        """The horizon's sample, frozen for queries (module docstring for the weights)."""
+        users, cols, h, pi, pi_imps = self._frozen()
+        start = self._start_bucket() if self.now is not None else 0
+        imps = np.array([sum(v for b, v in self.records[u].imps.items() if b >= start) for u in users],
+                        dtype=np.float64)
+        w_imps = np.where(pi_imps > 0, 1.0 / np.maximum(pi_imps, 1e-300), 0.0)
+        info = {"partitions": [self.partition], "range": self.range(), "budget_users": self.k,
+                "held_users": len(self.records), "impressions_seen": self.counts["impressions"],
+                "models_learned": self.counts["models_learned"]}
+        return Sample(cols, self.values, 1.0 / pi, w_imps, imps, info)
+
+    def memory(self) -> dict:
+        """Bytes held by the streaming structure (deep ``sys.getsizeof`` of up to 200 records, scaled,
+        plus the heap) and per sampled user."""
+        n = len(self.records)
+        if not n:
+            return {"sampled_users": 0, "budget_users": self.k, "bytes": 0, "bytes_per_user": 0.0}
+        sizes = []
+        for user, rec in list(self.records.items())[:200]:
+            b = sys.getsizeof(user) + sys.getsizeof(rec) + sys.getsizeof(rec.codes) + 2 * sys.getsizeof(rec.h)
+            b += sys.getsizeof(rec.imps) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in rec.imps.items())
+            b += 100  # the records dict's slot and the heap's (-priority, user) tuple
+            sizes.append(b)
+        per = float(np.mean(sizes))
+        return {"sampled_users": n, "budget_users": self.k, "bytes": int(per * n), "bytes_per_user": round(per, 1)}
