@@ -1,7 +1,7 @@
 """The vm role: the VM stage (``model/verticals.py``) trained continuously from ``examples.augmented``,
 and ``POST /score/`` serving its latest snapshot.
 
-Public surface: ``register_vm``.
+Public surface: ``register_vm``, ``fm_mark``, ``idle_snapshot_due``.
 
 One agent consumes ``examples.augmented`` and ``fm.embeddings``. A :class:`~loopline.model.verticals.StepInbox`
 holds them by FM step until every partition has shown the fm role's ``fmstep:S`` mark; then the step's
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import os
 import re
+import time
 
 import faust
 import numpy as np
@@ -42,12 +44,16 @@ from .app import STATUS_TOPIC, CachedView, WorkerConfig, control_of, read_topic
 from .role import Fed, msgs_of_records, role_agent
 from .supervise import off_loop
 
-__all__ = ["register_vm", "fm_mark"]
+__all__ = ["register_vm", "fm_mark", "idle_snapshot_due"]
 
 BATCH = 4000
 BATCH_WITHIN_S = 0.1
 SNAPSHOT_EVERY = 20  # FM steps between snapshots of the VM stage
 KEEP_SNAPSHOTS = 2  # the newest ones; older ones are deleted
+# Between two snapshots of SNAPSHOT_EVERY steps, an idle stage saves at most this often: on live traffic
+# (a step every few seconds, idle in between) it would otherwise copy and write the whole stage, tens of
+# MB, after every step. The end of a finished fm run is saved at once, whatever the time.
+IDLE_SNAPSHOT_EVERY_S = 60.0
 INPUTS = ("examples.augmented", "fm.embeddings")
 
 
@@ -229,15 +235,18 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         await off_loop(state["snapshot_dir"].save, {"stage": snap, "done": done, "fp8_tables": tables,
                                                     TABLE_KEY: tables[min(tables)] if tables else None}, done)
         state["snapshot_at"] = done  # only once it is on disk
+        state["saved_at"] = time.monotonic()
 
     app.loopline_positions["vm"] = fed.positions
     role_agent(app, "vm", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=start_stage, msgs=True)
 
     @app.timer(2.0)
     async def snapshot_when_idle() -> None:
-        """A replay that ends between two snapshots still gets one (and a fresh serving copy)."""
+        """A replay that ends between two snapshots still gets one (and a fresh serving copy) at once; live
+        traffic, at most one each ``IDLE_SNAPSHOT_EVERY_S``."""
         stage, last = state["stage"], state.get("last_step", -1)
-        if stage is not None and not state.get("busy") and last > state["snapshot_at"]:
+        if stage is not None and not state.get("busy") and idle_snapshot_due(
+                last, state["snapshot_at"], state["reported"], time.monotonic() - state.get("saved_at", -math.inf)):
             await save(stage, last)
 
     answers = CachedView.of("vm", cfg)  # computed in a thread, never on the agent's loop
@@ -265,6 +274,17 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
 
     def stage_featurizer():
         return state["stage"].featurizers[cfg.vm_serve]
+
+
+def idle_snapshot_due(last: int, snapshot_at: int, run_end, since_save_s: float) -> bool:
+    """Whether an idle vm stage saves now: it trained past its snapshot, and either it has trained every
+    step of the fm's finished run (``run_end``: ``(last step, run id)`` or None), or the last save was at
+    least ``IDLE_SNAPSHOT_EVERY_S`` ago.
+
+    >>> idle_snapshot_due(5, 4, None, 10.0), idle_snapshot_due(5, 4, (5, "r"), 10.0), idle_snapshot_due(5, 4, None, 61.0)
+    (False, True, True)
+    """
+    return last > snapshot_at and ((run_end is not None and last >= run_end[0]) or since_save_s >= IDLE_SNAPSHOT_EVERY_S)
 
 
 def _code_rows(rows: list[dict]) -> list[tuple]:
