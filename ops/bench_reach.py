@@ -40,7 +40,6 @@ Public surface: ``bench_reach``, ``POPULATIONS``, ``random_queries``, ``ThetaSke
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -469,7 +468,7 @@ def bench_reach(users: int = 200_000, budgets=BUDGETS, populations=tuple(POPULAT
 def table(out: dict, budget: str = "0.02") -> str:
     """The README's table: per population and bucket at one budget, median relative error of users and
     coverage for each method."""
-    lines = ["| population | bucket | rules | ours | uniform | proportional | theta | ours / uniform |",
+    lines = ["| population | bucket | rule x seed | ours | uniform | proportional | theta | ours / uniform |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p, r in out["populations"].items():
         res = r["budgets"][budget]
@@ -479,11 +478,10 @@ def table(out: dict, budget: str = "0.02") -> str:
                      if f[m]["users_median_rel_err"] is not None else "-" for m in ("ours", "uniform", "proportional", "theta")]
             u, o = f["uniform"]["users_median_rel_err"], f["ours"]["users_median_rel_err"]
             ratio = f"{o / u:.2f}" if u else "-"
-            lines.append(f"| {p} | {b} | {f['ours']['n'] // max(1, 1)} | " + " | ".join(cells) + f" | {ratio} |")
+            lines.append(f"| {p} | {b} | {f['ours']['n']} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # python -m loopline.ops.bench_reach: the table of a JSON file
     with open(sys.argv[1]) as f:
         print(table(json.load(f), sys.argv[2] if len(sys.argv) > 2 else "0.02"))
-_ = math
