@@ -67,6 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from loopline.errors import ConfigError
+from loopline.settings import setting
 
 from .fp8_gemm import scaled_mm_fp8_gemm, scaled_mm_supported, triton_fp8_gemm, triton_supported
 from .probe import Probe, ProbeConfig, mere
@@ -179,11 +180,14 @@ def interleaved_timer(base_fn, cand_fn, repeats: int = 20, warmup: int = 3) -> t
 
 @dataclass(frozen=True)
 class DispatchConfig:
-    threshold: float = 0.2  # MERE must be below this ("conservative" in LoKA)
-    min_speedup: float = 1.05  # and the measured speedup over high precision above this
+    # MERE must be below this ("conservative" in LoKA)
+    threshold: float = setting(0.2, "MERE a candidate must stay below", env="FP8_THRESHOLD")
+    # and the measured speedup over high precision above this
+    min_speedup: float = setting(1.05, "speedup over high precision a candidate must beat", env="FP8_MIN_SPEEDUP")
     candidates: tuple | None = None  # candidate names (see CANDIDATES); None = all
     samples: int = 1024  # rows drawn from the learned Gaussian (and from N(0, 1)) per layer for MERE
-    rows: int | None = None  # rows per timed GEMM; None = the largest batch the Probe saw for the layer
+    # rows per timed GEMM; None = the largest batch the Probe saw for the layer
+    rows: int | None = setting(None, "rows per timed GEMM (default: the calibration batch)", env="FP8_ROWS")
     repeats: int = 20  # timed runs per measurement (the median is used)
     record_rows: int = 512  # real input rows the Probe keeps per layer
     seed: int = 0

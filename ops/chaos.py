@@ -128,6 +128,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loopline.errors import ConfigError
+from loopline.settings import argument, setting
 
 __all__ = ["ChaosConfig", "SCENARIOS", "prepare", "run_scenario", "run_chaos", "format_chaos"]
 
@@ -145,10 +146,11 @@ ENV_DISK_FULL = "LOOPLINE_CHAOS_DISK_FULL"
 class ChaosConfig:
     """One ``loopline chaos`` run. A bad field raises :class:`~loopline.errors.ConfigError` naming it."""
 
-    events: int = 5000  # lines of the generated log (cut to exactly this many)
-    kills: int = 3  # kill -9s in the ``kills`` scenario
-    seed: int = 0  # seeds the log, the kill moments and the roles killed
-    scenarios: tuple = SCENARIOS
+    events: int = setting(5000, "lines of the generated log (cut to exactly this many)", env="CHAOS_EVENTS")
+    kills: int = setting(3, "kill -9s in the kills scenario", env="CHAOS_KILLS")
+    seed: int = setting(0, "seeds the log, the kill moments and the roles killed", env="CHAOS_SEED")
+    scenarios: tuple = setting(SCENARIOS, "the scenarios run, comma-separated (always in this order)",
+                               env="CHAOS_SCENARIOS")
     partitions: int = 4
     days: float = 3.0  # event time the log spans (attribution windows are a day: examples come all along)
     malformed: float = 0.01  # malformed lines, as a fraction of the valid ones (the dead letters are counted too)
@@ -164,7 +166,8 @@ class ChaosConfig:
     disk: str = "auto"  # disk_full: tmpfs | simulated | auto (tmpfs where mounting is permitted)
     tmpfs_mb: int = 512  # disk_full: size of the fm's filesystem (it holds two snapshots and a temporary)
     wait_s: float | None = None  # longest wait for one phase (None: 300 s + 60 ms per event)
-    workdir: str | None = None  # where logs and data directories go (None: a temporary directory)
+    workdir: str | None = argument(None, "keep logs and data directories here (default: a temporary directory)",
+                                   metavar="DIR")
     keep: bool = False  # keep the work directory (it is always kept when a scenario fails)
 
     def __post_init__(self):

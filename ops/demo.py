@@ -54,6 +54,7 @@ from pathlib import Path
 
 import orjson
 
+from loopline.settings import setting
 from loopline.stream.app import STATUS_TOPIC, TOPICS, control_of
 
 from .broker import EmbeddedBroker, create_topics
@@ -74,8 +75,8 @@ class DemoConfig:
 
     # about 8,100 labelled impressions over 6 days: 32 FM steps of 256, so DAS (scored by the snapshot
     # the FM publishes every 20 steps) has rows after the shift; about 70 s on 2 otherwise idle cores
-    users: int = 500
-    days: float = 6.0
+    users: int = setting(500, "users in the generated log", env="DEMO_USERS")
+    days: float = setting(6.0, "days of event time in the generated log", env="DEMO_DAYS")
     seed: int = 1
     partitions: int = 4
     malformed: float = 0.01  # fraction of malformed lines (every kind the generator makes)
@@ -241,7 +242,7 @@ def _reach(port: int, cfg: DemoConfig, log_path: str) -> dict:
 
     from .reach import ask_workers, samples_from_log
     got = ask_workers([f"http://127.0.0.1:{port}"], cfg.reach_rule, timeout=30.0)
-    census = samples_from_log(log_path, cfg.partitions, ReachConfig(sample_users=max(10_000, cfg.users * 2)))
+    census = samples_from_log(log_path, cfg.partitions, ReachConfig(budget_users=max(10_000, cfg.users * 2) * cfg.partitions))
     q = parse_query(cfg.reach_rule)
     truth = finish(merge_stats([query_stats(s, q, 30) for s in census]), q.text)
     keep = ("query", "users", "users_ci", "impressions", "impressions_ci", "fallback", "matched_sample_users",
@@ -330,7 +331,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
         create_topics(broker.bootstrap, {**{t: cfg.partitions for t in TOPICS}, STATUS_TOPIC: 1})
         w = WorkerProcess(broker.url, str(work / "worker"), cfg.partitions,
                           extra=("--variants", ",".join(cfg.variants), "--serve", cfg.serve,
-                                 "--reach-sample-users", str(cfg.reach_sample_users))).start()
+                                 "--reach-budget-users", str(cfg.reach_sample_users * cfg.partitions))).start()
         started.append(w)
         mon = WorkerProcess(broker.url, str(work / "monitor"), cfg.partitions, extra=("--role", "monitor")).start()
         started.append(mon)

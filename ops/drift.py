@@ -1,6 +1,6 @@
 """``loopline drift``: the current drift and model-health figures of a running monitor worker.
 
-Public surface: ``fetch_drift``, ``drift_summary``.
+Public surface: ``fetch_drift``, ``drift_summary``; ``DriftCommand`` and ``run_drift`` (``loopline drift``).
 
 Reads the worker's ``/drift`` view (JSON; ``stream/monitor.py``). ``loopline drift --json`` prints it
 whole (every kept window, the alarms, the summary); without ``--json`` it prints the summary: the
@@ -15,15 +15,29 @@ from __future__ import annotations
 
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 import orjson
 
 from loopline.errors import BrokerError, ConfigError
+from loopline.settings import setting
 
-__all__ = ["fetch_drift", "drift_summary"]
+__all__ = ["fetch_drift", "drift_summary", "DriftCommand", "run_drift"]
 
 
-def fetch_drift(worker: str = "http://127.0.0.1:6066", timeout: float = 10.0) -> dict:
+@dataclass(frozen=True)
+class DriftCommand:
+    """``loopline drift``: which monitor worker to ask. ``--json`` prints its whole ``/drift`` report."""
+
+    worker: str = setting("http://127.0.0.1:6066", "the monitor worker's base URL")
+
+
+def run_drift(cfg: DriftCommand, progress: bool = False) -> dict:
+    """The worker's ``/drift`` report (``drift_summary`` shortens it for a terminal)."""
+    return fetch_drift(cfg.worker)
+
+
+def fetch_drift(worker: str = DriftCommand.worker, timeout: float = 10.0) -> dict:
     """The ``/drift`` JSON of the monitor worker at ``worker`` (its base URL)."""
     parts = urllib.parse.urlsplit(worker)
     if parts.scheme != "http" or not parts.netloc:

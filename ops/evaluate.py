@@ -1,6 +1,8 @@
 """``loopline evaluate``: the in-process replay through the same code the workers run.
 
-Public surface: ``evaluate_records``, ``summarize``, ``format_table``, ``ingest_outputs``.
+Public surface: ``evaluate_records``, ``summarize``, ``format_table``, ``ingest_outputs``,
+``with_transfer_ratios``; ``EvaluateCommand``, ``run_evaluate``, ``format_evaluate`` and
+``vm_stage_config`` (``loopline evaluate``).
 
 Events are routed to partitions exactly as ``loopline replay`` sends them (``ops/eventlog.py``), each
 partition's :class:`~loopline.state.ingest.IngestCore` runs over a dict, and at the end of the log every
@@ -16,15 +18,22 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
+import orjson
+
 from loopline.errors import ConfigError
+from loopline.settings import argument, nested, same_as, setting
 from loopline.state.attribution import AttributionConfig, STAT_NAMES
 from loopline.state.ingest import IngestCore
+from loopline.stream.app import WorkerConfig
 
 from .eventlog import LogRecord, partition_for
+from .source import JoinConfig, SourceConfig
 
-__all__ = ["evaluate_records", "summarize", "format_table", "ingest_outputs", "with_transfer_ratios"]
+__all__ = ["evaluate_records", "summarize", "format_table", "ingest_outputs", "with_transfer_ratios",
+           "EvaluateCommand", "run_evaluate", "format_evaluate", "vm_stage_config"]
 
 
 def summarize(read: int, deadletters: dict[str, int], examples: int, positives: int,
@@ -233,3 +242,44 @@ def ingest_outputs(records: list[LogRecord], partitions: int = 4, cfg: Attributi
                   file=sys.stderr, flush=True)
     for core in cores:  # events still held for the skew check at the end: dead letters, as in evaluate
         yield from core.drop_held()
+
+
+@dataclass(frozen=True)
+class EvaluateCommand:
+    """``loopline evaluate``: the log, how it is partitioned and joined, and which models run on it."""
+
+    source: SourceConfig = nested(SourceConfig)
+    partitions: int = same_as(WorkerConfig, "partitions")
+    models: bool = setting(True, "counts only: skip the FM stage", flag="no-models")
+    # None: VMStageConfig's variants (the evaluation table's seven); "none": no VM stage
+    variants: str | None = setting(None, "VM variants trained side by side, comma-separated, or 'none' "
+                                         "(default: the table's seven)")
+    split_ts: float | None = setting(None, "event time splitting the before/after windows (default: the middle)")
+    scores: str | None = argument(None, "also write every example's score row (JSONL)", metavar="FILE")
+    fp8: bool = setting(False, "also score each VM through emulated FP8 Linear layers (rows vm:VARIANT@fp8)")
+    join: JoinConfig = nested(JoinConfig)
+
+
+def vm_stage_config(variants: str | None, fp8: bool = False):
+    """The VM stage for a ``--variants`` value: None for ``none``, the default variants for None."""
+    if variants == "none":
+        return None
+    from loopline.model.verticals import VMStageConfig, parse_variants
+    return VMStageConfig(variants=parse_variants(variants) if variants else VMStageConfig.variants, fp8=fp8)
+
+
+def run_evaluate(cfg: EvaluateCommand, progress: bool = True) -> dict:
+    """design.md's evaluation JSON for ``cfg``; with ``scores``, the score rows go to that file instead."""
+    attribution = cfg.join.attribution(cfg.source.dataset)
+    vm_cfg = vm_stage_config(cfg.variants, cfg.fp8) if cfg.models else None
+    out = evaluate_records(cfg.source.records(), cfg.partitions, attribution, progress=progress, models=cfg.models,
+                           vm_cfg=vm_cfg, scores=bool(cfg.scores), split_ts=cfg.split_ts)
+    if cfg.scores:
+        with open(cfg.scores, "wb") as f:
+            f.writelines(orjson.dumps(r) + b"\n" for r in out.pop("scores"))
+    return out
+
+
+def format_evaluate(out: dict) -> tuple:
+    """For people: the counts, then the evaluation table."""
+    return {k: v for k, v in out.items() if k not in ("models", "windows")}, format_table(out)

@@ -1,7 +1,7 @@
 """``loopline fp8 report``: run LoKA's Probe and Dispatch on a model and print the decision table.
 
-Public surface: ``representative_model``, ``calibration_batches``, ``fp8_report``, ``run_fp8_report``,
-``format_report``.
+Public surface: ``representative_model``, ``calibration_batches``, ``fp8_report``, ``format_report``,
+``Fp8Command`` and ``run_fp8_report`` (``loopline fp8 report``).
 
 Without ``--snapshot`` the model is a representative one with Loopline's layer shapes (the vertical
 models are not wired in yet; ``kernels.dispatch.dispatch_model`` is what their serving code calls):
@@ -21,9 +21,8 @@ written by ``--save``) is printed as it was measured; a snapshot without one is 
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 
-import orjson
 import torch
 from torch import nn
 
@@ -31,8 +30,10 @@ from loopline.errors import ConfigError
 from loopline.kernels.dispatch import (HIGH_PRECISION, DispatchConfig, device_name, dispatch_model, load_table,
                                        save_table)
 from loopline.kernels.fp8_gemm import scaled_mm_supported, triton_supported
+from loopline.settings import argument, nested
 
-__all__ = ["representative_model", "calibration_batches", "fp8_report", "run_fp8_report", "format_report"]
+__all__ = ["representative_model", "calibration_batches", "fp8_report", "format_report", "Fp8Command",
+           "run_fp8_report"]
 
 WIDE_DIMS = (512, 1024, 1024, 1)
 
@@ -137,17 +138,22 @@ def format_report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def run_fp8_report(a) -> int:
-    """The CLI entry: ``a`` has ``action``, ``snapshot``, ``save``, ``threshold``, ``min_speedup``, ``rows``,
-    ``json``."""
-    if a.action != "report":
-        raise ConfigError(f"action: only 'report', got {a.action!r}")
-    if a.snapshot and a.save:
-        raise ConfigError("save: a saved table is printed as is; --save goes with a fresh measurement")
-    cfg = DispatchConfig(threshold=a.threshold, min_speedup=a.min_speedup, rows=a.rows)
-    out = fp8_report(a.snapshot, cfg, save=a.save, progress=True)  # progress goes to stderr
-    if a.json:
-        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(format_report(out))
-    return 0
+@dataclass(frozen=True)
+class Fp8Command:
+    """``loopline fp8 report``: measure the table now (with ``dispatch``'s thresholds) or print a saved one."""
+
+    action: str = argument("report", "what to do", choices=("report",), positional=True, required=True)
+    snapshot: str | None = argument(None, "print the table saved with this snapshot instead", metavar="FILE")
+    save: str | None = argument(None, "also save the measured table (torch.save of plain data)", metavar="FILE")
+    dispatch: DispatchConfig = nested(DispatchConfig)
+
+    def __post_init__(self):
+        if self.action != "report":
+            raise ConfigError(f"action: only 'report', got {self.action!r}")
+        if self.snapshot and self.save:
+            raise ConfigError("save: a saved table is printed as is; --save goes with a fresh measurement")
+
+
+def run_fp8_report(cfg: Fp8Command, progress: bool = True) -> dict:
+    """The decision table of :func:`fp8_report` (its progress goes to stderr)."""
+    return fp8_report(cfg.snapshot, cfg.dispatch, save=cfg.save, progress=progress)

@@ -1,6 +1,7 @@
 """A synthetic ads event log: realistic enough to learn from, with a known shift and known bad lines.
 
-Public surface: ``GenerateConfig``, ``generate``, ``generate_labelled``, ``write_log``, ``MALFORMED_KINDS``.
+Public surface: ``GenerateConfig``, ``generate``, ``generate_labelled``, ``write_log``, ``MALFORMED_KINDS``,
+``QUALITY_SOURCES``; ``GenerateCommand`` and ``run_generate`` (``loopline generate``).
 
 Why: the whole pipeline (ingest, attribution join, FM/VM training, reach, quality, drift) needs an event
 log (design.md, "The event log") whose truth we know. Real logs are private; this one is deterministic
@@ -66,15 +67,17 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 import orjson
 
 from loopline.errors import ConfigError
+from loopline.settings import argument, nested, setting
 
-__all__ = ["GenerateConfig", "generate", "generate_labelled", "write_log", "MALFORMED_KINDS", "QUALITY_SOURCES"]
+__all__ = ["GenerateConfig", "generate", "generate_labelled", "write_log", "MALFORMED_KINDS", "QUALITY_SOURCES",
+           "GenerateCommand", "run_generate"]
 
 # -- the value lists of the targeting attributes (rank order: first = most common) -------------------
 AGES = ("25-34", "18-24", "35-44", "45-54", "55-64", "65+", "13-17")
@@ -111,10 +114,12 @@ class GenerateConfig:
     """What to generate. Every field is checked in ``__post_init__``; a bad one raises
     :class:`~loopline.errors.ConfigError` whose message starts with the field's name."""
 
-    users: int = 1000  # number of users u1..uN
-    days: float = 7.0  # length of the log in days of event time
-    seed: int = 0  # seeds the one numpy Generator: same config -> byte-identical log
-    malformed: float = 0.0  # extra malformed lines, as a fraction of the valid lines (0..1)
+    users: int = setting(1000, "number of users u1..uN", env="GENERATE_USERS")
+    days: float = setting(7.0, "length of the log in days of event time", env="GENERATE_DAYS")
+    # seeds the one numpy Generator: same config -> byte-identical log
+    seed: int = setting(0, "seeds the log: the same settings give a byte-identical log", env="GENERATE_SEED")
+    malformed: float = setting(0.0, "extra malformed lines, as a fraction of the valid lines (0..1)",
+                               metavar="FRACTION", env="GENERATE_MALFORMED")
     start_ts: float = 1_700_000_000.0  # event time of the start of the log (epoch seconds)
     shift_at: float = 0.5  # where the distribution shift happens, as a fraction of the span (0..1)
     verticals: tuple = ("feed", "stories", "search")  # the surfaces; each campaign belongs to one
@@ -737,3 +742,24 @@ def write_log(cfg: GenerateConfig, path, progress: bool = False) -> dict:
             size += len(chunk)
         f.flush()
     return {**log.summary(), "path": str(path), "bytes": size}
+
+
+@dataclass(frozen=True)
+class GenerateCommand:
+    """``loopline generate``: what to generate and where to write it."""
+
+    log: GenerateConfig = nested(GenerateConfig)
+    quality: bool = setting(False, "add segment assertions of three sources of known quality and truth reports",
+                            env="GENERATE_QUALITY")
+    out: str = argument(None, "the log's path; '-' writes it to stdout (the summary then goes to stderr)",
+                        metavar="FILE", required=True)
+
+    @property
+    def where(self) -> str:
+        return "stdout" if self.out == "-" else self.out
+
+
+def run_generate(cfg: GenerateCommand, progress: bool = False) -> dict:
+    """Write the log; the summary of :func:`write_log`."""
+    log = replace(cfg.log, quality_sources=QUALITY_SOURCES) if cfg.quality else cfg.log
+    return write_log(log, cfg.out, progress=progress)

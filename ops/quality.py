@@ -1,7 +1,7 @@
 """``loopline quality``: data-source quality from an event log (offline) or from running ``reach`` workers.
 
 Public surface: ``quality_counts_from_records``, ``gather_worker_counts``, ``quality_report``,
-``adjusted_reach``, ``format_quality``, ``run_quality``.
+``adjusted_reach``, ``format_quality``, ``QualityCommand`` and ``run_quality`` (``loopline quality``).
 
 Offline, the log goes through the same code the workers run: each partition's
 :class:`~loopline.state.ingest.IngestCore` (so invalid lines are dead-lettered with their reasons and
@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import orjson
 
 from loopline.errors import ConfigError
 from loopline.model.quality import METHODS, QualityConfig, adjust_reach, assess
+from loopline.settings import argument, nested, same_as, setting
 from loopline.state.quality_counts import QualityCounts, merge_aggregates
+from loopline.stream.app import WorkerConfig
 
 from .eventlog import LogRecord
 
 __all__ = ["quality_counts_from_records", "gather_worker_counts", "quality_report", "adjusted_reach",
-           "format_quality", "run_quality"]
+           "format_quality", "QualityCommand", "run_quality"]
 
 
 def quality_counts_from_records(records: list[LogRecord], partitions: int = 4,
@@ -122,42 +125,59 @@ def format_quality(out: dict) -> str:
     return "\n".join(lines)
 
 
-def run_quality(a) -> dict:
-    """The ``loopline quality`` command from its parsed arguments."""
-    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
-    cfg = QualityConfig(coverage=a.coverage, bootstrap=a.bootstrap, min_impressions=a.min_impressions,
-                        min_campaigns=a.min_campaigns)
-    if a.events:
+@dataclass(frozen=True)
+class QualityCommand:
+    """``loopline quality``: where the counts come from, the fits, and (optionally) a reach answer to adjust."""
+
+    events: str | None = argument(None, "offline: a JSONL event log", metavar="FILE", exclusive="source",
+                                  required=True)
+    workers: str | None = argument(None, "running reach workers' HTTP addresses (host:port)", metavar="URL,...",
+                                   exclusive="source", required=True)
+    partitions: int = same_as(WorkerConfig, "partitions")
+    methods: tuple = setting(METHODS, "fits: ls (weighted least squares), em (binomial likelihood), gls "
+                                      "(shared-user covariance)")
+    fit: QualityConfig = nested(QualityConfig)
+    adjust_reach: str | None = argument(None, "quality-adjusted reach for a rule using this source's segment",
+                                        metavar="SOURCE:SEGMENT")
+    reach_json: str | None = argument(None, "the reach answer to adjust (loopline reach --json)", metavar="FILE")
+    users: float | None = argument(None, "or the reach answer's users ...")
+    users_ci: tuple | None = argument(None, "... and interval", nargs=2, parse=float, metavar=("LO", "HI"))
+    exclude: bool = argument(False, "the rule excludes the segment (uses b, not a)")
+
+
+def run_quality(cfg: QualityCommand, progress: bool = True) -> dict:
+    """The quality report of the log or of the workers, and the adjusted reach when asked for."""
+    if cfg.events:
         from .eventlog import read_log
         try:
-            records = read_log(a.events)
+            records = read_log(cfg.events)
         except OSError as exc:
-            raise ConfigError(f"events: cannot read {a.events!r}: {exc.strerror}") from None
-        agg, events = quality_counts_from_records(records, a.partitions, progress=not a.json)
+            raise ConfigError(f"events: cannot read {cfg.events!r}: {exc.strerror}") from None
+        agg, events = quality_counts_from_records(records, cfg.partitions, progress=progress)
         out = {"events": events}
     else:
-        urls = [u for u in a.workers.split(",") if u.strip()]
+        urls = [u for u in (cfg.workers or "").split(",") if u.strip()]
         if not urls:
             raise ConfigError("workers: give at least one worker URL (host:port)")
-        agg, info = gather_worker_counts(urls, a.partitions)
+        agg, info = gather_worker_counts(urls, cfg.partitions)
         out = {"workers": info}
-    out["report"] = quality_report(agg, cfg, methods)
-    if a.adjust_reach:
-        source, sep, segment = a.adjust_reach.partition(":")
+    out["report"] = quality_report(agg, cfg.fit, cfg.methods)
+    if cfg.adjust_reach:
+        source, sep, segment = cfg.adjust_reach.partition(":")
         if not sep or not source or not segment:
-            raise ConfigError(f"adjust_reach: expected SOURCE:SEGMENT, got {a.adjust_reach!r}")
-        if a.reach_json:
+            raise ConfigError(f"adjust_reach: expected SOURCE:SEGMENT, got {cfg.adjust_reach!r}")
+        if cfg.reach_json:
             try:
-                with open(a.reach_json, "rb") as f:
+                with open(cfg.reach_json, "rb") as f:
                     reach = orjson.loads(f.read())
             except (OSError, orjson.JSONDecodeError) as exc:
-                raise ConfigError(f"reach_json: cannot read {a.reach_json!r}: {exc}") from None
+                raise ConfigError(f"reach_json: cannot read {cfg.reach_json!r}: {exc}") from None
             if not isinstance(reach, dict) or "users" not in reach or "users_ci" not in reach:
                 raise ConfigError("reach_json: expected a reach answer with 'users' and 'users_ci'")
             users, users_ci = reach["users"], reach["users_ci"]
-        elif a.users is not None and a.users_ci is not None:
-            users, users_ci = a.users, a.users_ci
+        elif cfg.users is not None and cfg.users_ci is not None:
+            users, users_ci = cfg.users, list(cfg.users_ci)
         else:
             raise ConfigError("adjust_reach: needs --reach-json FILE or --users N --users-ci LO HI")
-        out["adjusted_reach"] = adjusted_reach(out["report"], source, segment, users, users_ci, a.exclude)
+        out["adjusted_reach"] = adjusted_reach(out["report"], source, segment, users, users_ci, cfg.exclude)
     return out

@@ -1,7 +1,11 @@
 """``loopline reach``: reach estimates from running workers, the stream table, a sample file or an
 event log.
 
-Public surface: ``reach_args``, ``run_reach``, ``ask_workers``, ``ask_stream``, ``samples_from_log``.
+Public surface: ``ReachCommand``, ``run_reach``, ``ask_workers``, ``ask_stream``, ``samples_from_log``,
+``quality_adjusted``.
+
+The sampler's flags (``--budget-users``, ``--epoch``, ``--horizon``, ``--min-per-stratum``) are
+``ReachConfig``'s, the same settings as a worker's ``--reach-...`` flags (and environment variables).
 
 * ``loopline reach QUERY --workers http://127.0.0.1:P1,http://127.0.0.1:P2`` asks every worker's
   ``GET /reach`` at once, each within ``--timeout`` seconds, and merges their per-stratum sums. A worker
@@ -20,49 +24,51 @@ Public surface: ``reach_args``, ``run_reach``, ``ask_workers``, ``ask_stream``, 
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import orjson
 
 from loopline.errors import ConfigError
+from loopline.settings import argument, nested, same_as, setting
+from loopline.state.reach import ReachConfig
+from loopline.stream.app import WorkerConfig
 
-__all__ = ["reach_args", "run_reach", "ask_workers", "ask_stream", "samples_from_log", "quality_adjusted"]
-
-
-def reach_args(p: argparse.ArgumentParser) -> None:
-    """The ``loopline reach`` flags."""
-    from loopline.state.reach import ReachConfig
-    d = ReachConfig()
-    p.add_argument("query", nargs="?", default=None, help="e.g. \"gender = F and age in (18-24, 25-34)\"")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--workers", metavar="URL,...", help="running reach workers (http://127.0.0.1:PORT,...)")
-    g.add_argument("--broker", metavar="URL", help="ask through reach.queries / reach.answers (kafka://host:port)")
-    g.add_argument("--events", metavar="FILE", help="build the sample offline from an event log")
-    g.add_argument("--sample", metavar="FILE", help="a sample file written by --save-sample")
-    p.add_argument("--queries", metavar="FILE", help="one query per line; prints one JSON object per line")
-    p.add_argument("--save-sample", metavar="FILE", help="with --events: write the sample file")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers (then: partial)")
-    p.add_argument("--partitions", type=int, default=4, help="partitions of the audience topic")
-    p.add_argument("--app-id", default="loopline", help="with --broker: the workers' app id")
-    p.add_argument("--worker-role", default="reach", choices=["reach", "all"], help="with --broker: the workers' role")
-    p.add_argument("--budget-users", type=int, default=d.budget_users, help="users the sample holds in all")
-    p.add_argument("--epoch", type=float, default=d.epoch_s, help="epoch length, seconds of event time")
-    p.add_argument("--horizon", type=int, default=d.horizon_epochs, help="epochs in the horizon")
-    p.add_argument("--min-per-stratum", type=int, default=d.min_per_stratum)
-    p.add_argument("--quality", action="store_true",
-                   help="adjust answers of rules naming a source's segment (seg.SOURCE.SEGMENT = yes) by that "
-                        "source's fitted quality: from the same --events log or the same --workers")
-    p.add_argument("--json", action="store_true")
+__all__ = ["ReachCommand", "run_reach", "ask_workers", "ask_stream", "samples_from_log", "quality_adjusted"]
 
 
-def _cfg(a):
-    from loopline.state.reach import ReachConfig
-    return ReachConfig(budget_users=a.budget_users, epoch_s=a.epoch, horizon_epochs=a.horizon,
-                       min_per_stratum=a.min_per_stratum)
+@dataclass(frozen=True)
+class ReachCommand:
+    """``loopline reach``: the query (or a file of them), where the answer comes from, and the sampler."""
+
+    query: str | None = argument(None, 'e.g. "gender = F and age in (18-24, 25-34)"', positional=True)
+    workers: str | None = argument(None, "running reach workers (http://127.0.0.1:PORT,...)", metavar="URL,...",
+                                   exclusive="source", required=True)
+    broker: str | None = argument(None, "ask through reach.queries / reach.answers (kafka://host:port)",
+                                  metavar="URL", exclusive="source", required=True)
+    events: str | None = argument(None, "build the sample offline from an event log", metavar="FILE",
+                                  exclusive="source", required=True)
+    sample: str | None = argument(None, "a sample file written by --save-sample", metavar="FILE",
+                                  exclusive="source", required=True)
+    queries: str | None = argument(None, "one query per line; prints one JSON object per line", metavar="FILE")
+    save_sample: str | None = argument(None, "with --events: write the sample file", metavar="FILE")
+    timeout_s: float = setting(2.0, "seconds to wait for workers (then: partial)", flag="timeout",
+                               env="REACH_TIMEOUT")
+    partitions: int = same_as(WorkerConfig, "partitions")
+    app_id: str = same_as(WorkerConfig, "app_id")
+    worker_role: str = setting("reach", "with --broker: the workers' role", choices=("reach", "all"))
+    sampler: ReachConfig = nested(ReachConfig)
+    quality: bool = setting(False, "adjust answers of rules naming a source's segment (seg.SOURCE.SEGMENT = yes) by "
+                                   "that source's fitted quality: from the same --events log or the same --workers",
+                            env="REACH_QUALITY")
+
+    def __post_init__(self):
+        if self.query is None and self.queries is None:
+            raise ConfigError("query: give a query, or --queries FILE")
+        if self.query is not None and self.queries is not None:
+            raise ConfigError("queries: give either a query or --queries FILE, not both")
 
 
 def samples_from_log(path: str, partitions: int, cfg, progress: bool = False) -> list:
@@ -203,60 +209,56 @@ def _query_lines(path: str) -> list[str]:
         raise ConfigError(f"queries: {path!r} is not UTF-8 text") from None
 
 
-def run_reach(a) -> tuple[dict | None, list[dict] | None]:
-    """Run ``loopline reach``: one answer, or (with ``--queries``) one answer per line."""
+def run_reach(cfg: ReachCommand, progress: bool = True) -> dict | list[dict]:
+    """Run ``loopline reach``: one answer, or (with ``queries``) a list of one answer per line."""
     from loopline.state.reach import Sample, answer
-    if a.query is None and a.queries is None:
-        raise ConfigError("query: give a query, or --queries FILE")
-    if a.query is not None and a.queries is not None:
-        raise ConfigError("queries: give either a query or --queries FILE, not both")
-    texts = _query_lines(a.queries) if a.queries else [a.query]
-    cfg = _cfg(a)
-    if a.workers or a.broker:
-        if a.workers:
-            urls = [u.strip() for u in a.workers.split(",") if u.strip()]
+    texts = _query_lines(cfg.queries) if cfg.queries else [cfg.query]
+    n_min = cfg.sampler.min_per_stratum
+    if cfg.workers or cfg.broker:
+        if cfg.workers:
+            urls = [u.strip() for u in cfg.workers.split(",") if u.strip()]
             if not urls:
                 raise ConfigError("workers: give at least one URL")
             urls = [u if "://" in u else f"http://{u}" for u in urls]
-            ask = lambda t: ask_workers(urls, t, a.timeout, cfg.min_per_stratum)  # noqa: E731
+            ask = lambda t: ask_workers(urls, t, cfg.timeout_s, n_min)  # noqa: E731
         else:
             import asyncio
 
-            from .broker import parse_broker_url
-            bootstrap = parse_broker_url(a.broker)
-            ask = lambda t: asyncio.run(ask_stream(bootstrap, t, a.partitions, a.app_id, a.timeout,  # noqa: E731
-                                                   a.worker_role))
-        outs = [_safe(ask, t) for t in texts] if a.queries else [ask(texts[0])]
+            from loopline.settings import parse_broker_url
+            bootstrap = parse_broker_url(cfg.broker)
+            ask = lambda t: asyncio.run(ask_stream(bootstrap, t, cfg.partitions, cfg.app_id,  # noqa: E731
+                                                   cfg.timeout_s, cfg.worker_role))
+        outs = [_safe(ask, t) for t in texts] if cfg.queries else [ask(texts[0])]
     else:
-        if a.events:
-            samples = samples_from_log(a.events, a.partitions, cfg, progress=not a.json)
+        if cfg.events:
+            samples = samples_from_log(cfg.events, cfg.partitions, cfg.sampler, progress=progress)
             sample = Sample.merge(samples)
-            if a.save_sample:
-                with open(a.save_sample, "wb") as f:
+            if cfg.save_sample:
+                with open(cfg.save_sample, "wb") as f:
                     f.write(sample.to_bytes())
         else:
             try:
-                with open(a.sample, "rb") as f:
+                with open(cfg.sample, "rb") as f:
                     sample = Sample.from_bytes(f.read())
             except OSError as exc:
-                raise ConfigError(f"sample: cannot read {a.sample!r}: {exc.strerror}") from None
-        if a.queries:
-            outs = [_safe(lambda t: answer(sample, t, cfg.min_per_stratum), t) for t in texts]
+                raise ConfigError(f"sample: cannot read {cfg.sample!r}: {exc.strerror}") from None
+        if cfg.queries:
+            outs = [_safe(lambda t: answer(sample, t, n_min), t) for t in texts]
         else:
-            outs = [{**answer(sample, texts[0], cfg.min_per_stratum), "sample": sample.describe()}]
-    if a.quality:
-        report = _quality_report(a)
+            outs = [{**answer(sample, texts[0], n_min), "sample": sample.describe()}]
+    if cfg.quality:
+        report = _quality_report(cfg)
         outs = [quality_adjusted(o, report) for o in outs]
-    return (None, outs) if a.queries else (outs[0], None)
+    return outs if cfg.queries else outs[0]
 
 
-def _quality_report(a) -> dict:
+def _quality_report(cfg: ReachCommand) -> dict:
     from .quality import gather_worker_counts, quality_counts_from_records, quality_report
-    if a.events:
+    if cfg.events:
         from .eventlog import read_log
-        agg, _ = quality_counts_from_records(read_log(a.events), a.partitions)
-    elif a.workers:
-        agg, _ = gather_worker_counts([u.strip() for u in a.workers.split(",") if u.strip()], a.partitions)
+        agg, _ = quality_counts_from_records(read_log(cfg.events), cfg.partitions)
+    elif cfg.workers:
+        agg, _ = gather_worker_counts([u.strip() for u in cfg.workers.split(",") if u.strip()], cfg.partitions)
     else:
         raise ConfigError("quality: needs --events FILE or --workers (the sources' fits come from there)")
     return quality_report(agg)

@@ -1,7 +1,8 @@
 """``loopline replay``: send an event log to the broker in event-time order, then (optionally) the
 end-of-log watermark, and collect what the workers produced.
 
-Public surface: ``replay``, ``collect_results``, ``collect_models``, ``send_end_of_log``.
+Public surface: ``replay``, ``collect_results``, ``collect_models``, ``send_end_of_log``; ``ReplayCommand``,
+``run_replay`` and ``format_replay`` (``loopline replay``).
 
 The collector reads the ``examples`` and ``deadletter`` topics from the beginning and removes the
 duplicates that at-least-once delivery can produce after a crash (examples by impression id, dead
@@ -20,18 +21,23 @@ import asyncio
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
+from loopline.errors import ConfigError
+from loopline.settings import nested, same_as, setting
 from loopline.state.attribution import STAT_NAMES
-from loopline.stream.app import CONTROL_HEADER, STATUS_TOPIC, control_of, read_topic
+from loopline.stream.app import CONTROL_HEADER, STATUS_TOPIC, TOPICS, WorkerConfig, control_of, read_topic
 
-from .evaluate import with_transfer_ratios, summarize
+from .evaluate import format_table, with_transfer_ratios, summarize
 from .eventlog import LogRecord, partition_for
+from .source import SourceConfig
 
-__all__ = ["replay", "collect_results", "collect_models", "send_end_of_log", "read_topic"]
+__all__ = ["replay", "collect_results", "collect_models", "send_end_of_log", "read_topic", "ReplayCommand",
+           "run_replay", "format_replay"]
 
 MAX_REQUEST = 16 * 1024 * 1024
 
@@ -150,3 +156,44 @@ async def collect_models(bootstrap: str, since_ms: int, timeout: float = 300.0, 
     if missing:
         out["missing"] = missing
     return out
+
+
+@dataclass(frozen=True)
+class ReplayCommand:
+    """``loopline replay``: which log, to which broker, and whether to wait for the workers' results."""
+
+    source: SourceConfig = nested(SourceConfig)
+    broker: str = same_as(WorkerConfig, "broker")
+    partitions: int = same_as(WorkerConfig, "partitions")
+    end_of_log: bool = setting(True, "do not close the windows at the end", flag="no-end-of-log")
+    wait: bool = setting(False, "wait for the workers; print their counts and the models of the fm and vm roles "
+                                "running")
+    timeout_s: float = setting(300.0, "with --wait: seconds to wait for the workers' results", flag="timeout",
+                               env="REPLAY_TIMEOUT")
+
+    def __post_init__(self):
+        if self.wait and not self.end_of_log:
+            raise ConfigError("wait: needs the end-of-log watermark; drop --no-end-of-log")
+
+
+def run_replay(cfg: ReplayCommand, progress: bool = True) -> dict:
+    """Send the log; with ``wait``, also the workers' counts (``collect_results``) and models."""
+    from .broker import create_topics
+    records = cfg.source.records()
+    create_topics(cfg.broker, {**{t: cfg.partitions for t in TOPICS}, STATUS_TOPIC: 1})
+    since_ms = int(time.time() * 1000)
+    sent = asyncio.run(replay(cfg.broker, records, cfg.partitions, end_of_log=cfg.end_of_log, progress=progress))
+    out = {"replay": sent}
+    if cfg.wait:
+        t0 = time.monotonic()
+        out.update(asyncio.run(collect_results(cfg.broker, cfg.partitions, sent["run_id"], len(records),
+                                               timeout=cfg.timeout_s, progress=progress)))
+        left = max(1.0, cfg.timeout_s - (time.monotonic() - t0))
+        out.update(asyncio.run(collect_models(cfg.broker, since_ms, timeout=left, progress=progress)))
+    return out
+
+
+def format_replay(out: dict) -> tuple:
+    """For people: the counts (the models go in the table that follows, after ``--wait``)."""
+    counts = {k: v for k, v in out.items() if k != "models"}
+    return (counts, format_table(out)) if "examples" in out else (counts,)

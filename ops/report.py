@@ -1,8 +1,9 @@
 """``loopline report``: an HTML page with PNG plots of a replay's drift and model health.
 
-Public surface: ``ReportConfig``, ``build_report``, ``write_report``, ``run_report``.
+Public surface: ``ReportConfig``, ``build_report``, ``write_report``, ``report_records``; ``ReportCommand``
+and ``run_report`` (``loopline report``).
 
-``run_report`` replays a log in-process (``loopline evaluate``'s code, with the models and their score
+``report_records`` replays a log in-process (``loopline evaluate``'s code, with the models and their score
 rows), feeds the examples and the score rows to a :class:`~loopline.model.monitor.Monitor` (the object
 a ``monitor`` worker serves), and ``write_report`` writes into the output folder:
 
@@ -32,13 +33,19 @@ import orjson
 from loopline.errors import ConfigError
 from loopline.model.health import example_loss
 from loopline.model.monitor import Monitor, MonitorConfig
+from loopline.settings import argument, nested, same_as, setting
+from loopline.stream.app import WorkerConfig
 
-__all__ = ["ReportConfig", "build_report", "write_report", "run_report"]
+from .evaluate import EvaluateCommand, vm_stage_config
+from .source import JoinConfig, SourceConfig
+
+__all__ = ["ReportConfig", "build_report", "write_report", "report_records", "ReportCommand", "run_report"]
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    window_s: float = 86400.0  # event-time window of the drift and health figures
+    window_s: float = setting(86400.0, "event-time window of the figures, seconds", flag="every",
+                              env="REPORT_EVERY")
     smooth_rows: int = 500  # rows in the moving average of the loss plot
     max_features: int = 12  # features drawn in the drift plot (the most drifted)
 
@@ -235,14 +242,33 @@ figure{{margin:1em 0}}figcaption{{color:#666;font-size:0.9em}}</style></head><bo
             "alarms": len(report["health"]["alarms"]), "features": len(s["features"])}
 
 
-def run_report(records, attribution, out_dir: str, cfg: ReportConfig = ReportConfig(), title: str = "Loopline report",
-               progress: bool = True, vm_cfg=None) -> dict:
+def report_records(records, attribution, out_dir: str, cfg: ReportConfig = ReportConfig(),
+                   title: str = "Loopline report", progress: bool = True, vm_cfg=None, partitions: int = 4) -> dict:
     """Evaluate the log with the models (the VM variants of ``vm_cfg`` too) and their score rows, then
     write the report."""
     from .evaluate import evaluate_records
-    evaluation = evaluate_records(records, cfg=attribution, progress=progress, models=True, scores=True,
-                                  keep_examples=True, vm_cfg=vm_cfg)
+    evaluation = evaluate_records(records, partitions, cfg=attribution, progress=progress, models=True,
+                                  scores=True, keep_examples=True, vm_cfg=vm_cfg)
     if progress:
         print("report: drawing", file=sys.stderr, flush=True)
     return write_report(evaluation, evaluation.get("examples_list", []), evaluation.get("scores", []), out_dir,
                         cfg, title)
+
+
+@dataclass(frozen=True)
+class ReportCommand:
+    """``loopline report``: the log, the models, the figures' window, and where the page goes."""
+
+    source: SourceConfig = nested(SourceConfig)
+    out: str = argument(None, "folder for index.html and the PNGs", metavar="DIR", required=True)
+    figures: ReportConfig = nested(ReportConfig)
+    variants: str | None = same_as(EvaluateCommand, "variants")
+    partitions: int = same_as(WorkerConfig, "partitions")
+    join: JoinConfig = nested(JoinConfig)
+
+
+def run_report(cfg: ReportCommand, progress: bool = True) -> dict:
+    """Replay the log with the models and write the report into ``cfg.out``."""
+    return report_records(cfg.source.records(), cfg.join.attribution(cfg.source.dataset), cfg.out, cfg.figures,
+                          title=f"Loopline report: {cfg.source.name}", progress=progress,
+                          vm_cfg=vm_stage_config(cfg.variants), partitions=cfg.partitions)

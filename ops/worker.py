@@ -1,6 +1,7 @@
 """``loopline worker``: a long-lived Faust worker with a bounded shutdown.
 
-Public surface: ``run_worker``.
+Public surface: ``run_worker``, ``WorkerCommand`` and ``run_worker_command`` (``loopline worker``: the
+worker's config, the join's flags and the grace period), ``WorkerProcess``, ``check_broker``.
 
 On SIGTERM/SIGINT Faust commits and stops; a watchdog thread forces the exit after ``grace_s`` (an
 agent stuck in a long step was seen to ignore SIGTERM for minutes) and says so on stderr.
@@ -13,12 +14,30 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass, replace
 
+from loopline.settings import nested, setting
 from loopline.stream.app import WorkerConfig, build_app
 
 from .broker import create_topics
+from .source import JoinConfig
 
-__all__ = ["run_worker", "WorkerProcess", "check_broker"]
+__all__ = ["run_worker", "WorkerCommand", "run_worker_command", "WorkerProcess", "check_broker"]
+
+
+@dataclass(frozen=True)
+class WorkerCommand:
+    """``loopline worker``: the worker's settings, its attribution join's, and how long it may take to stop."""
+
+    worker: WorkerConfig = nested(WorkerConfig)
+    join: JoinConfig = nested(JoinConfig)  # a worker reads no data set: the window defaults to a day
+    grace_s: float = setting(20.0, "seconds to stop before the exit is forced", flag="grace")
+
+
+def run_worker_command(cfg: WorkerCommand, progress: bool = False) -> int:
+    """Run the worker until it is stopped (0; a failing agent or a broker reset exits on its own)."""
+    run_worker(replace(cfg.worker, attribution=cfg.join.attribution()), grace_s=cfg.grace_s)
+    return 0
 
 
 def check_broker(cfg: WorkerConfig) -> None:

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, MutableMapping, NamedTuple
 
 from loopline.errors import ConfigError
+from loopline.settings import setting
 
 from .events import Conversion, Impression
 from .sizes import CHUNK_BYTES, size_of
@@ -78,8 +79,9 @@ MAX_CONVERSIONS = 256
 @dataclass(frozen=True)
 class AttributionConfig:
     window_s: float = 86400.0  # attribution window after the impression (1 day of event time)
-    lateness_s: float = 60.0  # allowed lateness: the watermark trails the largest ts by this much
-    target_kind: str = "click"  # the conversion kind that makes an example positive
+    lateness_s: float = setting(60.0, "allowed lateness, seconds: the watermark trails the largest ts by this much",
+                                flag="lateness")
+    target_kind: str = setting("click", "the conversion kind that makes an example positive")
     bucket_s: float = 600.0  # due-work bucket width: a window closes at most this late (event time);
     # wider buckets mean fewer keys and a smaller schedule record (window + horizon / bucket_s entries)
     dedup_horizon_s: float = 86400.0  # how long an id is remembered after its window closed

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loopline.errors import ConfigError
+from loopline.settings import setting
 
 __all__ = ["ReachConfig", "ReachSampler", "user_hash", "segment_attr", "Sample", "build_sample", "Estimate",
            "query_stats", "merge_stats", "finish", "answer", "users_estimate", "exact_answer"]
@@ -44,14 +45,16 @@ class ReachConfig:
 
     # the memory bound: users held in all, over every partition and the whole horizon (a 2% sample of
     # a million users)
-    budget_users: int = 20_000
+    budget_users: int = setting(20_000, "users the reach sample holds in all (every partition, the whole horizon)",
+                                env="REACH_BUDGET_USERS")
     # n_min: a conjunction with fewer matching sampled users also gets the synthetic estimate (fall-back);
     # also the fewest users the score model is learned from
-    min_per_stratum: int = 30
+    min_per_stratum: int = setting(30, "n_min: matching sampled users below which an answer falls back to a "
+                                       "synthetic estimate", env="REACH_MIN_PER_STRATUM")
     # event-time length of an epoch (the score model is learned again at every epoch boundary)
-    epoch_s: float = 86_400.0
+    epoch_s: float = setting(86_400.0, "epoch length, seconds of event time", flag="epoch", env="REACH_EPOCH")
     # the horizon: the last horizon_epochs * epoch_s seconds of event time (7 days by default)
-    horizon_epochs: int = 7
+    horizon_epochs: int = setting(7, "epochs in the horizon", flag="horizon", env="REACH_HORIZON")
     # the horizon's grid: it covers at most one bucket (epoch_s / buckets_per_epoch: an hour) more than asked
     buckets_per_epoch: int = 24
     # the budget's share spent on over-sampling users with rare attribute values (bench reach: 0.3 keeps

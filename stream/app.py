@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopline.state.attribution import AttributionConfig
 from loopline.errors import ConfigError, LooplineError
+from loopline.settings import nested, parse_broker_url, setting
 from loopline.state.reach import ReachConfig
 
 from .broker_watch import RESET_POLICIES, BrokerWatch
@@ -94,48 +95,67 @@ def control_of(headers) -> str | None:
     return None
 
 
+def _variants(text: str) -> tuple:
+    from loopline.model.verticals import parse_variants  # torch: only when the flag is given
+    return parse_variants(text)
+
+
 @dataclass
 class WorkerConfig:
-    """Settings of one worker; each maps to a ``loopline worker`` flag."""
+    """Settings of one worker; those declared with ``setting`` are ``loopline worker`` flags (and
+    environment variables, ``loopline/settings.py``)."""
 
-    broker: str = "127.0.0.1:9092"  # host:port (``--broker kafka://host:port``)
-    app_id: str = "loopline"  # Faust app id = consumer group; tables' changelogs are prefixed with it
-    role: str = "all"  # which agents run: all | ingest | fm
-    partitions: int = 4  # partitions of every Loopline topic (and table changelog)
-    data_dir: str = ".loopline-data"  # RocksDB tables live here; one folder per worker
+    # host:port for aiokafka; the flag also takes kafka://host:port
+    broker: str = setting("127.0.0.1:9092", "the Kafka broker, kafka://host:port", parse=parse_broker_url,
+                          metavar="URL")
+    # Faust app id = consumer group; tables' changelogs are prefixed with it
+    app_id: str = setting("loopline", "the Faust app id (consumer group; prefix of the tables' changelogs)")
+    role: str = setting("all", "which agents run: " + " | ".join(ROLES))
+    partitions: int = setting(4, "partitions of every Loopline topic (and table changelog)")
+    data_dir: str = setting(".loopline-data", "RocksDB tables and the history store live here; one folder per "
+                                              "worker")
     store: str = "rocksdb://"  # table store; memory:// for quick unit tests
     # RocksDB memory of each Faust table, per partition (``make_table``): Faust's own defaults are three
     # 64 MiB memtables and a 2 GiB block cache per partition's database, so a worker's RSS kept growing
     # for hours under traffic (``loopline bench soak``) before reaching a bound of several GiB
     table_write_buffer_mb: int = 4
     table_block_cache_mb: int = 8
-    web_port: int = 6066  # HTTP views, bound to web_host
-    web_host: str = "127.0.0.1"
+    web_port: int = setting(6066, "port of the HTTP views")
+    web_host: str = setting("127.0.0.1", "address the HTTP views bind to (loopback by default)")
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     session_timeout_s: float = 10.0  # short, so a killed member's partitions move quickly
-    reach: ReachConfig = field(default_factory=ReachConfig)  # the reach sampler (``--reach-*`` flags)
-    vm_variants: tuple = ("base", "loopfm+kd")  # the vm role's VM variants (model/verticals.py VARIANTS)
-    vm_serve: str = "loopfm+kd"  # the variant ``POST /score/`` answers with
-    loglevel: str = "warn"
+    reach: ReachConfig = nested(ReachConfig, prefix="reach-")  # the reach sampler (``--reach-*`` flags)
+    # the vm role's VM variants (model/verticals.py VARIANTS)
+    vm_variants: tuple = setting(("base", "loopfm+kd"), "vm role: the VM variants trained (comma-separated)",
+                                 flag="variants", env="WORKER_VARIANTS", parse=_variants)
+    vm_serve: str = setting("loopfm+kd", "vm role: the variant POST /score/ answers with", flag="serve")
+    loglevel: str = setting("warn", "Faust's log level", choices=("crit", "error", "warn", "info", "debug"))
     # Started for evaluation (``replay``-driven runs, the demo, the tests): only then does an
     # ``end_of_log`` control message close windows and finish the fm stage. A production worker counts
     # the header and ignores it, so nobody who can write to ``events`` can end event time for good.
-    evaluation: bool = False
+    evaluation: bool = setting(False, "honour end_of_log control messages (replay-driven evaluation runs); a "
+                                      "production worker counts and ignores them")
     # HTTP views are computed in a worker thread (never on the agents' event loop) and each answer is
     # reused this long (``--view-cache``): a scraper polling every 100 ms costs one computation a second
-    view_cache_s: float = 1.0
+    view_cache_s: float = setting(1.0, "seconds an HTTP view's answer is reused (computed off the event loop; 0: "
+                                       "every request)", flag="view-cache")
     # an expired answer this young is served at once while a new one is computed (``--view-stale``; 0:
     # every expired answer waits for its computation)
-    view_stale_s: float = 30.0
+    view_stale_s: float = setting(30.0, "seconds an expired answer is still served at once while a new one is "
+                                        "computed (0: wait for it)", flag="view-stale")
     view_cache_keys: int = 64  # answers kept per view (one per query string, ``/reach?q=``); LRU beyond
     # Faust's /table/... (table contents: user ids, attributes, segment labels) and /router/ (every
     # worker's address) endpoints; off unless asked for (``--web-tables``)
-    web_tables: bool = False
+    web_tables: bool = setting(False, "serve Faust's /table/... and /router/ endpoints (table contents; off by "
+                                      "default)")
     # a role inside one batch this long is stalled: /healthz answers 503 (``--stall``)
-    stall_s: float = 300.0
+    stall_s: float = setting(300.0, "seconds one batch may take before /healthz reports the role stalled (503)",
+                             flag="stall")
     # what a worker does when the broker lost the data its state describes (stream/broker_watch.py):
     # stop (exit 75, state kept) or reset (empty the data dir, exit 75 for a clean restart)
-    on_broker_reset: str = "stop"
+    on_broker_reset: str = setting("stop", "when the broker lost the data this worker's state describes: stop "
+                                           "(exit 75, state kept) or reset (empty the data dir, exit 75 for a "
+                                           "clean restart)", choices=RESET_POLICIES)
     broker_check_s: float = 10.0  # seconds between checks of the broker's identity and end offsets
     # the C heap (stream/heap.py): at most this many malloc arenas, free pages given back every trim
     # seconds (0: never); without them RSS crept up under steady traffic while every structure was bounded
