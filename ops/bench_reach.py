@@ -16,16 +16,18 @@ Public surface: ``bench_reach``, ``POPULATIONS``, ``random_queries``, ``ThetaSke
 * **Past data**: the score model of ours is learned from a uniform sample of the budget's size of a
   *second*, independent draw of the population (weighted by N/n): what the sampler has from the
   previous epoch. The proportional baseline's strata are learned from the same past sample.
-* **Methods, the same memory**: at each budget (0.5%, 1%, 2%, 5% of the users) ours (the mixture
-  design and the estimator of ``state/reach_sampler.py`` / ``state/reach_estimate.py``, built by
-  :func:`~loopline.state.reach_sample.build_sample`); ``uniform`` (one bottom-k sample of users, the same
+* **Methods, the same memory**: at each budget (0.5%, 1%, 2%, 5% of the users) ours (the two-threshold
+  design, a uniform part and a rare part, and the estimator of ``state/reach_sampler.py`` /
+  ``state/reach_estimate.py``, built by :func:`~loopline.state.reach_sample.build_sample`); ``uniform`` (one bottom-k sample of users, the same
   number, Horvitz-Thompson, no fall-back); ``proportional`` (strata, ``n_h`` proportional to ``N_h``); and
   ``theta`` (:class:`ThetaSketches`, KMV sketches of every attribute value and of all users, sized to
   our frozen sample's bytes, answered by set operations). The sample methods hold the same users, so
   the same bytes.
 * **Queries**: random rules of 1 to 3 predicates (``=``, ``in``, ``not``, ``!=``; some ``or``) with values
   drawn uniformly (so rare values are common), bucketed by true share (>= 10%, 1-10%, 0.1-1%, < 0.1%;
-  at least 20 users); ``per_bucket`` per bucket. Each method is run on ``reps`` independent hash seeds.
+  at least 20 users); ``per_bucket`` per bucket. Each method is run on ``reps`` independent hash seeds
+  (16: the rules of one bucket share most of a seed's error, the big ones above all, so a bucket's
+  coverage over 4 seeds is a few independent trials and moved by 0.05-0.1 from run to run).
 * **Figures**, per population, budget, bucket and method: the median relative error of users over all
   (rule, seed) pairs, its p90, the share of 95% intervals that hold the truth; impressions' the same for
   the sample methods; and per population and budget the groups ``>=1%`` and ``<1%`` with ours over
@@ -48,10 +50,10 @@ import time
 import numpy as np
 
 from loopline.errors import ConfigError
+from loopline.state.reach import ReachConfig
 from loopline.state.reach_estimate import answer, score_interval
 from loopline.state.reach_query import evaluate, parse_query
 from loopline.state.reach_sample import Sample, build_sample
-from loopline.state.reach_sampler import G_MAX
 from loopline.state.reach_strata import ScoreModel, learn_strata, probe_scores
 
 from .generate import AGES, DEVICES, GENDERS, GEOS, INTERESTS
@@ -240,12 +242,12 @@ def proportional_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.n
     return Sample.merge(parts)
 
 
-def our_weights(cols: dict, values: dict, past: dict, past_w: np.ndarray, rare_share: float = 0.3) -> np.ndarray:
-    """``g`` of every user under the score model learned from the past sample (the sampler's rule)."""
+def our_weights(cols: dict, values: dict, past: dict, past_w: np.ndarray) -> np.ndarray:
+    """The rare part's weight ``q`` of every user under the score model learned from the past sample
+    (the sampler's rule)."""
     model = ScoreModel.fit(past, values, past_w)
     vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
-    n = len(next(iter(cols.values())))
-    return np.minimum(G_MAX, (1 - rare_share) + rare_share * model.q_codes(cols, vocab, n))
+    return model.q_codes(cols, vocab, len(next(iter(cols.values()))))
 
 
 def _progress(msg: str) -> None:
@@ -291,13 +293,14 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
         past = {a: c[past_rows] for a, c in past_all.items()}
         past_w = np.full(len(past_rows), users / len(past_rows))
         g = our_weights(cols, values, past, past_w)
+        rare_share = ReachConfig().rare_share
         acc = {m: {b: {"err": [], "cover": [], "ierr": [], "icover": []} for b in chosen}
                for m in ("ours", "uniform", "proportional", "theta")}
         nbytes = theta_k = 0
         fallbacks = 0
         for r in range(reps):
             hashes = np.random.default_rng(seed + 1000 + r).random(users)
-            ours = build_sample(cols, values, hashes, imps, g, k)
+            ours = build_sample(cols, values, hashes, imps, g, k, uniform_k=round((1 - rare_share) * k))
             uniform = build_sample(cols, values, hashes, imps, np.ones(users), k)
             prop = proportional_sample(cols, values, hashes, imps, past, past_w, k, min_per_stratum=min_per_stratum)
             theta = ThetaSketches(cols, values, hashes, ours.nbytes)
@@ -416,7 +419,7 @@ def _http_latency(cols: dict, values: dict, n_users: int, texts: list[str], repe
 
 
 def bench_reach(users: int = 200_000, budgets=BUDGETS, populations=tuple(POPULATIONS), per_bucket: int = 60,
-                candidates: int = 2000, reps: int = 4, min_per_stratum: int = 30, latency_users: int = 40_000,
+                candidates: int = 2000, reps: int = 16, min_per_stratum: int = 30, latency_users: int = 40_000,
                 repeats: int = 3, seed: int = 0, out_path: str | None = "bench-reach.json",
                 http_workers: bool = True) -> dict:
     """Run the benchmark; write and return its JSON."""

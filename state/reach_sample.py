@@ -129,21 +129,37 @@ class Sample:
             raise ConfigError(f"sample: not a valid reach sample file ({type(exc).__name__})") from None
 
 
-def build_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray, g: np.ndarray, k: int,
-                 info: dict | None = None) -> Sample:
-    """The priority sample of a static population: the ``k`` users with the smallest ``hash / g``
-    (``g``: each user's sampling weight, 1 for a uniform sample), each with ``pi = min(1, g tau)``,
-    ``tau`` the ``k+1``-th smallest priority (no sampling while ``k`` holds everyone)."""
+def build_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray, q: np.ndarray, k: int,
+                 info: dict | None = None, uniform_k: int | None = None) -> Sample:
+    """The sample of a static population, in numpy (the streaming sampler's design).
+
+    ``uniform_k`` None: a priority sample, the ``k`` users with the smallest ``hash / q`` (``q``: each
+    user's sampling weight, 1 for a uniform sample), each with ``pi = min(1, q tau)``, ``tau`` the
+    ``k+1``-th smallest priority. ``uniform_k`` given: the two-threshold design of
+    ``state/reach_sampler.py``: the ``uniform_k`` users with the smallest hashes (threshold ``tau_u``,
+    the next hash), then, among the others, the ``k - uniform_k`` with the smallest ``hash / q``
+    (threshold ``tau_r``); ``pi = min(1, max(tau_u, q tau_r))``, never below the uniform part's
+    ``tau_u`` whatever ``q`` is. No sampling while ``k`` holds everyone."""
     n = len(hashes)
-    g = np.asarray(g, dtype=np.float64)
-    priority = hashes / g
+    q = np.broadcast_to(np.asarray(q, dtype=np.float64), (n,))
     if k >= n:
         rows, pi = np.arange(n), np.ones(n)
-    else:
+    elif uniform_k is None:
+        priority = hashes / q
         part = np.argpartition(priority, k)[:k + 1]
         part = part[np.argsort(priority[part], kind="stable")]
         rows, tau = part[:k], float(priority[part[k]])
-        pi = np.minimum(1.0, g[rows] * tau)
+        pi = np.minimum(1.0, q[rows] * tau)
+    else:
+        ku = min(max(int(uniform_k), 0), k)
+        tau_u = float(np.partition(hashes, ku)[ku])  # the (ku+1)-th smallest hash
+        rest = np.flatnonzero(hashes >= tau_u)
+        rho = hashes[rest] / q[rest]
+        kr = k - ku
+        tau_r = float(np.partition(rho, kr)[kr]) if kr < len(rest) else np.inf
+        keep = (hashes < tau_u) | (hashes / q < tau_r)
+        rows = np.flatnonzero(keep)
+        pi = np.minimum(1.0, np.maximum(tau_u, q[rows] * tau_r))
     w = 1.0 / pi
     return Sample({a: c[rows] for a, c in cols.items()}, values, w, w, imps[rows],
                   {"partitions": [0], "budget_users": int(k), "held_users": int(len(rows)), **(info or {})})

@@ -11,27 +11,36 @@ every answer says which range (``range``; never before the first event's bucket)
 newest event time is kept exactly); its impressions are counted per bucket, and buckets older than
 ``from`` are forgotten.
 
-**One sample of users, not one per epoch.** The partition keeps at most ``k = ceil(budget_users /
-partitions)`` users: the users seen in the range with the smallest priorities ``hash(user) / g(user)``
-below the threshold ``tau`` (bottom-k priority sampling: a user is in with probability
-``pi = min(1, g tau)``, once however many impressions it has, whatever their order). When a user beyond
-``k`` comes in, the one with the largest priority leaves and ``tau`` drops to its priority. When users
-leave the horizon and the sample is less than half full, ``tau`` rises (at most 2x per bucket) so new
-and returning users fill it again. The threshold in force is kept per bucket (its smallest value
-there), and so a user is counted with ``pi_u = min(1, min over the buckets from its newest impression
-to now of g tau)``: the users the sample still holds and that rule admits are exactly those that
-were never turned away since; its impressions are complete when the same holds from ``from`` on
-(``w_imps``, ``state/reach_sample.py``).
+**One sample of users, not one per epoch, drawn by two thresholds.** The partition keeps at most
+``k = ceil(budget_users / partitions)`` users seen in the range, in two parts that share one hash
+``h`` per user:
 
-**The weight ``g``** mixes uniform sampling with over-sampling of rare users (defensive importance
-sampling): ``g = (1 - rare_share) + rare_share * q``, ``q`` the score model's weight
-(``state/reach_strata.py``: large for users whose attribute values or pairs of values were rare in the
-past), scaled to mean 1. So every user is sampled at no less than ``1 - rare_share`` of the uniform
-rate (a common rule's variance is at most ``1 / (1 - rare_share)`` of a uniform sample's of the same
-size, usually less), and ``rare_share`` of the budget goes to rare users (capped at ``G_MAX``). The
-model is learned again at every epoch boundary from the sample (weighted by ``1/pi``); the model in
-force is kept per bucket with its threshold, so a user's ``pi`` takes the smallest ``g tau`` over the
-buckets since its newest impression. Before the first model everyone weighs 1 (uniform).
+* the *uniform part*: the ``k_u = round((1 - rare_share) k)`` users with the smallest hashes, below the
+  threshold ``tau_u`` (a bottom-k sample of users: every user's chance is ``tau_u``);
+* the *rare part*: among the others, those with the smallest priorities ``h / q`` below ``tau_r``,
+  ``q`` the score model's weight (``state/reach_strata.py``: large for users whose attribute values or
+  pairs of values were rare in the past).
+
+A user is in when ``h < max(tau_u, q tau_r)``: with probability ``pi = min(1, max(tau_u, q tau_r))``,
+once however many impressions it has, whatever their order. When the uniform part outgrows ``k_u`` its
+largest hash leaves it and ``tau_u`` drops to that hash (the user stays if the rare part admits it);
+when the two parts outgrow ``k`` the rare part's largest priority leaves and ``tau_r`` drops to it.
+So ``tau_u`` is set by the budget alone: **whatever the model says** (a model learned from few users
+gives huge ``q`` to users with values it never saw), every user keeps ``pi >= tau_u``, about
+``1 - rare_share`` of the uniform rate ``k / N``, and a common rule's variance is at most
+``1 / (1 - rare_share)`` of a uniform sample's of the same memory (about 1.15x its error at the
+default 0.25). The rare part spends the rest where the model says. (The previous design, one priority
+``h / g`` with ``g = 0.7 + 0.3 q``, let many large ``q`` push ``tau`` and so everyone's rate down: 1.3-1.7x
+uniform's error on common rules at a 0.5% budget.)
+
+When users leave the horizon and the sample is less than half full, both thresholds rise (at most 2x
+per bucket) so new and returning users fill it again. The thresholds in force are kept per bucket (their
+smallest values there, per model), and so a user is counted with ``pi_u = min(1, min over the buckets
+from its newest impression to now of max(tau_u, q tau_r))``: the users the sample still holds and that
+rule admits are exactly those that were never turned away since; its impressions are complete when the
+same holds from ``from`` on (``w_imps``, ``state/reach_sample.py``). The model is learned again at
+every epoch boundary from the sample (weighted by ``1/pi``); the rare part's priorities follow it.
+Before the first model ``q = 1`` (the rare part is uniform too).
 
 >>> s = ReachSampler(_config(budget_users=50, min_per_stratum=5))
 >>> for i in range(200):
@@ -56,9 +65,6 @@ from .reach_strata import ScoreModel
 from .reach_vocab import Vocabulary
 
 __all__ = ["ReachSampler", "user_hash", "segment_attr"]
-
-G_MAX = 100.0  # the largest sampling weight (a user never weighs more than this many average users' chances)
-
 
 def _config(**kw):
     from .reach import ReachConfig
@@ -88,12 +94,14 @@ def segment_attr(source: str, segment: str) -> str:
 
 class _User:
     """A sampled user: hash, attribute codes (newest impression's), newest event time, impressions per
-    bucket, and its priority under the model in force."""
+    bucket, its rare-part priority ``h / q`` under the model in force, and whether the uniform part
+    holds it (``h < tau_u``)."""
 
-    __slots__ = ("h", "codes", "last", "imps", "rho")
+    __slots__ = ("h", "codes", "last", "imps", "rho", "uniform")
 
     def __init__(self, h: float, codes: tuple, last: float, rho: float):
         self.h, self.codes, self.last, self.rho = h, codes, last, rho
+        self.uniform = False
         self.imps: dict[int, int] = {}
 
 
@@ -107,17 +115,21 @@ class ReachSampler:
         self.partition = partition
         self.partitions = max(1, int(partitions))
         self.k = max(1, math.ceil(cfg.budget_users / self.partitions))  # this partition's share of the budget
+        self.k_u = round((1 - cfg.rare_share) * self.k)  # the uniform part's share of it
         self.horizon_s = cfg.epoch_s * cfg.horizon_epochs
         self.bucket_s = cfg.epoch_s / cfg.buckets_per_epoch
         self.vocabulary = Vocabulary(cfg.max_attrs, cfg.max_values, cfg.vocab_candidates, self._pruned)
         self.records: dict[str, _User] = {}
-        self.heap: list = []  # (-priority, user), lazily cleaned: the largest priority on top
-        self.tau = math.inf
+        self.uni: list = []  # the uniform part: (-hash, user), the largest hash on top
+        self.rare: list = []  # the rare part: (-priority, user), lazily cleaned: the largest priority on top
+        self.tau_u = math.inf
+        self.tau_r = math.inf
         self.now: float | None = None
         self.bucket: int | None = None  # the bucket of ``now``
         self.first_bucket = 0  # the bucket of the first event (the range starts no earlier)
         self.epoch: int | None = None
-        self.taus: dict[int, dict[int, float]] = {}  # bucket -> {model id in force: smallest tau under it}
+        # bucket -> {model id in force: [smallest tau_u, smallest tau_r] under it}
+        self.taus: dict[int, dict[int, list]] = {}
         self.models: dict[int, ScoreModel | None] = {0: None}
         self.model_id = 0
         self.version = 0  # changes whenever the sample does
@@ -145,7 +157,8 @@ class ReachSampler:
     def bounds(self) -> dict:
         """Every bound of this sampler and how often it bit: the budget, the vocabulary's caps and
         pruning (``state/reach_vocab.py``) and the segment labels held."""
-        return {**self.vocabulary.bounds(), "budget_users": self.k, "sampled_users": len(self.records),
+        return {**self.vocabulary.bounds(), "budget_users": self.k, "uniform_users": self.k_u,
+                "sampled_users": len(self.records),
                 "evicted": self.counts["evicted"], "segment_users": len(self.segments),
                 "max_segment_users": self.cfg.max_segment_users,
                 "segment_users_evicted": self.counts["segment_users_evicted"],
@@ -184,42 +197,55 @@ class ReachSampler:
             self.version += 1
             return
         h = user_hash(user, self.cfg.seed)
-        rho = h / self._g(own)
-        if rho >= self.tau:
+        rho = h / self._q(own)
+        if h >= self.tau_u and rho >= self.tau_r:
             return
         rec = self.records[user] = _User(h, self.vocabulary.encode(attrs), ts, rho)
         rec.imps[b] = impressions
-        heapq.heappush(self.heap, (-rho, user))
+        if h < self.tau_u:
+            rec.uniform = True
+            heapq.heappush(self.uni, (-h, user))
+        else:
+            heapq.heappush(self.rare, (-rho, user))
         self._evict()
         self.version += 1
 
-    def _g(self, attrs: dict) -> float:
+    def _q(self, attrs: dict) -> float:
         model = self.models[self.model_id]
         if model is None:
             return 1.0
-        a = self.cfg.rare_share
-        return min(G_MAX, (1 - a) + a * model.q({k: v for k, v in attrs.items() if not k.startswith("seg.")}))
+        return model.q({k: v for k, v in attrs.items() if not k.startswith("seg.")})
 
-    def _g_codes(self, model_id: int, cols: dict, n: int) -> np.ndarray:
+    def _q_codes(self, model_id: int, cols: dict, n: int) -> np.ndarray:
         model = self.models[model_id]
         if model is None:
             return np.ones(n)
-        a = self.cfg.rare_share
-        cols = {k: c for k, c in cols.items() if not k.startswith("seg.")}
-        return np.minimum(G_MAX, (1 - a) + a * model.q_codes(cols, self.vocab, n))
+        return model.q_codes({k: c for k, c in cols.items() if not k.startswith("seg.")}, self.vocab, n)
 
     def _evict(self) -> None:
-        while len(self.records) > self.k and self.heap:
-            neg, user = heapq.heappop(self.heap)
+        """The two parts back within their shares (module docstring): the uniform part's largest hashes
+        move to the rare part (or leave), then the rare part's largest priorities leave."""
+        while len(self.uni) > self.k_u:
+            neg, user = heapq.heappop(self.uni)
+            rec = self.records[user]
+            self.tau_u = -neg
+            rec.uniform = False
+            if rec.rho < self.tau_r:
+                heapq.heappush(self.rare, (-rec.rho, user))
+            else:
+                del self.records[user]
+                self.counts["evicted"] += 1
+        while len(self.records) > self.k and self.rare:
+            neg, user = heapq.heappop(self.rare)
             rec = self.records.get(user)
-            if rec is None or rec.rho != -neg:
-                continue  # stale: gone, or re-prioritized under a newer model
+            if rec is None or rec.uniform or rec.rho != -neg:
+                continue  # stale: gone, moved to the uniform part, or re-prioritized under a newer model
             del self.records[user]
-            self.tau = min(self.tau, -neg)
+            self.tau_r = min(self.tau_r, -neg)
             self.counts["evicted"] += 1
         if self.bucket is not None:
-            t = self.taus[self.bucket]
-            t[self.model_id] = min(t.get(self.model_id, math.inf), self.tau)
+            t = self.taus[self.bucket].setdefault(self.model_id, [math.inf, math.inf])
+            t[0], t[1] = min(t[0], self.tau_u), min(t[1], self.tau_r)
 
     def assert_segment(self, user: str, source: str, segment: str) -> None:
         """A ``segment`` event: ``source`` puts ``user`` in ``segment``. A user already in the sample
@@ -274,7 +300,7 @@ class ReachSampler:
         self.now = ts
         self.bucket = self.first_bucket = math.floor(ts / self.bucket_s)
         self.epoch = math.floor(ts / self.cfg.epoch_s)
-        self.taus[self.bucket] = {self.model_id: self.tau}
+        self.taus[self.bucket] = {self.model_id: [self.tau_u, self.tau_r]}
 
     def _advance(self, ts: float) -> None:
         self.now = ts
@@ -282,10 +308,10 @@ class ReachSampler:
         if b > self.bucket:
             self.bucket = b
             self._expire()
-            if len(self.records) < self.k / 2 and self.tau < math.inf:
-                self.tau *= min(2.0, 0.75 * self.k / max(len(self.records), 1))
-                self.counts["tau_raised"] += 1
-            self.taus[b] = {self.model_id: self.tau}
+            self.taus[b] = {}
+            if len(self.records) < self.k / 2 and (self.tau_u < math.inf or self.tau_r < math.inf):
+                self._raise(min(2.0, 0.75 * self.k / max(len(self.records), 1)))
+            self.taus[b] = {self.model_id: [self.tau_u, self.tau_r]}
         e = math.floor(ts / self.cfg.epoch_s)
         if e > self.epoch:
             for _ in range(min(e - self.epoch, 64)):  # the vocabulary's hit counts halve at every boundary
@@ -294,14 +320,29 @@ class ReachSampler:
             self._learn()
         self.version += 1
 
+    def _raise(self, factor: float) -> None:
+        """Both thresholds up by ``factor``; held users the uniform threshold now admits join its part."""
+        self.tau_u *= factor
+        self.tau_r *= factor
+        for user, rec in self.records.items():
+            if not rec.uniform and rec.h < self.tau_u:
+                rec.uniform = True
+                heapq.heappush(self.uni, (-rec.h, user))
+        self._evict()
+        self.counts["tau_raised"] += 1
+
     def _expire(self) -> None:
         start = self._start_bucket()
         for old in [k for k in self.taus if k < start]:
             del self.taus[old]
         t0 = start * self.bucket_s
-        for user in [u for u, r in self.records.items() if r.last < t0]:
+        gone = [u for u, r in self.records.items() if r.last < t0]
+        for user in gone:
             del self.records[user]
             self.counts["expired"] += 1
+        if gone:
+            self.uni = [(-r.h, u) for u, r in self.records.items() if r.uniform]
+            heapq.heapify(self.uni)
         for rec in self.records.values():
             if min(rec.imps) < start:
                 rec.imps = {k: v for k, v in rec.imps.items() if k >= start}
@@ -322,18 +363,17 @@ class ReachSampler:
         model = ScoreModel.fit(fit_cols, self.values, 1.0 / pi)
         self.model_id += 1
         self.models[self.model_id] = model
-        self.taus[self.bucket][self.model_id] = self.tau  # the rest of this bucket runs under the new model
-        g = self._g_codes(self.model_id, cols, len(users))
-        rho = h / g
+        # the rest of this bucket runs under the new model
+        self.taus[self.bucket][self.model_id] = [self.tau_u, self.tau_r]
+        rho = h / self._q_codes(self.model_id, cols, len(users))
         for user, r in zip(users, rho.tolist()):
-            rec = self.records[user]
-            rec.rho = r
+            self.records[user].rho = r
         for user, rec in list(self.records.items()):
-            if rec.rho >= self.tau:
+            if not rec.uniform and rec.rho >= self.tau_r:
                 del self.records[user]
                 self.counts["evicted"] += 1
-        self.heap = [(-rec.rho, u) for u, rec in self.records.items()]
-        heapq.heapify(self.heap)
+        self.rare = [(-rec.rho, u) for u, rec in self.records.items() if not rec.uniform]
+        heapq.heapify(self.rare)
         self._evict()
         self.counts["models_learned"] += 1
 
@@ -357,15 +397,24 @@ class ReachSampler:
         cols = self._columns([r.codes for r in recs])
         h = np.array([r.h for r in recs], dtype=np.float64)
         last_b = np.array([math.floor(r.last / self.bucket_s) for r in recs], dtype=np.int64)
-        span = np.arange(start, self.bucket + 1)
         a_user = np.full(n, np.inf)
         a_all = np.full(n, np.inf)
         for m in sorted({m for t in self.taus.values() for m in t}):
-            t = np.array([self.taus.get(b, {}).get(m, np.inf) for b in span])
-            suffix = np.minimum.accumulate(t[::-1])[::-1]  # smallest tau of model m from each bucket on
-            g = self._g_codes(m, cols, n)
-            a_user = np.minimum(a_user, g * suffix[np.clip(last_b - start, 0, len(span) - 1)])
-            a_all = np.minimum(a_all, g * suffix[0])
+            # the buckets of the range where model m was in force, and its thresholds there
+            bs = np.array(sorted(b for b, t in self.taus.items() if m in t and b >= start), dtype=np.int64)
+            if not len(bs):
+                continue
+            tu = np.array([self.taus[b][m][0] for b in bs])
+            tr = np.array([self.taus[b][m][1] for b in bs])
+            q = self._q_codes(m, cols, n)
+            for lo in range(0, n, 4096):  # (chunk, buckets): each user's threshold in each bucket
+                sl = slice(lo, lo + 4096)
+                t = np.maximum(tu[None, :], q[sl, None] * tr[None, :])
+                suffix = np.minimum.accumulate(t[:, ::-1], axis=1)[:, ::-1]  # smallest from each bucket on
+                first = np.searchsorted(bs, last_b[sl])  # the first bucket at or after the newest impression
+                has = first < len(bs)
+                a_user[sl] = np.minimum(a_user[sl], np.where(has, suffix[np.arange(len(first)), np.minimum(first, len(bs) - 1)], np.inf))
+                a_all[sl] = np.minimum(a_all[sl], suffix[:, 0])
         keep = h < a_user
         pi = np.minimum(1.0, a_user)
         pi_imps = np.where(h < a_all, np.minimum(1.0, a_all), 0.0)
