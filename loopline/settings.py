@@ -4,15 +4,15 @@ help, its CLI flag and its environment variable.
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
     ... class SamplerConfig:
-    ...     sample_users: int = setting(20_000, "users per partition and epoch", env="REACH_SAMPLE_USERS")
+    ...     budget_users: int = setting(20_000, "users the sample holds in all", env="REACH_BUDGET_USERS")
     ...     seed: int = 0  # a plain field: not a flag
     >>> import argparse
     >>> p = argparse.ArgumentParser()
     >>> add_config_args(p, SamplerConfig, prefix="reach-")
-    >>> config_from_args(SamplerConfig, p.parse_args(["--reach-sample-users", "500"]), prefix="reach-")
-    SamplerConfig(sample_users=500, seed=0)
+    >>> config_from_args(SamplerConfig, p.parse_args(["--reach-budget-users", "500"]), prefix="reach-")
+    SamplerConfig(budget_users=500, seed=0)
     >>> [i.env for i in iter_settings(SamplerConfig)]
-    ['LOOPLINE_REACH_SAMPLE_USERS']
+    ['LOOPLINE_REACH_BUDGET_USERS']
 
 What a config declares:
 
@@ -23,7 +23,7 @@ What a config declares:
 - ``same_as(Config, "name")``: the same setting in another config: it shares the declaration (default,
   help, flag, environment variable), so ``--partitions`` cannot drift apart between two commands.
 - ``nested(Config, prefix="")``: a config inside a config; the flags of its settings get the prefix
-  (``WorkerConfig.reach``: ``--reach-sample-users``).
+  (``WorkerConfig.reach``: ``--reach-budget-users``).
 
 Names. The flag is ``--`` + the nesting prefix + the setting's ``flag`` (default: the field's name with
 dashes). The environment variable is ``LOOPLINE_`` + the setting's ``env`` (default: its flag, without any
@@ -117,7 +117,7 @@ class SettingInfo(NamedTuple):
 
     dest: str  # the namespace attribute: the field path, dotted for nested configs
     name: str  # the field's name
-    flag: str  # ``--reach-sample-users``, or the positional's name
+    flag: str  # ``--reach-budget-users``, or the positional's name
     env: str | None
     default: Any  # the dataclass default (before any environment variable)
     setting: Setting

@@ -154,7 +154,9 @@ class ChaosConfig:
     partitions: int = 4
     days: float = 3.0  # event time the log spans (attribution windows are a day: examples come all along)
     malformed: float = 0.01  # malformed lines, as a fraction of the valid ones (the dead letters are counted too)
-    reach_sample_users: int = 60  # reach sample per partition: well below the users, so it really samples
+    # users the reach sample holds in all (the worker's --reach-budget-users): well below the log's users,
+    # so it really samples
+    reach_budget_users: int = 240
     snapshot_every: int | None = None  # fm/vm FM steps between snapshots (None: a quarter of the log's, <= 20)
     clients: int = 4  # view_load: client threads
     client_pause_s: float = 0.02  # view_load: each client's pause between two requests
@@ -171,7 +173,7 @@ class ChaosConfig:
     keep: bool = False  # keep the work directory (it is always kept when a scenario fails)
 
     def __post_init__(self):
-        for name, lo in (("events", 100), ("kills", 0), ("seed", 0), ("partitions", 1), ("reach_sample_users", 1),
+        for name, lo in (("events", 100), ("kills", 0), ("seed", 0), ("partitions", 1), ("reach_budget_users", 1),
                          ("clients", 1), ("tmpfs_mb", 64), ("throughput_events", 100)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -260,7 +262,7 @@ def prepare(cfg: ChaosConfig, progress: bool = True, workdir: str | None = None)
     ctx.evaluate_s = time.monotonic() - t
     steps = math.ceil(ev["examples"]["total"] / 256)  # the FM trainer's micro-batch (TrainerConfig.batch_size)
     ctx.snapshot_every = cfg.snapshot_every or max(1, min(20, steps // 4))
-    rcfg = ReachConfig(budget_users=cfg.reach_sample_users * cfg.partitions, epoch_s=REACH_EPOCH_S, horizon_epochs=1)
+    rcfg = ReachConfig(budget_users=cfg.reach_budget_users, epoch_s=REACH_EPOCH_S, horizon_epochs=1)
     merged = Sample.merge(samples_from_log(ctx.log_path, cfg.partitions, rcfg))
     impressions = sum(1 for o in ingest_outputs(ctx.records, cfg.partitions, audience=True)
                       if o.kind == "audience" and o.value.get("type") == "impression")
@@ -337,7 +339,7 @@ class _Deployment:
             role = role or name
             args = ("--role", role)
             if role == "reach":
-                args += ("--reach-budget-users", str(self.ctx.cfg.reach_sample_users * self.ctx.cfg.partitions),
+                args += ("--reach-budget-users", str(self.ctx.cfg.reach_budget_users),
                          "--reach-epoch", repr(REACH_EPOCH_S), "--reach-horizon", "1")
             self.specs[name] = (role, data_dir or str(self.dir / name), args + tuple(extra),
                                 {ENV_SNAPSHOT_EVERY: str(self.ctx.snapshot_every), **(env or {})})

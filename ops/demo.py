@@ -83,9 +83,10 @@ class DemoConfig:
     variants: tuple = ("base", "loopfm+kd")  # the vm role's VM variants; vm:base is the TR's baseline
     serve: str = "loopfm+kd"  # the variant POST /score/ answers with
     reach_rule: str = "gender = F and age in (18-24, 25-34)"
-    # per partition and epoch (a day): far below the default 20,000, so the demo's few hundred users are
-    # sampled, not all held, and the interval has a width
-    reach_sample_users: int = 25
+    # users the reach sample holds in all (every partition, the whole horizon; the worker's
+    # --reach-budget-users): far below the default 20,000, so the demo's few hundred users are sampled,
+    # not all held, and the interval has a width
+    reach_budget_users: int = 100
     timeout_s: float = 900.0  # the longest wait for any one part (the workers' start, the models, ...)
     workdir: str | None = None  # default: .loopline-data/demo/<UTC time>
 
@@ -246,8 +247,8 @@ def _reach(port: int, cfg: DemoConfig, log_path: str) -> dict:
     q = parse_query(cfg.reach_rule)
     truth = finish(merge_stats([query_stats(s, q, 30) for s in census]), q.text)
     keep = ("query", "users", "users_ci", "impressions", "impressions_ci", "fallback", "matched_sample_users",
-            "sample_users", "strata", "partial", "elapsed_ms")
-    return {**{k: got.get(k) for k in keep}, "sample_users_per_partition_epoch": cfg.reach_sample_users,
+            "sample_users", "budget_users", "sample_bytes", "partial", "elapsed_ms")
+    return {**{k: got.get(k) for k in keep},
             "true_users": truth["users"], "true_impressions": truth["impressions"]}
 
 
@@ -331,7 +332,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
         create_topics(broker.bootstrap, {**{t: cfg.partitions for t in TOPICS}, STATUS_TOPIC: 1})
         w = WorkerProcess(broker.url, str(work / "worker"), cfg.partitions,
                           extra=("--variants", ",".join(cfg.variants), "--serve", cfg.serve,
-                                 "--reach-budget-users", str(cfg.reach_sample_users * cfg.partitions))).start()
+                                 "--reach-budget-users", str(cfg.reach_budget_users))).start()
         started.append(w)
         mon = WorkerProcess(broker.url, str(work / "monitor"), cfg.partitions, extra=("--role", "monitor")).start()
         started.append(mon)
@@ -465,7 +466,8 @@ def format_demo(out: dict) -> str:
     lines.append(f"reach: \"{re_['query']}\": {re_['users']:,.0f} users, 95% interval [{lo:,.0f}, {hi:,.0f}] "
                  f"(true {re_['true_users']:,.0f}); {re_['impressions']:,.0f} impressions "
                  f"[{re_['impressions_ci'][0]:,.0f}, {re_['impressions_ci'][1]:,.0f}] (true "
-                 f"{re_['true_impressions']:,.0f}); from {re_['sample_users']:,} sampled users")
+                 f"{re_['true_impressions']:,.0f}); from {re_['sample_users']:,} sampled users (budget "
+                 f"{re_.get('budget_users') or 0:,})")
     lines.append("quality of the data sources (fitted a = P(truly in | labelled), b = P(truly in | not), 95% "
                  "intervals; true: the log's realized values):")
     for q in out["quality"]["sources"]:

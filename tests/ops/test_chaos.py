@@ -88,6 +88,8 @@ def test_the_standby_fm_takes_over_with_the_same_numbers(ctx):
 def test_a_bad_setting_names_its_field():
     with pytest.raises(ConfigError, match="^kills:"):
         ChaosConfig(kills=-1)
+    with pytest.raises(ConfigError, match="^reach_budget_users:"):  # the reach sample's total budget
+        ChaosConfig(reach_budget_users=0)
     with pytest.raises(ConfigError, match="^scenarios: unknown 'nope'"):
         ChaosConfig(scenarios=("kills", "nope"))
     assert ChaosConfig(scenarios=tuple(reversed(SCENARIOS))).scenarios == SCENARIOS  # always in one order

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loopline.ops.cli import main
-from loopline.ops.demo import format_demo
+from loopline.ops.demo import DemoConfig, format_demo
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,7 @@ def test_demo_json_holds_every_part_of_the_loop_and_matches_evaluate(tmp_path, m
     assert 0 <= lo <= reach["users"] <= hi and reach["users"] > 0
     assert reach["impressions_ci"][0] <= reach["impressions"] <= reach["impressions_ci"][1]
     assert reach["true_users"] > 0
+    assert reach["budget_users"] == DemoConfig().reach_budget_users >= reach["sample_users"] > 0  # the total budget
 
     sources = out["quality"]["sources"]
     assert {(q["source"], q["segment"]) for q in sources} == \
