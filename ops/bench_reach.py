@@ -21,8 +21,10 @@ Public surface: ``bench_reach``, ``POPULATIONS``, ``random_queries``, ``ThetaSke
   ``state/reach_estimate.py``, built by :func:`~loopline.state.reach_sample.build_sample`); ``uniform`` (one bottom-k sample of users, the same
   number, Horvitz-Thompson, no fall-back); ``proportional`` (strata, ``n_h`` proportional to ``N_h``); and
   ``theta`` (:class:`ThetaSketches`, KMV sketches of every attribute value and of all users, sized to
-  our frozen sample's bytes, answered by set operations). The sample methods hold the same users, so
-  the same bytes.
+  our frozen sample's bytes, answered by set operations); and ``oracle``, a feasibility check rather
+  than a method: our design (the same floor, the same size) with a perfect score model, the rare part
+  weighted by the bench's own rules on the true population (``q = sqrt(sum of 1 / T^2)`` over the rules
+  holding the user: the summed relative variance's optimum), Horvitz-Thompson without fall-back. The sample methods hold the same users, so the same bytes.
 * **Queries**: random rules of 1 to 3 predicates (``=``, ``in``, ``not``, ``!=``; some ``or``) with values
   drawn uniformly (so rare values are common), bucketed by true share (>= 10%, 1-10%, 0.1-1%, < 0.1%;
   at least 20 users); ``per_bucket`` per bucket. Each method is run on ``reps`` independent hash seeds
@@ -285,6 +287,13 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
     past_all, _, _ = gen(users, seed + 100)
     chosen = _choose(cols, values, candidates, per_bucket, seed + 4)
     truth = {b: [(int(m.sum()), float(imps[m].sum())) for _, m in qs] for b, qs in chosen.items()}
+    # the oracle: our design with the rare part weighted by the bench's own rules on the true population
+    # (each user q = sqrt(sum over the rules holding it of 1 / T^2)): what a score model cannot beat at
+    # the same floor and memory, the feasibility check of the rare goal
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
+    q_oracle = np.sqrt(probe_scores(cols, values, np.ones(users), [q.tree for qs in chosen.values() for q, _ in qs],
+                                    vocab, t_min_share=0.0))
+    q_oracle = np.maximum(q_oracle, q_oracle[q_oracle > 0].min() if (q_oracle > 0).any() else 1.0)
     out = {"users": users, "attributes": {a: len(v) for a, v in values.items()},
            "rules": {b: len(qs) for b, qs in chosen.items()}, "budgets": {}}
     for share in budgets:
@@ -295,7 +304,7 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
         g = our_weights(cols, values, past, past_w)
         rare_share = ReachConfig().rare_share
         acc = {m: {b: {"err": [], "cover": [], "ierr": [], "icover": []} for b in chosen}
-               for m in ("ours", "uniform", "proportional", "theta")}
+               for m in ("ours", "uniform", "proportional", "theta", "oracle")}
         nbytes = theta_k = 0
         fallbacks = 0
         for r in range(reps):
@@ -304,11 +313,13 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
             uniform = build_sample(cols, values, hashes, imps, np.ones(users), k)
             prop = proportional_sample(cols, values, hashes, imps, past, past_w, k, min_per_stratum=min_per_stratum)
             theta = ThetaSketches(cols, values, hashes, ours.nbytes)
+            oracle = build_sample(cols, values, hashes, imps, q_oracle, k, uniform_k=round((1 - rare_share) * k))
             nbytes, theta_k = ours.nbytes, theta.k
             methods = {"ours": lambda q: answer(ours, q, min_per_stratum),
                        "uniform": lambda q: answer(uniform, q, min_per_stratum, composite=False),
                        "proportional": lambda q: answer(prop, q, min_per_stratum, composite=False),
-                       "theta": theta.answer}
+                       "theta": theta.answer,
+                       "oracle": lambda q: answer(oracle, q, min_per_stratum, composite=False)}
             for b, qs in chosen.items():
                 for (q, _), (tu, ti) in zip(qs, truth[b]):
                     for m, fn in methods.items():
@@ -330,6 +341,8 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
                                   for m in acc}
             u, o = res["groups"][grp]["uniform"]["users_median_rel_err"], res["groups"][grp]["ours"]["users_median_rel_err"]
             res["groups"][grp]["ours_over_uniform"] = round(o / u, 3) if u else None
+            orc = res["groups"][grp]["oracle"]["users_median_rel_err"]
+            res["groups"][grp]["oracle_over_uniform"] = round(orc / u, 3) if u else None
         cov = [res["buckets"][b]["ours"]["users_coverage"] for b in chosen if res["buckets"][b]["ours"]["users_coverage"] is not None]
         common, rare = res["groups"][">=1%"]["ours_over_uniform"], res["groups"]["<1%"]["ours_over_uniform"]
         res["goals"] = {"common_within_1.25x": common is not None and common <= 1.25,
@@ -471,8 +484,8 @@ def bench_reach(users: int = 200_000, budgets=BUDGETS, populations=tuple(POPULAT
 def table(out: dict, budget: str = "0.02") -> str:
     """The README's table: per population and bucket at one budget, median relative error of users and
     coverage for each method."""
-    lines = ["| population | bucket | rule x seed | ours | uniform | proportional | theta | ours / uniform |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| population | bucket | rule x seed | ours | uniform | proportional | theta | ours / uniform "
+             "| oracle / uniform |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p, r in out["populations"].items():
         res = r["budgets"][budget]
         rows = [(b, res["buckets"][b]) for b in res["buckets"]] + [(g, res["groups"][g]) for g in GROUPS]
@@ -481,7 +494,8 @@ def table(out: dict, budget: str = "0.02") -> str:
                      if f[m]["users_median_rel_err"] is not None else "-" for m in ("ours", "uniform", "proportional", "theta")]
             u, o = f["uniform"]["users_median_rel_err"], f["ours"]["users_median_rel_err"]
             ratio = f"{o / u:.2f}" if u else "-"
-            lines.append(f"| {p} | {b} | {f['ours']['n']} | " + " | ".join(cells) + f" | {ratio} |")
+            orc = f"{f['oracle']['users_median_rel_err'] / u:.2f}" if u and "oracle" in f else "-"
+            lines.append(f"| {p} | {b} | {f['ours']['n']} | " + " | ".join(cells) + f" | {ratio} | {orc} |")
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ Estimate(estimate=2.0, lower=2.0, upper=2.0, level=0.95, se=0.0)
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,9 @@ __all__ = ["Estimate", "query_stats", "merge_stats", "finish", "answer", "users_
 Z95 = 1.959964  # two-sided 95% normal quantile
 BIAS_FLOOR = 0.1  # the synthetic estimate is always allowed this much relative bias
 BIAS_DEFAULT = 0.5  # ... and this much when the sample has no pair of values to measure it on
+BIAS_MAX = 4.0  # the largest relative bias measured (the direct estimate takes over long before)
+BIAS_BINS = 24  # size classes of the bias measurement: shares 2^-1 ... 2^-23 and everything smaller
+BIAS_MIN_CELLS = 30  # pairs of values a size class pools at least (neighbouring classes join until then)
 MAX_PAIR_CELLS = 1 << 16  # value pairs of two attributes the bias measurement looks at, at most
 
 
@@ -93,16 +97,26 @@ def _terms(sample: Sample) -> np.ndarray:
     return sample.cached("terms", build)
 
 
+def _bin(share: float) -> int:
+    """The size class of a synthetic estimate that is ``share`` of all users (``BIAS_BINS`` classes of a
+    factor of 2 each, the last one everything smaller)."""
+    if share <= 0:
+        return BIAS_BINS - 1
+    return int(min(BIAS_BINS - 1, max(0, math.floor(-math.log2(min(share, 1.0))))))
+
+
 def _bias(sample: Sample, n_min: int) -> list[float]:
-    """``[sum, count]`` of the independence model's squared relative bias over pairs of attribute values
-    with at least ``n_min`` matches, each less its sampling noise (module docstring)."""
+    """Per size class (:func:`_bin` of the synthetic share), the sum of the independence model's
+    squared relative bias over the pairs of attribute values of that size, each less its sampling
+    noise, then the number of pairs: ``[sum_0, ..., sum_{B-1}, count_0, ..., count_{B-1}]`` (module
+    docstring)."""
     def build():
         w = sample.w_users
         total = float(w.sum())
+        acc, cnt = np.zeros(BIAS_BINS), np.zeros(BIAS_BINS)
         if total <= 0 or sample.n < 2 * n_min:
-            return [0.0, 0.0]
+            return acc.tolist() + cnt.tolist()
         attrs = [a for a in sorted(sample.cols) if not a.startswith("seg.")]
-        acc, cnt = 0.0, 0
         for a, b in itertools.combinations(attrs, 2):
             va, vb = len(sample.values[a]), len(sample.values[b])
             if va * vb > MAX_PAIR_CELLS:
@@ -116,12 +130,14 @@ def _bias(sample: Sample, n_min: int) -> list[float]:
             pa = np.bincount(ca[ca >= 0], weights=w[ca >= 0], minlength=va) / total
             pb = np.bincount(cb[cb >= 0], weights=w[cb >= 0], minlength=vb) / total
             s = total * np.outer(pa, pb).ravel()
-            cells = (m >= n_min) & (s > 0)
+            cells = s > 0  # every pair of values held, however rare: the bias of rare pairs is what rare rules meet
             if cells.any():
                 r = (d[cells] - s[cells]) / s[cells]
-                acc += float((r * r - v[cells] / s[cells] ** 2).sum())
-                cnt += int(cells.sum())
-        return [acc, float(cnt)]
+                dev = r * r - v[cells] / s[cells] ** 2  # unbiased for the squared relative bias, however noisy
+                bins = np.clip(np.floor(-np.log2(s[cells] / total)), 0, BIAS_BINS - 1).astype(np.int64)
+                acc += np.bincount(bins, weights=dev, minlength=BIAS_BINS)
+                cnt += np.bincount(bins, minlength=BIAS_BINS)
+        return acc.tolist() + cnt.tolist()
     return sample.cached(("bias", n_min), build)
 
 
@@ -206,11 +222,23 @@ def score_interval(est: float, var: float, w0: float, z: float = Z95) -> tuple[f
     return float(scale * max(m + z * z / 2 - half, 0.0)), float(scale * (m + z * z / 2 + half))
 
 
-def _bias_c(stats: dict) -> float:
-    acc, cnt = stats.get("bias", [0.0, 0.0])
-    if cnt <= 0:
+def _bias_c(stats: dict, share: float) -> float:
+    """The synthetic model's relative bias at the size of the query's synthetic estimate (``share`` of
+    all users): measured on the pairs of values of about that size, the classes next to it pooled
+    until at least ``BIAS_MIN_CELLS`` pairs are in."""
+    b = stats.get("bias", [])
+    if len(b) != 2 * BIAS_BINS:
         return BIAS_DEFAULT
-    return float(min(1.0, max(BIAS_FLOOR, np.sqrt(max(acc / cnt, 0.0)))))
+    acc, cnt = np.asarray(b[:BIAS_BINS]), np.asarray(b[BIAS_BINS:])
+    k = _bin(share)
+    for r in range(BIAS_BINS):
+        lo, hi = max(0, k - r), min(BIAS_BINS, k + r + 1)
+        if cnt[lo:hi].sum() >= BIAS_MIN_CELLS or (lo == 0 and hi == BIAS_BINS):
+            break
+    n = float(cnt[lo:hi].sum())
+    if n <= 0:
+        return BIAS_DEFAULT
+    return float(min(BIAS_MAX, max(BIAS_FLOOR, np.sqrt(max(float(acc[lo:hi].sum()) / n, 0.0)))))
 
 
 def _composite(direct: float, v_dir: float, synth: float, v_syn: float, unit: float, c: float):
@@ -231,13 +259,16 @@ def _parts(stats: dict) -> tuple[tuple, tuple, bool, float]:
     n_tot, i_tot = stats["users_total"], stats["imps_total"]
     if not clauses or m >= stats["n_min"] or n_tot <= 0 or vu <= 0 and m > 0:
         return users, imps, False, 0.0
-    c = _bias_c(stats)
     su, si, rel_u, rel_i = n_tot, i_tot, 0.0, 0.0
     for cu, cvu, ci, cvi in clauses:
         su *= cu / n_tot
         si *= ci / i_tot if i_tot > 0 else 0.0
         rel_u += cvu / cu ** 2 if cu > 0 else 0.0
         rel_i += cvi / ci ** 2 if ci > 0 else 0.0
+    c = _bias_c(stats, su / n_tot)
+    # measured on pairs, one join of two independent-looking margins; p clauses join p - 1 times, each
+    # a factor of relative spread c: (1 + c^2)^(p - 1) - 1
+    c = float(np.sqrt((1 + c * c) ** (len(clauses) - 1) - 1))
     mean_imps = i_tot / n_tot
     eu, mu, phi_u = _composite(u, vu, su, su * su * rel_u, stats["mean_w"], c)
     eu = max(eu, m)  # the users the sample saw are there

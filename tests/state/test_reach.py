@@ -253,14 +253,14 @@ def test_few_matches_fall_back_to_the_synthetic_estimate_and_beat_the_direct_one
     q = "geo = g3 and interest in (i1, i2)"
     truth_u = exact_answer(cols, values, imps, q)["users"]  # about 250 users: ~5 matches in the sample
     err_fuzzy, err_direct, flagged, held = [], [], 0, 0
-    for seed in range(40):
+    for seed in range(100):  # 95% intervals over 100 draws: at least 88 (3 sd below 95) hold the truth
         sample = build_sample(cols, values, np.random.default_rng(seed).random(n), imps, np.ones(n), 800)
         a = answer(sample, q, 30)
         flagged += a["fallback"]
         held += a["users_ci"][0] <= truth_u <= a["users_ci"][1]
         err_fuzzy.append(abs(a["users"] - truth_u))
         err_direct.append(abs(answer(sample, q, 30, composite=False)["users"] - truth_u))
-    assert flagged == 40 and held >= 36
+    assert flagged == 100 and held >= 88, held
     assert np.mean(err_fuzzy) < 0.7 * np.mean(err_direct)
     assert answer(sample, "geo = g3 and geo = g4", 30)["users"] == 0  # an empty rule stays empty
 
