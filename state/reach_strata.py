@@ -237,13 +237,23 @@ class ScoreModel:
             lut[m[nz][keep]] = u[keep]
             r += lut[cols[a]] if a in cols else lut[-1]
         for (a, b), (ca, cb, u) in coded["pair"].items():
+            # a pair's cells, looked up by one key per (code a, code b), not through a dense (|a|, |b|)
+            # table: with vocabularies of thousands of values that table took tens of MB and seconds
+            # to fill for every pair of attributes each time a sample was frozen
             (ma, sa), (mb, sb) = remap[a], remap[b]
             xa, xb = ma[ca], mb[cb]
             keep = (xa != -2) & (xb != -2)
-            lut = np.full((sa, sb), self.u_max)
-            lut[xa[keep], xb[keep]] = u[keep]
-            r += lut[cols[a] if a in cols else np.full(n, -1), cols[b] if b in cols else np.full(n, -1)]
+            keys, first = np.unique(_pair_key(xa[keep], sa, xb[keep], sb)[::-1], return_index=True)
+            cells = u[keep][::-1][first]  # the last cell written for a key wins, as in a table
+            want = _pair_key(cols[a] if a in cols else np.full(n, -1), sa, cols[b] if b in cols else np.full(n, -1), sb)
+            at = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
+            r += np.where(keys[at] == want, cells[at], self.u_max) if len(keys) else self.u_max
         return np.sqrt(r) / self.scale
+
+
+def _pair_key(xa: np.ndarray, sa: int, xb: np.ndarray, sb: int) -> np.ndarray:
+    """One int64 per pair of codes; -1 (missing) is each attribute's last slot, as in its look-up table."""
+    return np.where(xa < 0, sa - 1, xa).astype(np.int64) * sb + np.where(xb < 0, sb - 1, xb)
 
 
 def probe_scores(cols: dict, values: dict, w: np.ndarray, queries: list | None = None,

@@ -347,3 +347,30 @@ def test_score_model_q_of_many_users_equals_q_of_each_after_the_vocabulary_moved
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert len(set(np.round(got, 9))) > 10
     assert math.isfinite(float(got.max()))
+
+
+def test_score_model_q_codes_takes_memory_of_the_users_not_of_the_vocabularies_product():
+    """A live vocabulary grows to thousands of values per attribute; a dense (|a|, |b|) look-up table per
+    pair of attributes then took tens of MB and seconds for each fresh sample (found by the soak: the
+    event loop held 3.9 s)."""
+    import tracemalloc
+
+    from loopline.state.reach_strata import ScoreModel
+
+    rng = np.random.default_rng(0)
+    fitted = {f"a{i}": [f"v{j}" for j in range(8)] for i in range(4)}
+    cols = {a: rng.integers(-1, 8, 4000).astype(np.int32) for a in fitted}
+    model = ScoreModel.fit(cols, fitted, rng.uniform(0.5, 2.0, 4000))
+    assert model.coded["pair"], "the model kept no pair table to look up"
+    today = {a: [f"new{j}" for j in range(4000)] + vals for a, vals in fitted.items()}
+    vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in today.items()}
+    now = {a: rng.integers(-1, len(v), 2000).astype(np.int32) for a, v in today.items()}
+    tracemalloc.start()
+    try:
+        got = model.q_codes(now, vocab, 2000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"q_codes took {peak / 2**20:.0f} MB for 2,000 users"
+    want = [model.q({a: today[a][c[i]] for a, c in now.items() if c[i] >= 0}) for i in range(200)]
+    np.testing.assert_allclose(got[:200], want, rtol=1e-12)
