@@ -23,10 +23,16 @@ exact when the clauses are independent. The answer mixes the two by their mean s
 ``phi = MSE_S / (MSE_S + V_D)``: ``V_D`` the direct one's variance (at least what the synthetic size
 implies, so "no match" is not taken as certainty), ``MSE_S`` the synthetic one's squared bias, estimated
 from the gap ``(D - S)^2 - V_D`` and never below ``(c S)^2``. ``c``, the synthetic model's relative bias,
-is *measured on the sample itself*: over the pairs of attribute values that have at least ``n_min``
-matches, the mean of ``((D - S) / S)^2`` less its sampling noise (``BIAS_FLOOR <= c <= 1``). A
-population whose attributes are independent gets a small ``c`` and borrows much; one with strongly
-correlated attributes gets a large ``c`` and little. The interval uses the mixture's MSE.
+is *measured on the sample itself, at the rule's size*: over every pair of attribute values the sample
+holds, each cell's ``((D - S) / S)^2`` less its sampling noise ``V / S^2`` (unbiased however few its
+matches), averaged within size classes of 2x of ``S / N`` (``BIAS_BINS``; neighbouring classes pooled
+until ``BIAS_MIN_CELLS`` pairs), the class of the rule's ``S`` taken (``BIAS_FLOOR <= c <= BIAS_MAX``).
+Rare pairs often deviate from independence far more than common ones (a population of segments:
+independent-looking at the top, tied at the bottom), so the common pairs' bias would let rare rules
+borrow too much and their intervals miss. A rule of ``p`` clauses joins ``p - 1`` times, each a factor
+of relative spread ``c``: its bias is taken as ``sqrt((1 + c^2)^(p - 1) - 1)``. A population whose
+attributes are independent gets a small ``c`` and borrows much; one with strongly correlated
+attributes gets a large ``c`` and little. The interval uses the mixture's MSE.
 
 **Distributed.** :func:`query_stats` gives sums that add across partitions (:func:`merge_stats`);
 :func:`finish` makes the answer from pooled sums, the same as :func:`answer` on the merged sample.
