@@ -226,8 +226,9 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
             expire(p)
             out = {"id": qid, "q": text, "partition": p, "answered_at": time.time()}
             await ready(p)
-            try:
-                out["stats"] = query_stats(sample_of(p), parse_query(text), rcfg.min_per_stratum)
+            try:  # in the reach thread: a fresh sample is frozen there, beside the sampler's updates
+                out["stats"] = await in_thread("reach", lambda: query_stats(sample_of(p), parse_query(text),
+                                                                            rcfg.min_per_stratum))
             except ConfigError as exc:
                 out["error"] = str(exc)
             answer_table[qid] = out
