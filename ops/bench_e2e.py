@@ -14,7 +14,10 @@ Each repeat times, on the same generated log:
   vm's catch-up) is part of the worker's time, as it is of a user's.
 
 ``ratio`` is worker seconds over evaluate seconds (the goal: at most 1.3); the worker's models must
-equal evaluate's (``same_numbers``), or the benchmark says so. Medians over ``repeats``.
+equal evaluate's (``same_numbers``), or the benchmark says so. Medians over ``repeats``. Each repeat's
+``timeline`` says where the worker's time went, in seconds from its process start, from the brokers'
+timestamps of the roles' own messages: ``fm_started``/``vm_started`` (their catch-up read done),
+``ingest_done`` (the last ingest partition's end-of-log counts), ``fm_finished`` and ``vm_finished``.
 """
 
 from __future__ import annotations
@@ -53,21 +56,29 @@ def _evaluate(records, partitions: int) -> tuple[float, dict]:
     return time.perf_counter() - t0, out["models"]
 
 
-async def _vm_report(bootstrap: str, since_ms: int) -> tuple[int, dict] | None:
+async def _vm_report(bootstrap: str, since_ms: int, partitions: int) -> tuple[int, dict, dict] | None:
+    """``(the vm's report time, the models, the timeline in ms)`` once both model roles finished."""
     fm = vm = None
+    times: dict = {}
     for m in await read_topic(bootstrap, STATUS_TOPIC, 1):
         st = orjson.loads(m.value)
-        if st.get("event") == "finished" and m.timestamp >= since_ms:
-            if st.get("role") == "fm":
+        if m.timestamp < since_ms or st.get("role") not in ("fm", "vm"):
+            continue
+        times[f"{st['role']}_{st.get('event')}"] = m.timestamp
+        if st.get("event") == "finished":
+            if st["role"] == "fm":
                 fm = st
-            elif st.get("role") == "vm":
+            else:
                 vm = (m.timestamp, st)
     if vm is None or fm is None:
         return None
-    return vm[0], {**fm["models"], **vm[1]["models"]}
+    done = [m.timestamp for m in await read_topic(bootstrap, "ingest.status", partitions) if m.timestamp >= since_ms]
+    if done:
+        times["ingest_done"] = max(done)
+    return vm[0], {**fm["models"], **vm[1]["models"]}, times
 
 
-def _worker(records, partitions: int, work: Path, timeout: float) -> tuple[float, dict]:
+def _worker(records, partitions: int, work: Path, timeout: float) -> tuple[float, dict, dict]:
     work.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker(log_path=str(work / "tansu.log")) as broker:
         create_topics(broker.bootstrap, {**{t: partitions for t in TOPICS}, STATUS_TOPIC: 1})
@@ -76,7 +87,7 @@ def _worker(records, partitions: int, work: Path, timeout: float) -> tuple[float
         w = WorkerProcess(broker.url, str(work / "worker"), partitions).start()
         try:
             deadline = time.monotonic() + timeout
-            while (got := asyncio.run(_vm_report(broker.bootstrap, start_ms))) is None:
+            while (got := asyncio.run(_vm_report(broker.bootstrap, start_ms, partitions))) is None:
                 if w.proc.poll() is not None:
                     raise RuntimeError(f"the worker died:\n{w.tail()}")
                 if time.monotonic() > deadline:
@@ -84,8 +95,10 @@ def _worker(records, partitions: int, work: Path, timeout: float) -> tuple[float
                 time.sleep(0.5)
         finally:
             w.stop()
-    report_ms, models = got
-    return (report_ms - start_ms) / 1000.0, models
+    report_ms, models, times = got
+    order = ("fm_started", "vm_started", "ingest_done", "fm_finished", "vm_finished")
+    timeline = {k: round((times[k] - start_ms) / 1000.0, 1) for k in order if k in times}
+    return (report_ms - start_ms) / 1000.0, models, timeline
 
 
 def bench_e2e(n_events: int = 20000, repeats: int = 3, partitions: int = 4, out_path: str | None = None,
@@ -102,11 +115,11 @@ def bench_e2e(n_events: int = 20000, repeats: int = 3, partitions: int = 4, out_
             if progress:
                 print(f"bench e2e: repeat {r + 1}/{repeats}: evaluate {ev_s:.1f}s; starting the worker",
                       file=sys.stderr, flush=True)
-            wk_s, got = _worker(records, partitions, work / f"run{r}", timeout)
+            wk_s, got, timeline = _worker(records, partitions, work / f"run{r}", timeout)
             same = set(got) == set(want) and all(
                 {k: got[n][k] for k in METRICS} == {k: want[n][k] for k in METRICS} for n in want)
             run = {"events": len(records), "evaluate_s": round(ev_s, 2), "worker_s": round(wk_s, 2),
-                   "ratio": round(wk_s / ev_s, 3), "same_numbers": same}
+                   "ratio": round(wk_s / ev_s, 3), "same_numbers": same, "timeline": timeline}
             runs.append(run)
             if progress:
                 print(f"bench e2e: repeat {r + 1}/{repeats}: {run}", file=sys.stderr, flush=True)
