@@ -132,6 +132,10 @@ class ReachSampler:
         self.taus: dict[int, dict[int, list]] = {}
         self.models: dict[int, ScoreModel | None] = {0: None}
         self.model_id = 0
+        # model id -> {a user's attribute codes: q under that model}: freezing a sample (every view
+        # refresh) needs every held user's q under every model in force, the same each time while the
+        # codes mean the same values (until a prune: cleared then)
+        self._qcache: dict[int, dict[tuple, float]] = {}
         self.version = 0  # changes whenever the sample does
         self.counts = {"impressions": 0, "too_old": 0, "evicted": 0, "expired": 0, "models_learned": 0,
                        "tau_raised": 0, "segment_users_evicted": 0, "segments_dropped": 0}
@@ -222,6 +226,19 @@ class ReachSampler:
             return np.ones(n)
         return model.q_codes({k: c for k, c in cols.items() if not k.startswith("seg.")}, self.vocab, n)
 
+    def _q_held(self, model_id: int, recs: list, cols: dict) -> np.ndarray:
+        """``_q_codes`` of held users, each distinct code tuple computed once per model (cached)."""
+        cache = self._qcache.setdefault(model_id, {})
+        if len(cache) > 2 * len(self.records) + 1024:  # tuples of users gone: start over (bounded)
+            cache.clear()
+        miss = [i for i, r in enumerate(recs) if r.codes not in cache]
+        if miss:
+            at = np.array(miss, dtype=np.int64)
+            got = self._q_codes(model_id, {a: c[at] for a, c in cols.items()}, len(miss))
+            for i, q in zip(miss, got.tolist()):
+                cache[recs[i].codes] = q
+        return np.fromiter((cache[r.codes] for r in recs), dtype=np.float64, count=len(recs))
+
     def _evict(self) -> None:
         """The two parts back within their shares (module docstring): the uniform part's largest hashes
         move to the rare part (or leave), then the rare part's largest priorities leave."""
@@ -293,6 +310,7 @@ class ReachSampler:
             codes = rec.codes
             if j < len(codes) and codes[j] != -1 and (code is None or codes[j] == code):
                 rec.codes = codes[:j] + (-1,) + codes[j + 1:]
+        self._qcache.clear()  # a code may now stand for another value
         self.version += 1
 
     # -- time ------------------------------------------------------------------------------------------
@@ -349,6 +367,7 @@ class ReachSampler:
         live = {m for t in self.taus.values() for m in t} | {self.model_id}
         for m in [m for m in self.models if m not in live]:
             del self.models[m]
+            self._qcache.pop(m, None)
 
     def _learn(self) -> None:
         """A new score model from the sample (weighted by 1/pi); held users are re-prioritized under
@@ -406,7 +425,7 @@ class ReachSampler:
                 continue
             tu = np.array([self.taus[b][m][0] for b in bs])
             tr = np.array([self.taus[b][m][1] for b in bs])
-            q = self._q_codes(m, cols, n)
+            q = self._q_held(m, recs, cols)
             for lo in range(0, n, 4096):  # (chunk, buckets): each user's threshold in each bucket
                 sl = slice(lo, lo + 4096)
                 t = np.maximum(tu[None, :], q[sl, None] * tr[None, :])
@@ -447,4 +466,6 @@ class ReachSampler:
             b += 100  # the records dict's slot and the heap's (-priority, user) tuple
             sizes.append(b)
         per = float(np.mean(sizes))
-        return {"sampled_users": n, "budget_users": self.k, "bytes": int(per * n), "bytes_per_user": round(per, 1)}
+        cached = sum(sys.getsizeof(c) + 24 * len(c) for c in self._qcache.values())  # the dicts and their floats
+        return {"sampled_users": n, "budget_users": self.k, "bytes": int(per * n) + cached,
+                "bytes_per_user": round(per, 1)}

@@ -374,3 +374,28 @@ def test_score_model_q_codes_takes_memory_of_the_users_not_of_the_vocabularies_p
     assert peak < 4 << 20, f"q_codes took {peak / 2**20:.0f} MB for 2,000 users"
     want = [model.q({a: today[a][c[i]] for a, c in now.items() if c[i] >= 0}) for i in range(200)]
     np.testing.assert_allclose(got[:200], want, rtol=1e-12)
+
+
+def test_a_frozen_sample_reuses_each_users_q_and_equals_one_computed_afresh(monkeypatch):
+    """Freezing a sample (each view refresh) needs every held user's q under every model in force: it is
+    computed once per distinct attribute codes and model, and the frozen sample is the one a sampler with
+    no cache gives (the soak found views recomputing it for every user, every second)."""
+    from loopline.state.reach_strata import ScoreModel
+
+    s = ReachSampler(ReachConfig(budget_users=40, min_per_stratum=3, epoch_s=100.0, horizon_epochs=2, seed=1))
+    feed(s, small_population(n=300))
+    assert s.counts["models_learned"] > 0
+    first = s._frozen()
+    rows = []
+    real = ScoreModel.q_codes
+    monkeypatch.setattr(ScoreModel, "q_codes", lambda self, cols, vocab, n: rows.append(n) or real(self, cols, vocab, n))
+    again = s._frozen()
+    assert rows == [], "q was computed again for users whose codes did not change"
+    s._qcache.clear()
+    fresh = s._frozen()
+    assert sum(rows) > 0
+    for a, b, c in zip(first, again, fresh):
+        if isinstance(a, dict):
+            assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
+        else:
+            assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
