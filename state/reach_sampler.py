@@ -134,7 +134,7 @@ class ReachSampler:
         self.model_id = 0
         # model id -> {a user's attribute codes: q under that model}: freezing a sample (every view
         # refresh) needs every held user's q under every model in force, the same each time while the
-        # codes mean the same values (until a prune: cleared then)
+        # codes mean the same values (a prune drops the entries holding the pruned code)
         self._qcache: dict[int, dict[tuple, float]] = {}
         self.version = 0  # changes whenever the sample does
         self.counts = {"impressions": 0, "too_old": 0, "evicted": 0, "expired": 0, "models_learned": 0,
@@ -310,7 +310,9 @@ class ReachSampler:
             codes = rec.codes
             if j < len(codes) and codes[j] != -1 and (code is None or codes[j] == code):
                 rec.codes = codes[:j] + (-1,) + codes[j + 1:]
-        self._qcache.clear()  # a code may now stand for another value
+        for cache in self._qcache.values():  # the old code may come to stand for another value
+            for key in [k for k in cache if j < len(k) and k[j] != -1 and (code is None or k[j] == code)]:
+                del cache[key]
         self.version += 1
 
     # -- time ------------------------------------------------------------------------------------------

@@ -145,6 +145,12 @@ def path_of(key: str) -> list:
 
 
 MAX_PAIR_CELLS = 1 << 20  # value pairs of two attributes counted at most (a pair table is this big)
+# The model's attributes: the most covered ones (the weight of users with a value). A worker's vocabulary
+# admits up to 64 attribute names, junk included, and every pair of them was a table: 2,016 tables to
+# look up per user, which made a fresh sample cost most of a worker's CPU (found by the soak). A rule on
+# an attribute few users have is rare through that attribute's value, which the estimate's fall-back and
+# the uniform floor still cover.
+MAX_MODEL_ATTRS = 16
 
 
 class ScoreModel:
@@ -167,7 +173,8 @@ class ScoreModel:
     def fit(cls, cols: dict, values: dict, w: np.ndarray, t_min_share: float = 1e-4) -> "ScoreModel":
         total = float(w.sum())
         t_min = max(total * t_min_share, 1e-9)
-        attrs = sorted(cols)
+        cover = {a: float(w[np.asarray(c) >= 0].sum()) for a, c in cols.items()}
+        attrs = sorted(sorted(cols, key=lambda a: (-cover[a], a))[:MAX_MODEL_ATTRS])
 
         def val(a, c):
             return values[a][c - 1] if c > 0 else None

@@ -399,3 +399,31 @@ def test_a_frozen_sample_reuses_each_users_q_and_equals_one_computed_afresh(monk
             assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
         else:
             assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_a_prune_drops_the_cached_q_of_the_pruned_code_and_nothing_else():
+    s = ReachSampler(ReachConfig(budget_users=40, min_per_stratum=3, epoch_s=100.0, horizon_epochs=2, seed=1))
+    feed(s, small_population(n=300))
+    s._frozen()
+    cache = next(c for c in s._qcache.values() if c)
+    j, code = 0, next(k[0] for k in cache if k and k[0] != -1)
+    kept = {k for k in cache if not (k and k[0] == code)}
+    s._pruned(j, code)
+    assert set(cache) == kept and kept
+
+
+def test_the_score_model_keeps_the_most_covered_attributes_only():
+    """A vocabulary of many attribute names (junk included) must not make every pair a table."""
+    from loopline.state.reach_strata import MAX_MODEL_ATTRS, ScoreModel
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    values = {f"a{i:02d}": ["x", "y", "z"] for i in range(MAX_MODEL_ATTRS + 8)}
+    # attribute i is present for a share of users falling with i: the last 8 are the least covered
+    cols = {a: np.where(rng.random(n) < 1.0 - i / 40, rng.integers(0, 3, n), -1).astype(np.int32)
+            for i, a in enumerate(values)}
+    model = ScoreModel.fit(cols, values, np.ones(n))
+    kept = sorted(model.single)
+    assert kept == sorted(values)[:MAX_MODEL_ATTRS]
+    assert len(model.pair) == MAX_MODEL_ATTRS * (MAX_MODEL_ATTRS - 1) // 2
+    assert {a for pair in model.pair for a in pair} == set(kept)
