@@ -14,7 +14,6 @@ with a real cluster passes ``--broker kafka://host:port`` and nothing is started
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess

@@ -9,7 +9,6 @@ agent stuck in a long step was seen to ignore SIGTERM for minutes) and says so o
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys

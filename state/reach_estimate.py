@@ -130,7 +130,6 @@ def _bias(sample: Sample, n_min: int) -> list[float]:
             ca, cb = sample.cols[a].astype(np.int64), sample.cols[b].astype(np.int64)
             ok = (ca >= 0) & (cb >= 0)
             code = ca[ok] * vb + cb[ok]
-            m = np.bincount(code, minlength=va * vb)
             d = np.bincount(code, weights=w[ok], minlength=va * vb)
             v = np.bincount(code, weights=(w * (w - 1))[ok], minlength=va * vb)
             pa = np.bincount(ca[ca >= 0], weights=w[ca >= 0], minlength=va) / total
