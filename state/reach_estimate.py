@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reach_query import Query, evaluate, parse_query
+from .reach_query import Query, attrs_of, evaluate, parse_query
 from .reach_sample import Sample
 
 __all__ = ["Estimate", "query_stats", "merge_stats", "finish", "answer", "users_estimate", "exact_answer",
@@ -146,17 +146,6 @@ def _bias(sample: Sample, n_min: int) -> list[float]:
     return sample.cached(("bias", n_min), build)
 
 
-def _names(node: tuple, out: set) -> set:
-    if node[0] == "in":
-        out.add(node[1])
-    elif node[0] == "not":
-        _names(node[1], out)
-    elif node[0] in ("and", "or"):
-        for sub in node[1]:
-            _names(sub, out)
-    return out
-
-
 def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) -> dict:
     """Sums for ``query`` (text or parsed) over one sample, additive over partitions
     (:func:`merge_stats`). ``composite=False`` leaves out what the fall-back needs."""
@@ -164,7 +153,7 @@ def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) 
     terms = _terms(sample)
     tree = q.tree
     clauses = list(tree[1]) if tree[0] == "and" and composite else []
-    names = [_names(c, set()) for c in clauses]
+    names = [attrs_of(c) for c in clauses]
     if sum(len(x) for x in names) != len(set().union(*names)) if names else False:
         clauses = []  # clauses sharing an attribute are not independent in any population
     if sample.cols:

@@ -1,6 +1,6 @@
 """The reach query language: boolean expressions over user attributes, parsed by a real parser.
 
-Public surface: ``parse_query``, ``Query``, ``QueryLimits``, ``evaluate``.
+Public surface: ``parse_query``, ``Query``, ``QueryLimits``, ``evaluate``, ``attrs_of``.
 
 Grammar (keywords ``and or not in`` are case-insensitive; ``and`` binds tighter than ``or``)::
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from loopline.errors import ConfigError
 
-__all__ = ["parse_query", "Query", "QueryLimits", "evaluate"]
+__all__ = ["parse_query", "Query", "QueryLimits", "evaluate", "attrs_of"]
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
@@ -189,14 +189,16 @@ class _Parser:
         return t[1]
 
 
-def _attrs(node: tuple, out: set) -> set:
+def attrs_of(node: tuple, out: set | None = None) -> set:
+    """The attribute names a parsed (sub)tree reads."""
+    out = set() if out is None else out
     if node[0] == "in":
         out.add(node[1])
     elif node[0] == "not":
-        _attrs(node[1], out)
+        attrs_of(node[1], out)
     elif node[0] in ("and", "or"):
         for n in node[1]:
-            _attrs(n, out)
+            attrs_of(n, out)
     return out
 
 
@@ -208,7 +210,7 @@ def parse_query(text: str, limits: QueryLimits = QueryLimits()) -> Query:
     if len(text) > limits.max_chars:
         raise ConfigError(f"query: longer than {limits.max_chars} characters ({len(text)})")
     tree = _Parser(text, limits).parse()
-    return Query(text, tree, tuple(sorted(_attrs(tree, set()))))
+    return Query(text, tree, tuple(sorted(attrs_of(tree))))
 
 
 def evaluate(tree: tuple, cols, vocab: dict) -> np.ndarray:
