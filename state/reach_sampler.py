@@ -138,7 +138,8 @@ class ReachSampler:
         self._qcache: dict[int, dict[tuple, float]] = {}
         self.version = 0  # changes whenever the sample does
         self.counts = {"impressions": 0, "too_old": 0, "evicted": 0, "expired": 0, "models_learned": 0,
-                       "tau_raised": 0, "segment_users_evicted": 0, "segments_dropped": 0}
+                       "tau_raised": 0, "segment_users_evicted": 0, "segments_dropped": 0,
+                       "q_cache_cleared": 0}
         # user -> {segment attr: "yes"} for every user a source labelled (before or after its
         # impressions: the quality counts' rule), so rules can name a source's segment; at most
         # max_segment_users users, the least recently labelled forgotten first (a sampled user keeps
@@ -231,6 +232,7 @@ class ReachSampler:
         cache = self._qcache.setdefault(model_id, {})
         if len(cache) > 2 * len(self.records) + 1024:  # tuples of users gone: start over (bounded)
             cache.clear()
+            self.counts["q_cache_cleared"] += 1
         miss = [i for i, r in enumerate(recs) if r.codes not in cache]
         if miss:
             at = np.array(miss, dtype=np.int64)

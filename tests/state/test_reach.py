@@ -412,6 +412,18 @@ def test_a_prune_drops_the_cached_q_of_the_pruned_code_and_nothing_else():
     assert set(cache) == kept and kept
 
 
+def test_the_q_cache_is_bounded_by_the_sample_and_says_when_it_starts_over():
+    s = ReachSampler(ReachConfig(budget_users=40, min_per_stratum=3, epoch_s=100.0, horizon_epochs=2, seed=1))
+    feed(s, small_population(n=300))
+    s._frozen()
+    m, cache = next((m, c) for m, c in s._qcache.items() if c)
+    for i in range(2 * len(s.records) + 1025):  # code tuples of users long gone
+        cache[(-7, i)] = 1.0
+    s._frozen()
+    assert s.counts["q_cache_cleared"] >= 1
+    assert all(len(c) <= 2 * len(s.records) + 1024 for c in s._qcache.values())
+
+
 def test_the_score_model_keeps_the_most_covered_attributes_only():
     """A vocabulary of many attribute names (junk included) must not make every pair a table."""
     from loopline.state.reach_strata import MAX_MODEL_ATTRS, ScoreModel

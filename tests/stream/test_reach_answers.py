@@ -58,3 +58,23 @@ async def test_answers_past_their_time_to_live_are_deleted(broker, tmp_path):
         await _answered(table, "new")
     assert _shares(table, 0) == ["new"]
     assert table["new"]["answered_at"] <= time.time()
+
+
+async def test_a_topic_query_is_counted_off_the_event_loop(broker, tmp_path, monkeypatch):
+    """Freezing a fresh sample and counting it took seconds on a live vocabulary (the soak): the agent
+    hands it to the reach thread and only awaits it."""
+    import threading
+
+    from loopline.stream import reach as reach_role
+
+    threads = []
+    real = reach_role.query_stats
+    monkeypatch.setattr(reach_role, "query_stats",
+                        lambda *a, **k: threads.append(threading.current_thread()) or real(*a, **k))
+    app = await _app(broker, tmp_path)
+    table = app.tables["reach.answers"]
+    async with app.agents["reach-queries"].test_context() as ag:
+        await ag.put(orjson.dumps({"id": "q", "q": "*"}), key=b"q", partition=0)
+        await _answered(table, "q")
+    assert threads and all(t is not threading.main_thread() for t in threads), threads
+    assert "stats" in table["q"]
