@@ -97,7 +97,7 @@ def _worker(records, partitions: int, work: Path, timeout: float) -> tuple[float
             w.stop()
     report_ms, models, times = got
     order = ("fm_started", "vm_started", "ingest_done", "fm_finished", "vm_finished")
-    timeline = {k: round((times[k] - start_ms) / 1000.0, 1) for k in order if k in times}
+    timeline = {k: round((times[k] - start_ms) / 1000.0, 2) for k in order if k in times}
     return (report_ms - start_ms) / 1000.0, models, timeline
 
 
