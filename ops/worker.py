@@ -4,7 +4,8 @@ Public surface: ``run_worker``, ``WorkerCommand`` and ``run_worker_command`` (``
 worker's config, the join's flags and the grace period), ``WorkerProcess``, ``check_broker``.
 
 On SIGTERM/SIGINT Faust commits and stops; a watchdog thread forces the exit after ``grace_s`` (an
-agent stuck in a long step was seen to ignore SIGTERM for minutes) and says so on stderr.
+agent stuck in a long step was seen to ignore SIGTERM for minutes) and says so on stderr. Only a stop
+that reaches the end of shutdown marks the local tables as trusted (``stream/local_tables.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from loopline.settings import nested, setting
 from loopline.stream.app import WorkerConfig, build_app
+from loopline.stream.local_tables import mark_clean, open_tables
 
 from .broker import create_topics
 from .source import JoinConfig
@@ -72,6 +74,10 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
     check_broker(cfg)
     create_topics(cfg.broker, cfg.topic_partitions())
     app = build_app(cfg)
+    tabledir = app.conf.tabledir
+    if open_tables(tabledir) == "discarded":
+        print(f"loopline worker: {tabledir} was not closed by a clean stop; its tables are restored from "
+              "their changelogs", file=sys.stderr, flush=True)
 
     armed = []
 
@@ -100,6 +106,10 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
             # asyncio's wake-up fd still delivers the signal to Faust's own handler.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: arm_forced_exit(signum))
+
+        def stop_and_shutdown(self) -> None:
+            super().stop_and_shutdown()
+            mark_clean(tabledir)  # not reached when the exit is forced: the tables are then not trusted
 
         def on_setup_root_logger(self, logger, level):  # noqa: ANN001 - mode's signature
             # Faust's terminal spinner sets the root logger to DEBUG; aiokafka then builds a debug

@@ -48,6 +48,7 @@ from loopline.state.events import event_key
 from loopline.state.ingest import IngestCore
 
 from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, make_table
+from .gaps import GapReader
 from .role import by_partition, in_partition_of, role_agent
 
 __all__ = ["register_ingest", "FORWARD_HEADER", "route_of"]
@@ -150,6 +151,21 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                 for q in range(cfg.partitions):
                     await topics[name].send(value=None, partition=q, headers=[(CONTROL_HEADER, mark.encode())])
 
+    gaps = GapReader(cfg.broker, "events")
+
+    async def with_gaps_read(p: int, expected: int, evs: list) -> list[tuple]:
+        """``(offset, headers, value)`` of ``evs``, with any offsets the consumer skipped before or
+        between them (from ``expected``, the partition's next unapplied offset) read from the broker
+        (``stream/gaps.py``)."""
+        out = []
+        for ev in evs:
+            offset = ev.message.offset
+            if offset > expected:
+                out.extend((r.offset, r.headers, r.value) for r in await gaps.read(p, expected, offset))
+            out.append((offset, ev.headers, ev.value))
+            expected = max(expected, offset + 1)
+        return out
+
     async def handle(events) -> None:
         # the last batch's writes are acknowledged before this batch's begin: after a crash, the table
         # recovers its local writes and re-applies the changelog's unconfirmed tail over them, which
@@ -165,9 +181,8 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     outs.extend(core.unacked())
                     sent["resent"] += len(outs)
                 durable_through = core.join.meta["through"]  # every effect up to here is stored
-                for ev in evs:
-                    offset = ev.message.offset
-                    control = control_of(ev.headers)
+                for offset, headers, value in await with_gaps_read(p, durable_through + 1, evs):
+                    control = control_of(headers)
                     if control is not None:
                         if control.startswith("end_of_log") and cfg.evaluation:
                             outs.extend(core.end_of_log())
@@ -175,14 +190,14 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                         else:  # only an evaluation run ends event time; unknown marks are no one's
                             routing["control_ignored"] += 1
                         continue
-                    if _header(ev.headers, FORWARD_HEADER) is not None:
+                    if _header(headers, FORWARD_HEADER) is not None:
                         routing["forwarded_in"] += 1  # its home: processed here, never forwarded again
                     elif offset > durable_through:
-                        route = route_of(ev.value, cfg.partitions)
+                        route = route_of(value, cfg.partitions)
                         if route is not None and route[1] != p:
-                            await forward(p, offset, route[0], ev.value, route[1])
+                            await forward(p, offset, route[0], value, route[1])
                             continue
-                    outs.extend(core.handle(ev.value, offset))
+                    outs.extend(core.handle(value, offset))
                 core.flush()  # outbox, state and counters: one atomic change
             done.append((evs[-1], core, outs, controls))
         await durable()  # forwards and every partition's flush acknowledged before the batch is acked
@@ -211,7 +226,8 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
         return ({p: table.get(f"{p}|m") for p in range(cfg.partitions)},)
 
     def report(metas: dict) -> dict:
-        out = {"sends": dict(sent), "forwarded": {"out": routing["forwarded"], "in": routing["forwarded_in"]},
+        out = {"sends": dict(sent), "gaps_read": dict(gaps.counts),
+               "forwarded": {"out": routing["forwarded"], "in": routing["forwarded_in"]},
                "control_ignored": routing["control_ignored"], "evaluation": cfg.evaluation}
         for p, meta in metas.items():
             if meta is not None:
