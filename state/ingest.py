@@ -347,6 +347,17 @@ class IngestCore:
         self._to_outbox(outs)
         return outs
 
+    def passed(self, offset: int) -> None:
+        """A message at ``offset`` was consumed without being handled here (a control mark, an event
+        forwarded to its home partition): :meth:`next_offset` moves past it, ``through`` does not (its
+        effect, if any, is not this partition's state)."""
+        self.join.meta["passed"] = max(self.join.meta.get("passed", -1), offset)
+
+    def next_offset(self) -> int:
+        """The offset this partition's next message must have: one past everything consumed. A batch
+        that starts later had messages skipped by the consumer (``stream/gaps.py``)."""
+        return max(self.join.meta["through"], self.join.meta.get("passed", -1)) + 1
+
     def end_of_log(self) -> list[Output]:
         """Close every open window: the end of a finite log is the end of event time. Held events
         (nothing confirmed them) are dead-lettered first."""

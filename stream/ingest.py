@@ -102,7 +102,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
         cores.clear()
 
     app.on_partitions_revoked.connect(_drop_cores)
-    app.loopline_positions["ingest"] = lambda: {f"events/{p}": c.join.meta["through"] + 1 for p, c in cores.items()}
+    app.loopline_positions["ingest"] = lambda: {f"events/{p}": c.next_offset() for p, c in cores.items()}
     app.on_partitions_assigned.connect(_drop_cores)
 
     # this process's counters (the per-partition counts live in the table, see the view)
@@ -151,7 +151,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                 for q in range(cfg.partitions):
                     await topics[name].send(value=None, partition=q, headers=[(CONTROL_HEADER, mark.encode())])
 
-    gaps = GapReader(cfg.broker, "events")
+    gaps = GapReader(cfg.broker)
 
     async def with_gaps_read(p: int, expected: int, evs: list) -> list[tuple]:
         """``(offset, headers, value)`` of ``evs``, with any offsets the consumer skipped before or
@@ -161,7 +161,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
         for ev in evs:
             offset = ev.message.offset
             if offset > expected:
-                out.extend((r.offset, r.headers, r.value) for r in await gaps.read(p, expected, offset))
+                out.extend((r.offset, r.headers, r.value) for r in await gaps.read("events", p, expected, offset))
             out.append((offset, ev.headers, ev.value))
             expected = max(expected, offset + 1)
         return out
@@ -181,9 +181,10 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     outs.extend(core.unacked())
                     sent["resent"] += len(outs)
                 durable_through = core.join.meta["through"]  # every effect up to here is stored
-                for offset, headers, value in await with_gaps_read(p, durable_through + 1, evs):
+                for offset, headers, value in await with_gaps_read(p, core.next_offset(), evs):
                     control = control_of(headers)
                     if control is not None:
+                        core.passed(offset)
                         if control.startswith("end_of_log") and cfg.evaluation:
                             outs.extend(core.end_of_log())
                             controls.append(control)
@@ -196,6 +197,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                         route = route_of(value, cfg.partitions)
                         if route is not None and route[1] != p:
                             await forward(p, offset, route[0], value, route[1])
+                            core.passed(offset)
                             continue
                     outs.extend(core.handle(value, offset))
                 core.flush()  # outbox, state and counters: one atomic change

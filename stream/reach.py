@@ -183,10 +183,10 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
 
     app.loopline_positions["reach"] = lambda: {f"audience/{p}": n for p, n in applied.items()}
 
-    async def handle(events) -> None:
-        for p, evs in by_partition(events, lambda ev: ev.message.partition).items():
+    async def handle(msgs) -> None:
+        for p, ms in by_partition(msgs).items():
             await ready(p)
-            todo = [(ev.message.offset, ev.value) for ev in evs if ev.message.offset >= applied.get(p, 0)]
+            todo = [(m.offset, m.value) for m in ms if m.offset >= applied.get(p, 0)]
             if not todo:
                 continue
             sampler = samplers[p]
@@ -199,7 +199,8 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
         stats["impression_repeats"] = sum(s.repeats for s in seen.values())
 
     # a partition's rebuild waits inside a batch (``ready``): a rebuild that hangs is a stall
-    role_agent(app, "reach", source, handle, batch=BATCH, within=BATCH_WITHIN_S)
+    agent = role_agent(app, "reach", source, handle, batch=BATCH, within=BATCH_WITHIN_S, msgs=True,
+               positions=lambda: {f"audience/{p}": n for p, n in applied.items()})
 
     def sample_of(p: int) -> Sample:
         sampler = samplers[p]
@@ -262,7 +263,8 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
     def summary() -> dict:
         parts = held()
         out = {"partitions": parts, "partitions_total": cfg.partitions, "stats": dict(stats),
-               "rebuilding": sorted(rebuilding), "budget_users": rcfg.budget_users, "samples": {}}
+               "gaps_read": dict(agent.loopline_gaps.counts), "rebuilding": sorted(rebuilding),
+               "budget_users": rcfg.budget_users, "samples": {}}
         for p in parts:
             out["samples"][str(p)] = {**sample_of(p).describe(), "memory": samplers[p].memory(),
                                       "counts": dict(samplers[p].counts), "bounds": samplers[p].bounds()}

@@ -44,10 +44,11 @@ from typing import Any, AsyncIterable, Awaitable, Callable, Iterable, NamedTuple
 
 from faust.streams import _current_event  # the context Faust tables use to pick a partition
 
+from .gaps import GapReader
 from .supervise import Health, supervised
 
 __all__ = ["role_agent", "run_role", "Msg", "Fed", "by_partition", "in_partition_of", "msgs_of_events",
-           "msgs_of_records"]
+           "msgs_of_records", "with_skipped"]
 
 
 class Msg(NamedTuple):
@@ -135,17 +136,46 @@ async def run_role(name: str, health: Health, batches: AsyncIterable, handle: Ca
 
 
 def role_agent(app, name: str, source, handle: Callable[[list], Awaitable[Any]], *, batch: int, within: float,
-               start: Callable[[], Awaitable[Any]] | None = None, msgs: bool = False):
+               start: Callable[[], Awaitable[Any]] | None = None, msgs: bool = False,
+               positions: Callable[[], dict[str, int]] | None = None):
     """Register role ``name``'s agent on ``source``: batches of at most ``batch`` events or ``within``
     seconds, handed to ``handle`` as Faust events (or as :class:`Msg` with ``msgs``), after ``start``;
-    supervised, with progress in the app's health (``/healthz``, ``/readyz``)."""
+    supervised, with progress in the app's health (``/healthz``, ``/readyz``). With ``msgs`` and
+    ``positions`` (the role's next offset not yet applied, per ``topic/partition``), offsets Faust's
+    consumer skipped are read from the broker into the batch (:func:`with_skipped`)."""
     health: Health = app.loopline_health
     health.add(name)  # not ready before its agent has started and caught up
+    url = app.conf.broker[0]
+    reader = GapReader(f"{url.host}:{url.port}") if msgs and positions is not None else None
 
     @app.agent(source, name=name)
     @supervised(name, health)
     async def agent(stream):
         events = stream.take_events(batch, within=within)
-        batches = (msgs_of_events(evs) async for evs in events) if msgs else events
+        if not msgs:
+            batches = events
+        elif reader is None:
+            batches = (msgs_of_events(evs) async for evs in events)
+        else:
+            batches = (await with_skipped(reader, msgs_of_events(evs), positions()) async for evs in events)
         await run_role(name, health, batches, handle, start)
+    agent.loopline_gaps = reader
     return agent
+
+
+async def with_skipped(reader: GapReader, msgs: list[Msg], positions: dict[str, int]) -> list[Msg]:
+    """``msgs`` with the messages before or between them that the consumer skipped: for each
+    ``topic/partition`` with a known position, the offsets from it to the first message, and between
+    consecutive messages, read from the broker (``stream/gaps.py``). Offsets below a position were
+    applied already and are left to :class:`Fed`."""
+    out: list[Msg] = []
+    expected = dict(positions)
+    for m in msgs:
+        tp = f"{m.topic}/{m.partition}"
+        nxt = expected.get(tp)
+        if nxt is not None:
+            if m.offset > nxt:
+                out.extend(msgs_of_records(await reader.read(m.topic, m.partition, nxt, m.offset)))
+            expected[tp] = max(nxt, m.offset + 1)
+        out.append(m)
+    return out

@@ -238,7 +238,8 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         state["saved_at"] = time.monotonic()
 
     app.loopline_positions["vm"] = fed.positions
-    role_agent(app, "vm", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=start_stage, msgs=True)
+    agent = role_agent(app, "vm", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=start_stage, msgs=True,
+               positions=fed.positions)
 
     @app.timer(2.0)
     async def snapshot_when_idle() -> None:
@@ -257,7 +258,8 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
                 "steps": stage.steps if stage else 0, "examples": stage.examples if stage else 0,
                 "bounds": stage.bounds() if stage else {},
                 "last_step": state.get("last_step", -1), "snapshot_at": state["snapshot_at"],
-                "restored": state["restored"], "bad_values": state["bad_values"], "serving": {
+                "restored": state["restored"], "bad_values": state["bad_values"],
+                "gaps_read": dict(agent.loopline_gaps.counts), "serving": {
                     "variant": cfg.vm_serve, "verticals": sorted(state["serving"]),
                     "fp8": {vt: t["summary"] for vt, t in sorted(state["fp8"].items())}}}
 

@@ -15,6 +15,7 @@ from loopline.ops.evaluate import evaluate_records
 from loopline.ops.generate import GenerateConfig, write_log
 from loopline.ops.replay import replay
 from loopline.stream.gaps import GapReader
+from loopline.stream.role import Msg, with_skipped
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -35,16 +36,32 @@ def test_a_range_of_offsets_comes_back_in_order_and_an_empty_range_costs_nothing
     asyncio.run(_produce(broker.bootstrap, "g", [f"m{i}".encode() for i in range(10)]))
 
     async def read():
-        reader = GapReader(broker.bootstrap, "g", timeout_s=20)
+        reader = GapReader(broker.bootstrap, timeout_s=20)
         try:
-            mid = [(r.offset, r.value) for r in await reader.read(0, 3, 7)]
-            empty = await reader.read(0, 5, 5)
+            mid = [(r.offset, r.value) for r in await reader.read("g", 0, 3, 7)]
+            empty = await reader.read("g", 0, 5, 5)
             return mid, empty, dict(reader.counts)
         finally:
             await reader.close()
     mid, empty, counts = asyncio.run(read())
     assert mid == [(i, f"m{i}".encode()) for i in range(3, 7)]
     assert empty == [] and counts == {"ranges": 1, "recovered": 4, "empty_offsets": 0}
+
+
+def test_a_batch_gets_the_messages_skipped_before_and_between_its_own(broker):
+    create_topics(broker.bootstrap, {"g": 1, "h": 1})
+    asyncio.run(_produce(broker.bootstrap, "g", [f"m{i}".encode() for i in range(10)]))
+    batch = [Msg("g", 0, 5, [], b"m5"), Msg("g", 0, 8, [], b"m8"), Msg("h", 0, 7, [], b"h7")]
+
+    async def fill():
+        reader = GapReader(broker.bootstrap, timeout_s=20)
+        try:  # g/0 applied up to offset 2; h/0 has no known position: taken as it comes
+            return await with_skipped(reader, batch, {"g/0": 2})
+        finally:
+            await reader.close()
+    got = asyncio.run(fill())
+    assert [(m.topic, m.offset) for m in got] == [("g", i) for i in range(2, 9)] + [("h", 7)]
+    assert [m.value for m in got if m.topic == "g"] == [f"m{i}".encode() for i in range(2, 9)]
 
 
 async def _commit(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:

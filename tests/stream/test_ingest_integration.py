@@ -8,7 +8,7 @@ import time
 import pytest
 
 from loopline.ops.evaluate import evaluate_records
-from loopline.ops.eventlog import order_records, read_log
+from loopline.ops.eventlog import read_log
 from loopline.ops.generate import GenerateConfig, write_log
 from loopline.ops.replay import collect_results, replay
 
