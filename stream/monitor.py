@@ -211,8 +211,8 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
             await handle(msgs_of_records(msgs))
         state["ready"] = True
 
-    agent = role_agent(app, "monitor", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=catch_up, msgs=True,
-               positions=fed.positions)
+    agent = role_agent(app, "monitor", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=catch_up,
+                       msgs=True, positions=fed.positions)
 
     # both computed in a thread, never on the agent's loop
     metrics_answers = CachedView.of("metrics", cfg, content_type=CONTENT_TYPE)
@@ -224,6 +224,6 @@ def register_monitor(app: faust.App, cfg: WorkerConfig, monitor_cfg: MonitorConf
 
     @app.page("/drift")
     async def drift_view(web, request):
-        stream = lambda: {**stats, "gaps_read": dict(agent.loopline_gaps.counts)}  # noqa: E731
-        return await drift_answers.respond(web, lambda: {"ready": state["ready"], "stream": stream(),
-                                                         **monitor.report()})
+        return await drift_answers.respond(web, lambda: {
+            "ready": state["ready"], "stream": {**stats, "gaps_read": dict(agent.loopline_gaps.counts)},
+            **monitor.report()})

@@ -181,7 +181,10 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
 
     app.on_partitions_assigned.connect(on_assigned)
 
-    app.loopline_positions["reach"] = lambda: {f"audience/{p}": n for p, n in applied.items()}
+    def positions() -> dict[str, int]:
+        return {f"audience/{p}": n for p, n in applied.items()}
+
+    app.loopline_positions["reach"] = positions
 
     async def handle(msgs) -> None:
         for p, ms in by_partition(msgs).items():
@@ -200,7 +203,7 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
 
     # a partition's rebuild waits inside a batch (``ready``): a rebuild that hangs is a stall
     agent = role_agent(app, "reach", source, handle, batch=BATCH, within=BATCH_WITHIN_S, msgs=True,
-               positions=lambda: {f"audience/{p}": n for p, n in applied.items()})
+                       positions=positions)
 
     def sample_of(p: int) -> Sample:
         sampler = samplers[p]

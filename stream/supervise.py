@@ -108,9 +108,10 @@ def _lower_priority() -> None:
 
 
 async def off_loop(fn, *args):
-    """Run a training step in the process's one training thread, so the event loop keeps serving views,
-    timers and heartbeats while torch computes (it releases the GIL in its kernels). One thread: the
-    steps of a stage stay in order and never run concurrently."""
+    """Run a training step in the fm's training thread, so the event loop keeps serving views, timers
+    and heartbeats while torch computes (it releases the GIL in its kernels). One thread: the stage's
+    steps stay in order and never run concurrently. (The vm trains in a thread of its own,
+    ``in_thread("vm", ...)``, so the two stages' steps overlap on two cores.)"""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
     if not _TRAINING:

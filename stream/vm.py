@@ -42,7 +42,7 @@ from loopline.state.snapshots import SnapshotDir
 
 from .app import STATUS_TOPIC, CachedView, WorkerConfig, control_of, read_topic
 from .role import Fed, msgs_of_records, role_agent
-from .supervise import off_loop
+from .supervise import in_thread
 
 __all__ = ["register_vm", "fm_mark", "idle_snapshot_due"]
 
@@ -196,7 +196,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         trained = False
         for step, codes, examples in inbox.ready():
             state["history"].append_embeddings(_code_rows(codes))
-            for row in await off_loop(stage.step, examples):
+            for row in await in_thread("vm", stage.step, examples):
                 await topics["model.scores"].send(key=row["user"], value=row)
             state["last_step"] = step
             trained = True
@@ -223,23 +223,23 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
 
     async def _save(stage: VMStage, done: int) -> None:
         # copied first, while it is the state after step `done` (the agent may train on during the flush),
-        # in the training thread: the copy took most of a second on the event loop (stream/loop_watch.py),
+        # in the vm's thread: the copy took most of a second on the event loop (stream/loop_watch.py),
         # and no later step can run before it there
-        snap = await off_loop(lambda: copy.deepcopy(stage.state_dict()))
+        snap = await in_thread("vm", lambda: copy.deepcopy(stage.state_dict()))
         await app.producer.flush()  # the score rows of steps <= done are out before the snapshot says so
-        # in the training thread (never beside a step): LoKA's timing of the serving copies and the
+        # in the vm's thread (never beside one of its steps): LoKA's timing of the serving copies and the
         # fsynced write take seconds, which the event loop must not wait out
-        await off_loop(refresh_serving, stage)
+        await in_thread("vm", refresh_serving, stage)
         tables = dict(state["fp8"])
         # the decision tables go with the snapshot (``loopline fp8 report --snapshot`` prints the first)
-        await off_loop(state["snapshot_dir"].save, {"stage": snap, "done": done, "fp8_tables": tables,
+        await in_thread("vm", state["snapshot_dir"].save, {"stage": snap, "done": done, "fp8_tables": tables,
                                                     TABLE_KEY: tables[min(tables)] if tables else None}, done)
         state["snapshot_at"] = done  # only once it is on disk
         state["saved_at"] = time.monotonic()
 
     app.loopline_positions["vm"] = fed.positions
-    agent = role_agent(app, "vm", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=start_stage, msgs=True,
-               positions=fed.positions)
+    agent = role_agent(app, "vm", source, handle, batch=BATCH, within=BATCH_WITHIN_S, start=start_stage,
+                       msgs=True, positions=fed.positions)
 
     @app.timer(2.0)
     async def snapshot_when_idle() -> None:
