@@ -60,7 +60,10 @@ class TrainerConfig:
     lr_sparse: float = 0.05  # Adagrad on embedding rows
     batch_size: int = 256  # examples per micro-batch (the stream is cut by count)
     seed: int = 0
-    threads: int = 2  # torch intra-op threads: the machine's cores, not more
+    # torch intra-op threads. One: these models' ops are too small for a pool to pay its fork-join, and
+    # in a worker the fm's and the vm's training threads already fill two cores (measured on 2 cores:
+    # evaluate's model stage 6.4-6.9 s with one thread, 9.9-10.2 s with two; docs/benchmarks.md)
+    threads: int = 1
 
     def __post_init__(self):
         for name in ("lr_dense", "lr_sparse"):
