@@ -49,7 +49,7 @@ from loopline.state.ingest import IngestCore
 
 from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, make_table
 from .gaps import GapReader
-from .role import by_partition, in_partition_of, role_agent
+from .role import by_partition, in_partition_of, msgs_of_events, role_agent, with_skipped
 
 __all__ = ["register_ingest", "FORWARD_HEADER", "route_of"]
 
@@ -153,19 +153,6 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
 
     gaps = GapReader(cfg.broker)
 
-    async def with_gaps_read(p: int, expected: int, evs: list) -> list[tuple]:
-        """``(offset, headers, value)`` of ``evs``, with any offsets the consumer skipped before or
-        between them (from ``expected``, the partition's next unapplied offset) read from the broker
-        (``stream/gaps.py``)."""
-        out = []
-        for ev in evs:
-            offset = ev.message.offset
-            if offset > expected:
-                out.extend((r.offset, r.headers, r.value) for r in await gaps.read("events", p, expected, offset))
-            out.append((offset, ev.headers, ev.value))
-            expected = max(expected, offset + 1)
-        return out
-
     async def handle(events) -> None:
         # the last batch's writes are acknowledged before this batch's begin: after a crash, the table
         # recovers its local writes and re-applies the changelog's unconfirmed tail over them, which
@@ -181,7 +168,9 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     outs.extend(core.unacked())
                     sent["resent"] += len(outs)
                 durable_through = core.join.meta["through"]  # every effect up to here is stored
-                for offset, headers, value in await with_gaps_read(p, core.next_offset(), evs):
+                # with any offsets Faust's consumer skipped, read from the broker (stream/gaps.py)
+                msgs = await with_skipped(gaps, msgs_of_events(evs), {f"events/{p}": core.next_offset()})
+                for _, _, offset, headers, value in msgs:
                     control = control_of(headers)
                     if control is not None:
                         core.passed(offset)
