@@ -164,8 +164,11 @@ class WorkerConfig:
     # how long a thread holds the GIL while another waits (``sys.setswitchinterval``; Python's default is
     # 5 ms). A torch forward on the event loop (``POST /score/``) gives the GIL up at every op and waits
     # up to this long to get it back whenever the training, reach or view thread runs Python: beside one
-    # busy thread a 20-op forward took p90 89 ms at 5 ms and 3.8 ms at 1 ms (p99 144 / 28 ms)
-    gil_switch_ms: float = 1.0
+    # busy thread a 20-op forward took p90 89 ms at 5 ms and 3.8 ms at 1 ms (p99 144 / 28 ms). Beside
+    # two training threads (fm and vm) in `bench soak`, a 20-candidate request still spent 40-90 ms in
+    # its handler for 5-14 ms of its own CPU at 1 ms; at 0.2 ms, 10-50 ms (2-minute soaks, POST /score/
+    # p99 130 -> 73 ms), with `bench e2e`'s worker time unchanged (44.0-45.7 s against 45.6-50.1 s)
+    gil_switch_ms: float = 0.2
     # the training and reach threads run this many nice levels below the event loop (ingest, views,
     # ``POST /score/``), which then waits less for a core (stream/supervise.py ``background_nice``)
     background_nice: int = 10
