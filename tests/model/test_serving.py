@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopline.errors import ConfigError, NotFound, TooLarge
-from loopline.model.serving import MAX_CANDIDATES, ServingModel, parse_score_request, score_answer
+from loopline.model.serving import MAX_CANDIDATES, ServingModel, _flat, parse_score_request, score_answer
 from loopline.model.vm import VMConfig, VMFeaturizer, VMLearner
 from loopline.state.history import HistoryStore
 
@@ -157,11 +157,31 @@ def test_a_refresh_serves_the_new_weights_without_tracing_again(monkeypatch):
     monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: pytest.fail("traced again"))
     batches = _batches(cfg)
     before = serving.predict_many(batches[2])
-    for _ in range(3):  # each refresh switches buffers; both must follow the learner
+    for _ in range(3):
         learner.learn_many(batches[2])
         serving.refresh(learner.model)
         assert np.array_equal(serving.predict_many(batches[1]), learner.predict_many(batches[1]))
     assert not np.array_equal(serving.predict_many(batches[2]), before)
+
+
+def test_a_refresh_waits_for_a_forward_in_flight():
+    """The vm's thread refreshes the one serving copy while the event loop may be inside a traced
+    forward (the GIL released): the refresh must not change the weights under it."""
+    import threading
+    learner = VMLearner(CFG, seed=0)
+    serving = ServingModel(learner.model, CFG)
+    b = _batches(CFG)[1]
+    before = serving.predict_many(b)
+    learner.learn_many(_batches(CFG)[2])
+    with serving._lock:  # what a forward holds
+        t = threading.Thread(target=serving.refresh, args=(learner.model,))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive(), "the refresh did not wait for the forward"
+        assert np.array_equal(serving._fn(*_flat(b, CFG.fields)).numpy().astype(np.float64), before)
+    t.join(5)
+    assert not t.is_alive()
+    assert np.array_equal(serving.predict_many(b), learner.predict_many(b))
 
 
 def test_a_copy_with_fp8_dispatched_layers_is_served_eagerly():
