@@ -70,7 +70,8 @@ class GapReader:
         return out
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        """Stop the consumer (a later :meth:`read` starts another)."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
 

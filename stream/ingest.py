@@ -208,7 +208,7 @@ def register_ingest(app: faust.App, cfg: WorkerConfig) -> None:
                     core.flush()
 
     # nothing to catch up on: its state is a table
-    role_agent(app, "ingest", topics["events"], handle, batch=BATCH, within=BATCH_WITHIN_S)
+    role_agent(app, "ingest", topics["events"], handle, batch=BATCH, within=BATCH_WITHIN_S, gaps=gaps)
 
     view = CachedView.of("ingest", cfg)
 

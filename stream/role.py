@@ -137,16 +137,17 @@ async def run_role(name: str, health: Health, batches: AsyncIterable, handle: Ca
 
 def role_agent(app, name: str, source, handle: Callable[[list], Awaitable[Any]], *, batch: int, within: float,
                start: Callable[[], Awaitable[Any]] | None = None, msgs: bool = False,
-               positions: Callable[[], dict[str, int]] | None = None):
+               positions: Callable[[], dict[str, int]] | None = None, gaps: GapReader | None = None):
     """Register role ``name``'s agent on ``source``: batches of at most ``batch`` events or ``within``
     seconds, handed to ``handle`` as Faust events (or as :class:`Msg` with ``msgs``), after ``start``;
     supervised, with progress in the app's health (``/healthz``, ``/readyz``). With ``msgs`` and
     ``positions`` (the role's next offset not yet applied, per ``topic/partition``), offsets Faust's
-    consumer skipped are read from the broker into the batch (:func:`with_skipped`)."""
+    consumer skipped are read from the broker into the batch (:func:`with_skipped`). The agent closes its
+    gap reader's consumer when it stops (``gaps``: a reader ``handle`` uses itself, closed the same way)."""
     health: Health = app.loopline_health
     health.add(name)  # not ready before its agent has started and caught up
     url = app.conf.broker[0]
-    reader = GapReader(f"{url.host}:{url.port}") if msgs and positions is not None else None
+    reader = GapReader(f"{url.host}:{url.port}") if msgs and positions is not None else gaps
 
     @app.agent(source, name=name)
     @supervised(name, health)
@@ -154,11 +155,15 @@ def role_agent(app, name: str, source, handle: Callable[[list], Awaitable[Any]],
         events = stream.take_events(batch, within=within)
         if not msgs:
             batches = events
-        elif reader is None:
+        elif positions is None:
             batches = (msgs_of_events(evs) async for evs in events)
         else:
             batches = (await with_skipped(reader, msgs_of_events(evs), positions()) async for evs in events)
-        await run_role(name, health, batches, handle, start)
+        try:
+            await run_role(name, health, batches, handle, start)
+        finally:
+            if reader is not None:
+                await reader.close()
     agent.loopline_gaps = reader
     return agent
 

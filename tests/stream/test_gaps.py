@@ -96,3 +96,36 @@ def test_ingest_applies_offsets_its_consumer_group_committed_without_processing(
     assert view["gaps_read"]["ranges"] == 4 and view["gaps_read"]["recovered"] == 20
     accepted = sum(view[str(p)]["accepted"] for p in range(4))
     assert accepted == expected["events"]["accepted"]
+
+
+def test_a_role_agent_stops_its_gap_readers_consumer_when_it_stops(broker, tmp_path):
+    from loopline.stream.app import WorkerConfig, build_app
+    from loopline.stream.role import role_agent
+    create_topics(broker.bootstrap, {"g": 1})
+    asyncio.run(_produce(broker.bootstrap, "g", [b"m0"]))
+    app = build_app(WorkerConfig(store="memory://", data_dir=str(tmp_path), role="ingest"))
+    source = app.topic("gap-close", key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=1)
+    reader, read = GapReader(broker.bootstrap, timeout_s=20), []
+
+    async def handle(batch):  # a role that reads a range itself, as ingest does
+        read.extend(r.value for r in await reader.read("g", 0, 0, 1))
+
+    agent = role_agent(app, "gap-close", source, handle, batch=10, within=0.01, gaps=reader)
+
+    async def run():
+        async with agent.test_context() as ag:
+            await ag.put(b"v", key=b"k")
+            for _ in range(200):
+                if read:
+                    break
+                await asyncio.sleep(0.1)
+            consumer = reader._consumer
+            assert consumer is not None  # started on first use
+        for _ in range(100):  # the agent's task ends after the context
+            if consumer._closed:
+                break
+            await asyncio.sleep(0.05)
+        return consumer
+    consumer = asyncio.run(run())
+    assert read == [b"m0"] and reader._consumer is None and consumer._closed
