@@ -160,14 +160,31 @@ class ScoreModel:
     sampler draws users with probability proportional to ``q = sqrt(r)`` within a stratum: the
     allocation that minimizes the workload's summed relative variance user by user."""
 
-    def __init__(self, single: dict, pair: dict, u_max: float, scale: float = 1.0, coded: dict | None = None):
-        self.single = single  # attr -> {value or None: u}
-        self.pair = pair  # (attr, attr) -> {(value or None, value or None): u}
+    def __init__(self, u_max: float, values: dict, single: dict, pair: dict, scale: float = 1.0):
+        """``values``: attr -> its values in the fitting data (code c + 1 is values[c], 0 missing);
+        ``single``: attr -> (cells, u) of its non-zero cells; ``pair``: (a, b) -> (cells, u), a cell
+        being ``code_a * (len(values[b]) + 1) + code_b``."""
         self.u_max = u_max
         self.scale = scale  # q is divided by it (its mean on the fitting data is 1)
-        # the same tables in the fitting data's codes, for q_codes: attr -> its values then (code c + 1 is
-        # values[c], 0 missing), and per table the arrays of its non-zero cells
-        self.coded = coded or {"values": {}, "single": {}, "pair": {}}
+        self.values = values
+        self.attrs = list(single)  # the model's attributes, in fitting order
+        self.pairs = list(pair)  # the pairs of them with a table
+        # Every table's cells in one sorted int64 array of keys (table index << 32 | cell) and their u,
+        # table after table, each in cell order: a dict per table keyed by value tuples took ~150 bytes
+        # a cell (44 against 12 MB for 20,000 users), and the cells grow with the sample (37 per sampled
+        # user in `bench soak`, the reach sampler's largest growth)
+        self._code = {a: {v: i + 1 for i, v in enumerate(values[a])} for a in self.attrs}
+        at = {a: i for i, a in enumerate(self.attrs)}
+        self._pair_at = [(at[a], at[b], len(values[b]) + 1) for a, b in self.pairs]
+        tables = list(single.values()) + list(pair.values())
+        self._keys = np.concatenate([np.zeros(0, np.int64)] + [(t << 32) + c.astype(np.int64) for t, (c, _) in enumerate(tables)])
+        self._u = np.concatenate([np.zeros(0)] + [u for _, u in tables])
+        self._starts = np.searchsorted(self._keys, np.arange(len(tables) + 1, dtype=np.int64) << 32)
+
+    def _table(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Table ``t``'s (cells, u)."""
+        lo, hi = self._starts[t], self._starts[t + 1]
+        return self._keys[lo:hi] & 0xFFFFFFFF, self._u[lo:hi]
 
     @classmethod
     def fit(cls, cols: dict, values: dict, w: np.ndarray, t_min_share: float = 1e-4) -> "ScoreModel":
@@ -176,27 +193,18 @@ class ScoreModel:
         cover = {a: float(w[np.asarray(c) >= 0].sum()) for a, c in cols.items()}
         attrs = sorted(sorted(cols, key=lambda a: (-cover[a], a))[:MAX_MODEL_ATTRS])
 
-        def val(a, c):
-            return values[a][c - 1] if c > 0 else None
-
         def cells(t):  # the non-zero cells of a count table and their u
             nz = np.flatnonzero(t)
             return nz, 1.0 / np.maximum(t[nz], t_min) ** 2
 
-        single, pair = {}, {}
-        coded = {"values": {a: list(values[a]) for a in attrs}, "single": {}, "pair": {}}
-        for a in attrs:
-            nz, u = cells(np.bincount(cols[a] + 1, weights=w, minlength=len(values[a]) + 1))
-            single[a] = {val(a, c): x for c, x in zip(nz.tolist(), u.tolist())}
-            coded["single"][a] = (nz, u)
+        single = {a: cells(np.bincount(cols[a] + 1, weights=w, minlength=len(values[a]) + 1)) for a in attrs}
+        pair = {}
         for a, b in itertools.combinations(attrs, 2):
             vb = len(values[b]) + 1
             if (len(values[a]) + 1) * vb > MAX_PAIR_CELLS:
                 continue
-            nz, u = cells(np.bincount((cols[a] + 1) * vb + cols[b] + 1, weights=w, minlength=(len(values[a]) + 1) * vb))
-            pair[(a, b)] = {(val(a, c // vb), val(b, c % vb)): x for c, x in zip(nz.tolist(), u.tolist())}
-            coded["pair"][(a, b)] = (nz // vb, nz % vb, u)
-        model = cls(single, pair, 1.0 / t_min ** 2, coded=coded)
+            pair[(a, b)] = cells(np.bincount((cols[a] + 1) * vb + cols[b] + 1, weights=w, minlength=(len(values[a]) + 1) * vb))
+        model = cls(1.0 / t_min ** 2, {a: list(values[a]) for a in attrs}, single, pair)
         vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in values.items()}
         q = model.q_codes(cols, vocab, len(w))
         wq = float((w * q).sum())
@@ -204,17 +212,23 @@ class ScoreModel:
         return model
 
     def score(self, attrs: dict) -> float:
-        """``r`` of one user."""
-        u_max = self.u_max
-        r = sum(tab.get(attrs.get(a), u_max) for a, tab in self.single.items())
-        for (a, b), tab in self.pair.items():
-            r += tab.get((attrs.get(a), attrs.get(b)), u_max)
-        return r
+        """``r`` of one user: the sum of its cell's u in every table (``u_max`` for a cell the fitting
+        data did not have: an unseen value)."""
+        codes = [0 if (v := attrs.get(a)) is None else self._code[a].get(v, -1) for a in self.attrs]
+        keys = [(t << 32) + c if c >= 0 else -1 for t, c in enumerate(codes)]
+        n = len(codes)
+        keys += [((n + t) << 32) + codes[i] * vb + codes[j] if codes[i] >= 0 and codes[j] >= 0 else -1
+                 for t, (i, j, vb) in enumerate(self._pair_at)]
+        want = np.array(keys, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._keys, want), max(len(self._keys) - 1, 0))
+        found = (self._keys[at] == want) & (want >= 0) if len(self._keys) else np.zeros(len(want), bool)
+        # summed table by table in order, as floats: the same r, bit for bit, whatever the look-up
+        return sum(np.where(found, self._u[at] if len(self._u) else 0.0, self.u_max).tolist())
 
     def q(self, attrs: dict) -> float:
         """The sampling weight of one user: ``sqrt(r)``, scaled to mean 1 on the fitting data (1 when
         the model was fitted on no attribute at all)."""
-        if not self.single:
+        if not self.attrs:
             return 1.0
         return float(np.sqrt(self.score(attrs))) / self.scale
 
@@ -226,24 +240,26 @@ class ScoreModel:
         to a pair of values per sampled user for every pair of attributes, too many for a Python loop
         each time a view asks for a fresh sample."""
         n = _rows(cols, n)
-        if not self.single:
+        if not self.attrs:
             return np.ones(n)
-        coded = self.coded
         remap = {}  # attr -> today's code (-1: missing, the look-up tables' last slot) of each fitted code
-        for a, vals in coded["values"].items():
+        for a, vals in self.values.items():
             voc = vocab.get(a, {})
             m = np.full(len(vals) + 1, -2, dtype=np.int64)  # -2: the fitted value has no code today
             m[0] = -1
             m[1:] = [voc.get(v, -2) for v in vals]
             remap[a] = (m, len(voc) + 1)
         r = np.zeros(n)
-        for a, (nz, u) in coded["single"].items():
+        for t, a in enumerate(self.attrs):
+            nz, u = self._table(t)
             m, size = remap[a]
             lut = np.full(size, self.u_max)
             keep = m[nz] != -2
             lut[m[nz][keep]] = u[keep]
             r += lut[cols[a]] if a in cols else lut[-1]
-        for (a, b), (ca, cb, u) in coded["pair"].items():
+        for t, ((a, b), (_, _, vb)) in enumerate(zip(self.pairs, self._pair_at)):
+            cell, u = self._table(len(self.attrs) + t)
+            ca, cb = cell // vb, cell % vb
             # a pair's cells, looked up by one key per (code a, code b), not through a dense (|a|, |b|)
             # table: with vocabularies of thousands of values that table took tens of MB and seconds
             # to fill for every pair of attributes each time a sample was frozen

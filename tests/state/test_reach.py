@@ -361,7 +361,7 @@ def test_score_model_q_codes_takes_memory_of_the_users_not_of_the_vocabularies_p
     fitted = {f"a{i}": [f"v{j}" for j in range(8)] for i in range(4)}
     cols = {a: rng.integers(-1, 8, 4000).astype(np.int32) for a in fitted}
     model = ScoreModel.fit(cols, fitted, rng.uniform(0.5, 2.0, 4000))
-    assert model.coded["pair"], "the model kept no pair table to look up"
+    assert model.pairs, "the model kept no pair table to look up"
     today = {a: [f"new{j}" for j in range(4000)] + vals for a, vals in fitted.items()}
     vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in today.items()}
     now = {a: rng.integers(-1, len(v), 2000).astype(np.int32) for a, v in today.items()}
@@ -374,6 +374,31 @@ def test_score_model_q_codes_takes_memory_of_the_users_not_of_the_vocabularies_p
     assert peak < 4 << 20, f"q_codes took {peak / 2**20:.0f} MB for 2,000 users"
     want = [model.q({a: today[a][c[i]] for a, c in now.items() if c[i] >= 0}) for i in range(200)]
     np.testing.assert_allclose(got[:200], want, rtol=1e-12)
+
+
+def test_the_score_model_holds_its_cells_in_arrays_not_per_cell_objects():
+    """A fitted model's cells grow with the sample (37 per sampled user in the soak); a dict per table
+    keyed by value tuples took ~150 bytes a cell."""
+    import tracemalloc
+
+    from loopline.state.reach_strata import ScoreModel
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    values = {f"a{i}": [f"v{j}" for j in range(50)] for i in range(8)}
+    cols = {a: rng.integers(-1, 50, n).astype(np.int32) for a in values}
+    tracemalloc.start()
+    try:
+        model = ScoreModel.fit(cols, values, rng.uniform(0.5, 2.0, n))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    cells = len(model._keys)
+    assert cells > 50_000
+    assert held < 40 * cells, f"{held / cells:.0f} bytes a cell"
+    some = {a: values[a][c[0]] for a, c in cols.items() if c[0] >= 0}
+    assert model.q(some) == pytest.approx(float(model.q_codes({a: c[:1] for a, c in cols.items()},
+                                                              {a: {v: i for i, v in enumerate(vs)} for a, vs in values.items()}, 1)[0]), rel=1e-12)
 
 
 def test_a_frozen_sample_reuses_each_users_q_and_equals_one_computed_afresh(monkeypatch):
@@ -435,7 +460,7 @@ def test_the_score_model_keeps_the_most_covered_attributes_only():
     cols = {a: np.where(rng.random(n) < 1.0 - i / 40, rng.integers(0, 3, n), -1).astype(np.int32)
             for i, a in enumerate(values)}
     model = ScoreModel.fit(cols, values, np.ones(n))
-    kept = sorted(model.single)
+    kept = sorted(model.attrs)
     assert kept == sorted(values)[:MAX_MODEL_ATTRS]
-    assert len(model.pair) == MAX_MODEL_ATTRS * (MAX_MODEL_ATTRS - 1) // 2
-    assert {a for pair in model.pair for a in pair} == set(kept)
+    assert len(model.pairs) == MAX_MODEL_ATTRS * (MAX_MODEL_ATTRS - 1) // 2
+    assert {a for pair in model.pairs for a in pair} == set(kept)
