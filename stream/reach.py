@@ -51,7 +51,7 @@ from loopline.state.reach_query import parse_query
 
 from .app import CachedView, WorkerConfig, group_id, make_table
 from .role import by_partition, role_agent
-from .supervise import in_thread
+from .supervise import call_in_thread, in_thread
 
 __all__ = ["register_reach", "changelog_topic"]
 
@@ -263,14 +263,20 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
     # computed in a thread, never on the agents' loop; one cached answer per query text (LRU-bounded)
     answers = CachedView.of("reach", cfg)
 
+    # A view's computation (in a view thread) freezes and reads the samplers in the reach thread, which
+    # changes them: frozen beside the reach thread's updates, a sample raised ("dictionary changed size")
+    # until CachedView ran it on the event loop, which the soak saw held 338 ms (reach_strata q_codes)
     def summary() -> dict:
         parts = held()
         out = {"partitions": parts, "partitions_total": cfg.partitions, "stats": dict(stats),
                "gaps_read": dict(agent.loopline_gaps.counts), "rebuilding": sorted(rebuilding),
                "budget_users": rcfg.budget_users, "samples": {}}
+
+        def described(p: int) -> dict:
+            return {**sample_of(p).describe(), "memory": samplers[p].memory(),
+                    "counts": dict(samplers[p].counts), "bounds": samplers[p].bounds()}
         for p in parts:
-            out["samples"][str(p)] = {**sample_of(p).describe(), "memory": samplers[p].memory(),
-                                      "counts": dict(samplers[p].counts), "bounds": samplers[p].bounds()}
+            out["samples"][str(p)] = call_in_thread("reach", described, p)
         # the bytes this worker's samples take: frozen (what queries read) and streaming (what the sampler holds)
         out["sample_bytes"] = sum(v["bytes"] for v in out["samples"].values())
         out["memory_bytes"] = sum(v["memory"]["bytes"] for v in out["samples"].values())
@@ -279,7 +285,8 @@ def register_reach(app: faust.App, cfg: WorkerConfig) -> None:
     def answer(q) -> dict:
         t0 = time.perf_counter()
         parts = held()
-        merged = merge_stats([query_stats(sample_of(p), q, rcfg.min_per_stratum) for p in parts])
+        merged = merge_stats([query_stats(call_in_thread("reach", sample_of, p), q, rcfg.min_per_stratum)
+                              for p in parts])
         return {**finish(merged, q.text), "partitions": parts, "partitions_total": cfg.partitions,
                 "stats": merged, "worker_ms": round((time.perf_counter() - t0) * 1000, 3)}
 

@@ -1,6 +1,6 @@
 """The exception policy and liveness of every role's agent: a worker is never alive but stalled.
 
-Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``, ``off_loop``, ``in_thread``,
+Public surface: ``Health``, ``supervised``, ``EXIT_AGENT_FAILED``, ``off_loop``, ``in_thread``, ``call_in_thread``,
 ``background_nice``.
 
 * **Exception policy.** An agent body wrapped in :func:`supervised` that raises anything unexpected
@@ -31,10 +31,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 import traceback
 
-__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop", "in_thread", "background_nice"]
+__all__ = ["Health", "supervised", "EXIT_AGENT_FAILED", "off_loop", "in_thread", "call_in_thread", "background_nice"]
 
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process
 
@@ -99,7 +100,6 @@ def _lower_priority() -> None:
     """An executor's initializer: the calling thread (not the process) ``_NICE`` levels lower."""
     if _NICE[0] <= 0 or not hasattr(os, "setpriority"):
         return
-    import threading
     tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _NICE[0]))
@@ -121,6 +121,18 @@ async def off_loop(fn, *args):
 
 
 _THREADS: dict = {}  # role -> its one worker thread, made on first use
+_IDENTS: dict = {}  # role -> that thread's ident
+
+
+def _role_thread(role: str):
+    if role not in _THREADS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def init():
+            _IDENTS[role] = threading.get_ident()
+            _lower_priority()
+        _THREADS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loopline-{role}", initializer=init)
+    return _THREADS[role]
 
 
 async def in_thread(role: str, fn, *args):
@@ -128,11 +140,15 @@ async def in_thread(role: str, fn, *args):
     while the event loop serves views, heartbeats and the other roles: for Python-heavy work that would
     hold the loop for long (reach's re-stratification at an epoch boundary took seconds)."""
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-    if role not in _THREADS:
-        _THREADS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loopline-{role}",
-                                            initializer=_lower_priority)
-    return await asyncio.get_running_loop().run_in_executor(_THREADS[role], fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(_role_thread(role), fn, *args)
+
+
+def call_in_thread(role: str, fn, *args):
+    """``fn(*args)`` run in ``role``'s thread, waited for: from a view's thread (never the event loop's),
+    to read what that thread changes without meeting it half-changed (at once when called there)."""
+    if _IDENTS.get(role) == threading.get_ident():
+        return fn(*args)
+    return _role_thread(role).submit(fn, *args).result()
 
 
 def _fail(role: str, exc: BaseException) -> None:

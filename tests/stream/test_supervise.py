@@ -102,3 +102,19 @@ def test_training_and_role_threads_run_below_the_event_loop():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     loop, training, role = map(int, out.stdout.split())
     assert (training, role) == (min(19, loop + 7), min(19, loop + 7)) and loop < 19
+
+
+async def test_call_in_thread_runs_in_the_roles_thread_and_directly_when_already_there():
+    """A view thread reads a role's structures in the role's own thread (stream/reach.py); the role's
+    thread calling it runs at once instead of waiting on itself."""
+    import asyncio
+    import threading
+
+    from loopline.stream.supervise import call_in_thread, in_thread
+
+    role_ident = await in_thread("test-role", threading.get_ident)
+    seen = await asyncio.get_running_loop().run_in_executor(
+        None, call_in_thread, "test-role", threading.get_ident)  # from another thread
+    assert seen == role_ident != threading.get_ident()
+    nested = await in_thread("test-role", call_in_thread, "test-role", threading.get_ident)
+    assert nested == role_ident
