@@ -344,7 +344,7 @@ def test_score_model_q_of_many_users_equals_q_of_each_after_the_vocabulary_moved
     now = {a: rng.integers(-1, len(v), m).astype(np.int32) for a, v in today.items()}
     got = model.q_codes(now, vocab, m)
     want = [model.q({a: today[a][c[i]] for a, c in now.items() if c[i] >= 0}) for i in range(m)]
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got.tolist() == want  # bit for bit: a frozen sample takes either (ReachSampler._q_held)
     assert len(set(np.round(got, 9))) > 10
     assert math.isfinite(float(got.max()))
 
@@ -412,8 +412,9 @@ def test_a_frozen_sample_reuses_each_users_q_and_equals_one_computed_afresh(monk
     assert s.counts["models_learned"] > 0
     first = s._frozen()
     rows = []
-    real = ScoreModel.q_codes
+    real, real_one = ScoreModel.q_codes, ScoreModel.q
     monkeypatch.setattr(ScoreModel, "q_codes", lambda self, cols, vocab, n: rows.append(n) or real(self, cols, vocab, n))
+    monkeypatch.setattr(ScoreModel, "q", lambda self, attrs: rows.append(1) or real_one(self, attrs))
     again = s._frozen()
     assert rows == [], "q was computed again for users whose codes did not change"
     s._qcache.clear()
@@ -424,6 +425,25 @@ def test_a_frozen_sample_reuses_each_users_q_and_equals_one_computed_afresh(monk
             assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
         else:
             assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_a_frozen_sample_is_the_same_whether_q_comes_user_by_user_or_in_one_pass(monkeypatch):
+    """``_q_held`` computes a few missing users one by one and many in one ``q_codes`` pass."""
+    from loopline.state import reach_sampler
+
+    s = ReachSampler(ReachConfig(budget_users=200, min_per_stratum=3, epoch_s=100.0, horizon_epochs=2, seed=1))
+    feed(s, small_population(n=600))
+    assert s.counts["models_learned"] > 0
+    frozen = []
+    for few in (0, 10**9):
+        monkeypatch.setattr(reach_sampler, "FEW_MISSES", few)
+        s._qcache.clear()
+        frozen.append(s._frozen())
+    for a, b in zip(*frozen):
+        if isinstance(a, dict):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+        else:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_prune_drops_the_cached_q_of_the_pruned_code_and_nothing_else():
