@@ -37,6 +37,7 @@ from loopline.state.reach import ReachConfig
 
 from .broker_watch import RESET_POLICIES, BrokerWatch
 from .heap import HeapKeeper
+from .gc_watch import GcWatch
 from .loop_watch import LoopWatch
 from .supervise import Health, background_nice
 
@@ -169,6 +170,9 @@ class WorkerConfig:
     # its handler for 5-14 ms of its own CPU at 1 ms; at 0.2 ms, 10-50 ms (2-minute soaks, POST /score/
     # p99 130 -> 73 ms), with `bench e2e`'s worker time unchanged (44.0-45.7 s against 45.6-50.1 s)
     gil_switch_ms: float = 0.2
+    # once every role is ready, freeze the objects start-up built out of the garbage collector's full
+    # passes (stream/gc_watch.py): each pass walks every object and holds every thread meanwhile
+    gc_freeze: bool = True
     # the training and reach threads run this many nice levels below the event loop (ingest, views,
     # ``POST /score/``), which then waits less for a core (stream/supervise.py ``background_nice``)
     background_nice: int = 10
@@ -209,6 +213,8 @@ class WorkerConfig:
         if isinstance(self.gil_switch_ms, bool) or not isinstance(self.gil_switch_ms, (int, float)) \
                 or not 0.05 <= self.gil_switch_ms <= 100:
             raise ConfigError(f"gil_switch_ms: must be a number of milliseconds in 0.05..100, got {self.gil_switch_ms!r}")
+        if not isinstance(self.gc_freeze, bool):
+            raise ConfigError(f"gc_freeze: must be true or false, got {self.gc_freeze!r}")
         if not isinstance(self.view_stale_s, (int, float)) or not 0 <= self.view_stale_s <= 86400:
             raise ConfigError(f"view_stale_s: must be a number of seconds in 0..86400, got {self.view_stale_s!r}")
         if not isinstance(self.view_cache_keys, int) or self.view_cache_keys < 1:
@@ -539,10 +545,16 @@ def build_app(cfg: WorkerConfig) -> faust.App:
     sys.setswitchinterval(cfg.gil_switch_ms / 1000.0)
     background_nice(cfg.background_nice)
     loop_watch = LoopWatch(stall_ms=100.0)
+    gc_watch = GcWatch().start()
 
     @app.task
     async def watch_loop() -> None:
         loop_watch.start()
+        if not cfg.gc_freeze:
+            return
+        while not app.loopline_health.report()["ready"]:
+            await asyncio.sleep(1.0)
+        gc_watch.freeze()
 
     if cfg.heap_trim_s > 0:
         @app.timer(cfg.heap_trim_s)
@@ -557,7 +569,7 @@ def build_app(cfg: WorkerConfig) -> faust.App:
         # mallinfo2 walks every free chunk of the arenas (32 ms for 200,000 of them): in a view thread
         usage = await asyncio.get_running_loop().run_in_executor(_view_executor(), heap.usage)
         return web.json({**out, "_heap": {**heap.counts, "usage": usage}, "_loop": loop_watch.report(),
-                         "_rocksdb": rocksdb_memory(app)})
+                         "_gc": gc_watch.report(), "_rocksdb": rocksdb_memory(app)})
 
     app.loopline_stores = {}  # name -> a role's own RocksDB store (a history store), for /views _rocksdb
     # every role's stored input positions ("topic/partition" -> next offset), for the broker watch
