@@ -143,8 +143,8 @@ class ServingModel:
     traced forward releases the GIL, and a refresh comes from the vm's thread): no new trace (TorchScript
     keeps every traced class for the life of the process, about 0.7 MB each, so tracing at every refresh
     would grow without bound), no allocation, and no request sees half-copied weights. (Two copies, one
-    refreshed while the other served, took 1.3 MB more per served vertical, most of what the vm role's
-    memory grew by in `bench soak` while verticals kept coming; a forward waits at most one copy of the
+    refreshed while the other served, took 1.3 MB more per served vertical, which the vm role's memory
+    grew by in `bench soak` while verticals kept coming; a forward waits at most one copy of the
     weights, well under a millisecond.)
 
     >>> learner = VMLearner(VMConfig(table_size=64, history="mean", seq_len=4, code_dim=3))
