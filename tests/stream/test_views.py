@@ -298,6 +298,18 @@ def test_a_worker_sets_the_gil_switch_interval_its_config_names(tmp_path):
         WorkerConfig(gil_switch_ms=0)
 
 
+def test_a_worker_sets_the_collectors_young_threshold_its_config_names(tmp_path):
+    import gc
+    before = gc.get_threshold()
+    try:
+        build_app(WorkerConfig(store="memory://", data_dir=str(tmp_path), role="ingest", gc_young=12_345))
+        assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
+    with pytest.raises(ConfigError, match="^gc_young:"):
+        WorkerConfig(gc_young=10)
+
+
 def test_the_producer_lingers_as_its_config_says(tmp_path):
     # Faust's default (0) sent about one produce request per changelog message
     app = build_app(WorkerConfig(store="memory://", data_dir=str(tmp_path), role="ingest", producer_linger_ms=7))
