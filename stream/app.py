@@ -491,8 +491,8 @@ def rocksdb_memory(app: faust.App) -> dict:
               for name, store in getattr(app, "loopline_stores", {}).items()]
     for name, dbs in sorted(named):
         row = {"dbs": len(dbs)}
-        for field, prop in _ROCKSDB_MEMORY.items():
-            row[field] = round(sum(_int_property(db, prop) for db in dbs) / (1 << 20), 2)
+        for key, prop in _ROCKSDB_MEMORY.items():
+            row[key] = round(sum(_int_property(db, prop) for db in dbs) / (1 << 20), 2)
         out[name] = row
     return out
 
