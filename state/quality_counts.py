@@ -246,15 +246,13 @@ class QualityCounts:
         # where each entry of the aggregate is stored (the module docstring's layout): each chunk's rows
         # as last written, ``[*path, value]``, and each path's (chunk, row); a flush replaces the rows of
         # the entries that changed instead of rebuilding whole chunks (that held the loop up to 373 ms)
+        members = {s: members.get(s, []) for s in SECTIONS}
         self._chunks: dict[str, list[list[list]]] = {
-            s: [[_row(self.agg[s], path) for path in c] for c in members.get(s, [])] for s in SECTIONS}
+            s: [[_row(self.agg[s], path) for path in c] for c in chunks] for s, chunks in members.items()}
         self._sizes: dict[str, list[int]] = {s: [2 + sum(size_of(list(path)) + _VALUE_ROOM for path in c) for c in chunks]
                                              for s, chunks in members.items()}
         self._at = {s: {path: (i, j) for i, c in enumerate(chunks) for j, path in enumerate(c)}
                     for s, chunks in members.items()}
-        for s in SECTIONS:
-            self._sizes.setdefault(s, [])
-            self._at.setdefault(s, {})
         self._touched: set[tuple[str, tuple]] = set()  # (section, path) entries changed since the last flush
         if legacy or got is None:
             self._touched.update((s, path) for s, depth in SECTIONS.items() for path in _entries(self.agg[s], depth))

@@ -221,8 +221,9 @@ class ReachSampler:
         self._evict()
         self.version += 1
 
-    def _q(self, attrs: dict) -> float:
-        model = self.models[self.model_id]
+    def _q(self, attrs: dict, model_id: int | None = None) -> float:
+        """q of one user's attributes under the model in force (or ``model_id``'s)."""
+        model = self.models[self.model_id if model_id is None else model_id]
         if model is None:
             return 1.0
         return model.q({k: v for k, v in attrs.items() if not k.startswith("seg.")})
@@ -240,16 +241,14 @@ class ReachSampler:
             cache.clear()
             self.counts["q_cache_cleared"] += 1
         miss = [i for i, r in enumerate(recs) if r.codes not in cache]
-        model = self.models[model_id]
-        if model is not None and len(miss) <= FEW_MISSES:
+        if len(miss) <= FEW_MISSES:
             # user by user: ``q_codes`` costs a pass over every cell of the model whatever the users,
             # and between two views only the users new since are missing (it took a fifth of a core in
             # `bench soak`, in the thread whose GIL the event loop waits for); the same q, bit for bit
             for i in miss:
                 codes = recs[i].codes
-                cache[codes] = model.q({a: self.values[a][c] for a, c in zip(self.attrs, codes)
-                                        if c >= 0 and not a.startswith("seg.")})
-        elif miss:
+                cache[codes] = self._q({a: self.values[a][c] for a, c in zip(self.attrs, codes) if c >= 0}, model_id)
+        else:
             at = np.array(miss, dtype=np.int64)
             got = self._q_codes(model_id, {a: c[at] for a, c in cols.items()}, len(miss))
             for i, q in zip(miss, got.tolist()):

@@ -83,7 +83,6 @@ class Health:
                 "ready": all(v["ready"] for v in roles.values()), "stall_s": self.stall_s, "roles": roles}
 
 
-_TRAINING: list = []  # one thread for training steps, made on first use
 _NICE = [0]  # how much lower the background threads run than the event loop
 
 
@@ -112,12 +111,7 @@ async def off_loop(fn, *args):
     and heartbeats while torch computes (it releases the GIL in its kernels). One thread: the stage's
     steps stay in order and never run concurrently. (The vm trains in a thread of its own,
     ``in_thread("vm", ...)``, so the two stages' steps overlap on two cores.)"""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-    if not _TRAINING:
-        _TRAINING.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopline-train",
-                                            initializer=_lower_priority))
-    return await asyncio.get_running_loop().run_in_executor(_TRAINING[0], fn, *args)
+    return await in_thread("train", fn, *args)
 
 
 _THREADS: dict = {}  # role -> its one worker thread, made on first use
