@@ -78,12 +78,14 @@ def hash_id(name: str, value: str, size: int) -> int:
 
 class Batch(NamedTuple):
     """One micro-batch. ``sparse``: key -> (values (N,), lengths (B,)) for a KeyedJaggedTensor;
-    ``seq``: type -> (ad ids, campaign ids, gap buckets, mask), each (B, L); ``labels`` (B,)."""
+    ``seq``: type -> (ad ids, campaign ids, gap buckets, mask), each (B, L); ``labels`` (B,); ``weights``
+    (B,) the examples' importance weights in training (``model/delay.py``), or None for all 1."""
 
     sparse: dict
     seq: dict
     labels: torch.Tensor
     size: int
+    weights: torch.Tensor | None = None
 
 
 class HashCache:

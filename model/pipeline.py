@@ -15,7 +15,9 @@ and an ``fm`` worker run the same code. Per micro-batch (``step``):
 2. DAS (ExFM): score the batch with the *published* FM snapshot (soft label + its version) and, once an
    embedding snapshot exists, compute the LoopFM code with it (fixed for the run by default: a
    consistent embedding space beat freshness in LoopFM's ablation);
-3. progressive validation: the training FM and the logistic baseline predict, then learn;
+3. progressive validation: the training FM and the logistic baseline predict, then learn, each example
+   weighted against delayed feedback (``model/delay.py``: positives come a window before their
+   negatives; the weight goes on with the augmented example, so the VMs train with it too);
 4. append the examples' codes (with the embedding snapshot's version) to the embedding history.
 
 Examples are processed in ``canonical_order`` (label time, then id): the order in which a label becomes
@@ -38,6 +40,7 @@ from loopline.errors import ConfigError
 from loopline.state.dedup import DedupConfig, RecentIds
 
 from .baseline import LogisticBaseline
+from .delay import DelayConfig, DelayWeights
 from .features import Featurizer
 from .fm import FMConfig, FoundationModel
 from .metrics import BinaryMetrics
@@ -72,6 +75,8 @@ class FMStageConfig:
     baseline: bool = True  # train the logistic-regression baseline in the same pass
     # examples re-sent after a restart or rebalance are dropped by id (each example trains once)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # delayed-feedback weights; ``delay.window_s`` must be the attribution window of the examples
+    delay: DelayConfig = field(default_factory=DelayConfig)
 
     def __post_init__(self):
         if self.publish_every < 1:
@@ -96,6 +101,7 @@ class FMStage:
         self.publishes = 0
         self.counts = {"examples": 0, "augmented": 0, "embeddings": 0}
         self.seen = RecentIds(cfg.dedup)  # example ids fed within the horizon
+        self.delay = DelayWeights(cfg.delay)  # impressions by event time -> weights of positives
         self._pending: list = []  # heap of (time, 0 event | 1 example, id, item) not yet processed
         self._events: list = []  # released history events not yet written
         self._batch: list = []  # released examples of the next micro-batch
@@ -129,7 +135,8 @@ class FMStage:
         L = self.cfg.fm.features.seq_len * 4  # both event types, with room
         hist = self.history.last_events_many([e["user"] for e in examples], [e["ts"] for e in examples], L)
         clock.lap("history_read")
-        batch = self.featurizer.batch(examples, hist)
+        weights = self.delay.weights(examples)
+        batch = self.featurizer.batch(examples, hist)._replace(weights=torch.from_numpy(weights))
         clock.lap("featurize")
         soft, code = self._das(batch, clock)
         y = batch.labels.numpy()
@@ -148,8 +155,8 @@ class FMStage:
             preds["das"] = soft
         # every example goes on; before the first published snapshot DAS has no soft label (null)
         version = self.published[0] if soft is not None else None
-        augmented = [dict(e, soft_label=None if soft is None else float(soft[i]), fm_version=version, fm_step=step)
-                     for i, e in enumerate(examples)]
+        augmented = [dict(e, soft_label=None if soft is None else float(soft[i]), fm_version=version, fm_step=step,
+                          weight=float(weights[i])) for i, e in enumerate(examples)]
         scores = [score_row(e, {k: float(v[i]) for k, v in preds.items()}) for i, e in enumerate(examples)]
         embeddings = []
         if code is not None:
@@ -174,6 +181,7 @@ class FMStage:
         """Raw events ``(user, ts, ad, campaign, kind, id)`` for the history, at their event time."""
         clock = self.timings.clock()
         self.history.append_events(events)
+        self.delay.observe(ev[1] for ev in events if ev[4] == "impression")
         clock.lap("history_write")
 
     # -- streaming: a time-ordered merge of history events and examples ------------------------------
@@ -239,7 +247,7 @@ class FMStage:
         return {"fm": self.fm.state_dict(), "lr": self.lr.state_dict() if self.lr is not None else None,
                 "metrics": {k: m.state_dict() for k, m in self.metrics.items()},
                 "published": model_state(self.published), "embedder": model_state(self.embedder),
-                "publishes": self.publishes, "counts": dict(self.counts),
+                "publishes": self.publishes, "counts": dict(self.counts), "delay": self.delay.state_dict(),
                 "pending": list(self._pending), "events": list(self._events), "batch": list(self._batch),
                 "seen": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
                          for k, v in self.seen.state_dict().items()}}
@@ -259,6 +267,8 @@ class FMStage:
             self.metrics[k].load_state_dict(st)
         self.published, self.embedder = model_from(state["published"]), model_from(state["embedder"])
         self.publishes, self.counts = state["publishes"], dict(state["counts"])
+        if "delay" in state:
+            self.delay.load_state_dict(state["delay"])
         self._pending, self._events, self._batch = list(state["pending"]), list(state["events"]), list(state["batch"])
         if "seen" in state:
             self.seen.load_state_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v

@@ -10,7 +10,9 @@ differently in training (dropout, batch norm, ``nn.MultiheadAttention``'s eval f
 forward's logits are then bit for bit the eval-mode ones (``tests/model/test_trainer.py`` checks it for
 the FM and the baseline), so the prediction is read off them before the update. Parameters of embedding tables (``nn.Embedding``/``EmbeddingBag``/TorchRec
 tables, found by type) get Adagrad, which adapts per row and suits sparse, rarely-updated ids; the dense
-rest gets Adam. A model may return ``aux_loss`` (the LoopFM autoencoder's), added to the BCE loss.
+rest gets Adam. A model may return ``aux_loss`` (the LoopFM autoencoder's), added to the BCE loss. A
+batch may carry importance ``weights`` (``model/delay.py``): each example's BCE term is multiplied by its
+weight (the mean is still over the batch, so weight 0 removes an example from the update).
 
 Snapshots: ``save(dir, meta)`` writes the model, the optimizers, the version and ``meta`` through
 ``loopline.state.snapshots`` (atomic, fsynced, digest in the name, the newest ``keep`` kept) as the
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from loopline.errors import ConfigError
 from loopline.state import snapshots
@@ -98,7 +101,6 @@ class OnlineTrainer:
             # foreach: one C++ loop over the many small dense tensors instead of a Python one; on CPU it
             # runs the same per-tensor kernels, so the same numbers (tests/model/test_trainer.py)
             self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr_dense, foreach=True))
-        self.loss_fn = nn.BCEWithLogitsLoss()
         self.shared_forward = mode_free(model)  # step() predicts from the training forward
 
     @torch.no_grad()
@@ -112,7 +114,8 @@ class OnlineTrainer:
     def _learn(self, batch) -> tuple[float, torch.Tensor]:
         self.model.train()
         out = self.model(batch)
-        loss = self.loss_fn(out["logit"], batch.labels)
+        weights = getattr(batch, "weights", None)
+        loss = F.binary_cross_entropy_with_logits(out["logit"], batch.labels, weight=weights)
         if "aux_loss" in out:
             loss = loss + out["aux_loss"]
         logit = out["logit"].detach()  # the weights before this update's step

@@ -111,7 +111,8 @@ class VMConfig:
 class VMBatch:
     """One micro-batch for a VM. ``ids``: field -> (values (N,), offsets (B,)) for an EmbeddingBag;
     ``codes`` (B, L, C) and ``code_mask`` (B, L); ``raw_ad``/``raw_campaign`` (B, L) with ``raw_mask``;
-    ``labels`` (B,); ``soft`` (B,) with NaN where DAS had no soft label."""
+    ``labels`` (B,); ``soft`` (B,) with NaN where DAS had no soft label; ``weights`` (B,) the examples'
+    importance weights in training (the FM stage's ``weight``, ``model/delay.py``), or None for all 1."""
 
     ids: dict
     codes: torch.Tensor
@@ -122,6 +123,7 @@ class VMBatch:
     labels: torch.Tensor
     soft: torch.Tensor
     size: int = field(default=0)
+    weights: torch.Tensor | None = None
 
 
 class VMFeaturizer:
@@ -162,12 +164,14 @@ class VMFeaturizer:
         cz, cm = self._codes(_once(codes), B)
         ra, rc, rm = self._raw(_once(raw), B)
         soft = [ex.get("soft_label") for ex in examples]
+        weights = [ex.get("weight", 1.0) for ex in examples]
         cache.bound()
         return VMBatch(ids=ids, codes=torch.from_numpy(cz), code_mask=torch.from_numpy(cm),
                        raw_ad=torch.from_numpy(ra), raw_campaign=torch.from_numpy(rc), raw_mask=torch.from_numpy(rm),
                        labels=torch.tensor([float(ex["label"]) for ex in examples], dtype=torch.float32),
                        soft=torch.tensor([math.nan if s is None else float(s) for s in soft], dtype=torch.float32),
-                       size=B)
+                       size=B, weights=None if all(w == 1.0 for w in weights) else
+                       torch.tensor([float(w) for w in weights], dtype=torch.float32))
 
     def _codes(self, codes: list | None, B: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, L, C) codes, left-padded (the newest at L-1), and their mask; ``codes`` has B rows, or one
@@ -338,11 +342,14 @@ class VMLearner:
     def _learn(self, b: VMBatch) -> tuple[dict, torch.Tensor]:
         has_soft = ~torch.isnan(b.soft)
         soft = torch.nan_to_num(b.soft, nan=0.0)
+        # importance weights (model/delay.py) weigh every term: each is an average over the same stream
+        w = b.weights
+        soft_w = has_soft if w is None else has_soft * w
         losses = {}
         sa_target = None
         if self.adapter is not None and bool(has_soft.any()):
             self.adapter.train()
-            sa_loss = soft_bce(self.adapter(_logit(soft)), b.labels, has_soft)
+            sa_loss = soft_bce(self.adapter(_logit(soft)), b.labels, soft_w)
             self.adapter_opt.zero_grad(set_to_none=True)
             sa_loss.backward()
             self.adapter_opt.step()
@@ -351,16 +358,16 @@ class VMLearner:
                 sa_target = torch.sigmoid(self.adapter(_logit(soft)))
         self.model.train()
         out = self.model(b)
-        serving = F.binary_cross_entropy_with_logits(out["logit"], b.labels)
+        serving = F.binary_cross_entropy_with_logits(out["logit"], b.labels, weight=w)
         loss, distill = serving, torch.zeros(())
         if self.cfg.distill == "kd":
-            distill = self.cfg.kd_weight * soft_bce(out["logit"], soft, has_soft)
+            distill = self.cfg.kd_weight * soft_bce(out["logit"], soft, soft_w)
             if sa_target is not None:
-                distill = distill + self.cfg.adapter_weight * soft_bce(out["logit"], sa_target, has_soft)
+                distill = distill + self.cfg.adapter_weight * soft_bce(out["logit"], sa_target, soft_w)
         elif self.cfg.distill == "ah":
-            distill = self.cfg.ah_weight * soft_bce(out["distill_logit"], aux_target(soft, self.cfg.ah_alpha), has_soft)
+            distill = self.cfg.ah_weight * soft_bce(out["distill_logit"], aux_target(soft, self.cfg.ah_alpha), soft_w)
             if sa_target is not None:
-                distill = distill + self.cfg.adapter_weight * soft_bce(out["distill_logit"], sa_target, has_soft)
+                distill = distill + self.cfg.adapter_weight * soft_bce(out["distill_logit"], sa_target, soft_w)
         loss = serving + distill
         logit = out["logit"].detach()  # the serving head before this update (the adapter is not in it)
         for opt in self.optimizers:

@@ -113,7 +113,7 @@ def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
     out = summarize(n, dead, examples, positives, attribution)
     if models:
-        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts))
+        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts, cfg.window_s))
     if keep_examples:
         out["examples_list"] = emitted
     return out
@@ -131,9 +131,10 @@ def with_transfer_ratios(models: dict) -> dict:
 
 
 def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_scores: bool,
-                split_ts: float | None) -> dict:
+                split_ts: float | None, window_s: float) -> dict:
     import tempfile
 
+    from loopline.model.delay import DelayConfig
     from loopline.model.pipeline import FMStage, FMStageConfig
     from loopline.model.verticals import VMStage, windowed_report
     from loopline.state.history import HistoryStore
@@ -151,7 +152,8 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
 
     with tempfile.TemporaryDirectory(prefix="loopline-history-") as tmp:
         with HistoryStore(tmp) as history:
-            stage = FMStage(history, stage_cfg or FMStageConfig())
+            # the delayed-feedback weights pair each positive with the negatives of one window earlier
+            stage = FMStage(history, stage_cfg or FMStageConfig(delay=DelayConfig(window_s=window_s)))
             vms = VMStage(history, vm_cfg) if vm_cfg is not None else None
             rows: dict[str, dict] = {}
 

@@ -44,7 +44,8 @@ from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitio
 import numpy as np
 import orjson
 
-from loopline.model.pipeline import FMStage
+from loopline.model.delay import DelayConfig
+from loopline.model.pipeline import FMStage, FMStageConfig
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
@@ -137,7 +138,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             state["rebuilt"] = await rebuild(history, inputs, loaded[0])
         else:  # starting over: what a killed run wrote to the store is not this run's past
             history.rebuild((), (), clear=True)
-        stage = FMStage(history)
+        # the delayed-feedback weights pair each positive with the negatives of one window earlier
+        stage = FMStage(history, FMStageConfig(delay=DelayConfig(window_s=cfg.attribution.window_s)))
         if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
             snap = loaded[0]  # verified, loaded with weights_only=True
             stage.load_state_dict(snap["stage"])

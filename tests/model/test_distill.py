@@ -84,3 +84,24 @@ def test_missing_soft_labels_give_no_distillation_signal():
 def test_grad_scale_is_identity_forward():
     x = torch.randn(5, requires_grad=True)
     assert torch.equal(grad_scale(x, 0.1), x)
+
+
+def test_vm_weights_scale_every_loss_term_and_zero_weights_leave_the_model_alone():
+    cfg = VMConfig(distill="kd", adapter=True)
+    b = batch(cfg, n=32, seed=3)
+    assert b.weights is None  # no weight field: all 1, the unweighted losses
+    zero = VMLearner(cfg, seed=0)
+    before = {k: v.clone() for k, v in zero.model.state_dict().items()}
+    b.weights = torch.zeros(b.size)
+    losses = zero.learn_many(b)
+    assert losses["serving"] == 0.0 and losses["distill"] == 0.0 and losses["adapter"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in zero.model.state_dict().items())
+
+
+
+def test_vm_featurizer_reads_the_fm_stage_weight():
+    cfg = VMConfig()
+    exs = [{"ad": "a1", "campaign": "c", "attrs": {}, "features": {}, "label": int(i % 20 == 0), "soft_label": None,
+            "weight": 0.5 if i % 20 == 0 else 1.0} for i in range(40)]
+    b = VMFeaturizer(cfg).batch(exs)
+    assert b.weights is not None and b.weights.tolist() == [e["weight"] for e in exs]

@@ -167,3 +167,22 @@ def test_a_re_sent_example_trains_once_even_after_a_snapshot_round_trip(tmp_path
     assert restored.counts["examples"] == once.counts["examples"] == len(exs)
     assert restored.seen.counts()["repeats"] == 200
     assert restored.report() == once.report()
+
+
+def test_augmented_examples_carry_delay_weights_and_the_first_window_positives_weigh_nothing(tmp_path):
+    """Negatives are labelled 100 s after their impression here: a positive labelled before the stream is
+    100 s old has no paired negatives and weighs 0 (it is still scored); the VMs get the same weights."""
+    from loopline.model.delay import DelayConfig
+    s = stage(tmp_path, "delay", delay=DelayConfig(window_s=100.0, rate_s=50.0))
+    got = []
+    s.run(examples(400), on_step=lambda out: got.extend(out["augmented"]))
+    assert len(got) == 400
+    pos = [a for a in got if a["label"]]
+    assert all(a["weight"] == 0.0 for a in pos if a["label_ts"] - 100.0 < 1000.0)
+    assert all(a["weight"] > 0.5 for a in pos if a["label_ts"] - 100.0 > 1100.0)  # steady traffic: about 1
+    assert all(a["weight"] == 1.0 for a in got if not a["label"])
+    assert s.report()["fm"]["n"] == 400  # evaluation is of every example, unweighted
+    off = stage(tmp_path, "off", delay=DelayConfig(enabled=False))
+    seen = []
+    off.run(examples(400), on_step=lambda out: seen.extend(out["augmented"]))
+    assert {a["weight"] for a in seen} == {1.0}

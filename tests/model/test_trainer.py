@@ -114,3 +114,13 @@ def test_a_model_with_dropout_predicts_with_its_own_eval_pass():
         t.model.lr.bias.fill_(2.0)
     p = t.step(b)  # eval mode: no dropout, every prediction is sigmoid(2)
     assert np.allclose(p, 1 / (1 + np.exp(-2.0)))
+
+
+def test_zero_weight_examples_do_not_move_the_model():
+    b = batches(examples(64, seed=4))[0]
+    t = OnlineTrainer(LogisticBaseline(), TrainerConfig(seed=0))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.step(b._replace(weights=torch.zeros(b.size)))
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    t.step(b._replace(weights=torch.ones(b.size)))
+    assert not all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())

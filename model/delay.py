@@ -1,0 +1,122 @@
+"""Delayed-feedback correction: importance weights for a stream whose positives come before their negatives.
+
+Public surface: ``DelayConfig``, ``DelayWeights``.
+
+Attribution labels an impression positive as soon as its conversion arrives (minutes, for a click) and
+negative only when its window closes (``window_s`` later, a day by default). In label-time order, what a
+trainer meets at time ``T`` is therefore the positives of the impressions of about ``T`` and the negatives
+of the impressions of ``T - window``: two cohorts. With steady traffic the mix is the true one, but:
+
+* in the stream's first window there are positives and no negatives at all (their cohort is before the
+  stream began): a model trained on them learns that every impression converts;
+* when traffic grows or falls, the positives come from a cohort of another size than the negatives.
+
+The correction (the cohort form of importance weighting for delayed feedback, as in Ktena et al. 2019,
+"Addressing delayed feedback for continuous training with neural networks in CTR prediction", and Yang et
+al. 2021, ES-DFM, which weight each observed label by the ratio of the true to the observed label
+distribution): a positive with impression time ``s`` and label time ``T`` is weighted by
+``N(T - window) / N(s)``, ``N(t)`` the impressions in the ``rate_s`` before ``t``. The positives of each
+time then stand for the cohort whose negatives arrive with them, so the weighted stream at every time
+has the label mix of one complete cohort: the conversion rate within the window. Negatives weigh 1. A
+positive whose paired cohort is before the stream's start weighs 0 (it is still evaluated, and its click
+still goes to the history). Weights are capped at ``max_weight`` (the variance of a weight on a thin
+cohort). Metrics are never weighted: the evaluation is of true labels.
+
+The impressions are counted per ``rate_s / 16`` bucket of event time; a bucket is dropped once no later
+example can need it (examples come in label-time order), and at most 4 windows' worth are kept
+(``dropped`` counts what that bound drops): memory is ``O(16 (window_s / rate_s + 2))`` counters whatever
+the traffic.
+
+>>> dw = DelayWeights(DelayConfig(window_s=100.0, rate_s=10.0))
+>>> dw.observe([float(t) for t in range(0, 200)])  # one impression a second
+>>> dw.weights([{"ts": 150.0, "label_ts": 151.0, "label": 1}, {"ts": 50.0, "label_ts": 150.0, "label": 0},
+...             {"ts": 30.0, "label_ts": 31.0, "label": 1}]).tolist()
+[1.0, 1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from loopline.errors import ConfigError
+
+__all__ = ["DelayConfig", "DelayWeights"]
+
+_SLOTS = 16  # buckets per rate window
+
+
+@dataclass(frozen=True)
+class DelayConfig:
+    enabled: bool = True
+    window_s: float = 86400.0  # the attribution window: a negative is labelled this long after its impression
+    rate_s: float = 3600.0  # impressions are counted over this much event time
+    max_weight: float = 4.0  # a positive never weighs more than this
+
+    def __post_init__(self):
+        for name in ("window_s", "rate_s", "max_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+                raise ConfigError(f"{name}: must be a positive number, got {v!r}")
+
+
+class DelayWeights:
+    """Counts impressions by event time (``observe``) and weights labelled examples (``weights``)."""
+
+    def __init__(self, cfg: DelayConfig = DelayConfig()):
+        self.cfg = cfg
+        self._width = cfg.rate_s / _SLOTS
+        self._keep = int(math.ceil((cfg.window_s + 2 * cfg.rate_s) / self._width)) + 1  # buckets one window needs
+        self._counts: dict[int, int] = {}  # bucket -> impressions
+        self._first: int | None = None  # the first bucket seen: before it, nothing happened
+        self.dropped = 0  # buckets dropped by the bound (4 x what one window needs), not by time
+
+    def observe(self, impression_ts) -> None:
+        """Impression times (any order; each impression once)."""
+        for t in impression_ts:
+            if not math.isfinite(t):
+                continue
+            b = int(t // self._width)
+            self._counts[b] = self._counts.get(b, 0) + 1
+            if self._first is None or b < self._first:
+                self._first = b
+        if len(self._counts) > 4 * self._keep:  # times far apart (a sparse or skewed stream): oldest first
+            for b in sorted(self._counts)[:len(self._counts) - 4 * self._keep]:
+                del self._counts[b]
+                self.dropped += 1
+
+    def _rate(self, t: float) -> int:
+        """Impressions in the ``rate_s`` up to ``t``; -1 for a time before the stream began."""
+        b = int(t // self._width)
+        if self._first is None or b < self._first:
+            return -1
+        return sum(self._counts.get(k, 0) for k in range(b - _SLOTS + 1, b + 1))
+
+    def weights(self, examples: list[dict]) -> np.ndarray:
+        """One weight per example (``ts``, ``label_ts``, ``label``): 1 for a negative, the cohort ratio for a
+        positive; all 1 when the correction is off."""
+        out = np.ones(len(examples), dtype=np.float32)
+        if not self.cfg.enabled:
+            return out
+        cap = self.cfg.max_weight
+        for i, e in enumerate(examples):
+            if not e["label"]:
+                continue
+            paired = self._rate(e["label_ts"] - self.cfg.window_s)
+            out[i] = 0.0 if paired <= 0 else min(cap, paired / max(1, self._rate(e["ts"])))
+        if examples:  # later examples come later in label time: what they can need starts here
+            floor = int((max(e["label_ts"] for e in examples) - self.cfg.window_s) // self._width) - _SLOTS
+            for b in [b for b in self._counts if b < floor]:
+                del self._counts[b]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"counts": {int(b): int(n) for b, n in self._counts.items()}, "first": self._first,
+                "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._counts = {int(b): int(n) for b, n in state["counts"].items()}
+        self._first = None if state["first"] is None else int(state["first"])
+        self.dropped = int(state["dropped"])
