@@ -73,7 +73,8 @@ def _item(topic: str, value: bytes) -> dict | None:
         return None
     if topic == "examples.augmented":
         ok = isinstance(v.get("fm_step"), int) and v.get("label") in (0, 1) and isinstance(v.get("vertical"), str) \
-            and (v.get("soft_label") is None or (_num(v["soft_label"]) and 0 <= v["soft_label"] <= 1))
+            and (v.get("soft_label") is None or (_num(v["soft_label"]) and 0 <= v["soft_label"] <= 1)) \
+            and _num(v.get("weight", 1.0)) and 0 <= v.get("weight", 1.0) < float("inf")  # model/delay.py
     else:
         code = v.get("code")
         ok = isinstance(v.get("step"), int) and isinstance(code, list) and all(_num(c) for c in code) \
