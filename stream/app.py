@@ -15,6 +15,7 @@ changelog could disagree with its source topic.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -30,6 +31,7 @@ import faust
 import orjson
 from faust.utils import json as faust_json
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import murmur2
 
 from loopline.state.attribution import AttributionConfig
 from loopline.errors import ConfigError, LooplineError
@@ -42,7 +44,7 @@ from .gc_watch import GcWatch
 from .loop_watch import LoopWatch
 from .supervise import Health, background_nice
 
-__all__ = ["WorkerConfig", "TOPICS", "STATUS_TOPIC", "build_app", "make_table", "CONTROL_HEADER", "OutputTopic", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
+__all__ = ["WorkerConfig", "TOPICS", "STATUS_TOPIC", "build_app", "make_table", "CONTROL_HEADER", "OutputTopic", "OutputBatch", "key_partition", "read_topic", "iter_topic", "follow_topic", "control_of", "group_id",
            "CachedView"]
 
 # name -> what it carries. Keys: events by impression id; examples by user.
@@ -247,6 +249,49 @@ class OutputTopic:
                    headers: list | None = None):
         return await self.app.producer.send(self.name, key.encode() if key is not None else None,
                                             orjson.dumps(value), partition, None, headers)
+
+
+@functools.lru_cache(maxsize=65_536)
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (murmur2, as aiokafka and Java clients),
+    cached: a worker's keys (users) repeat, and murmur2 is pure Python."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class OutputBatch:
+    """JSON messages for Loopline's own topics, gathered into one aiokafka batch per (topic, partition)
+    and handed to the producer with ``send_batch``: about 9 us a message against 24-29 us through
+    ``send`` (20,000 messages to the embedded broker), whose per-message future, partitioner call and
+    accumulator entry a role publishing hundreds of outputs per step paid on the event loop. Within a
+    partition the messages keep the order they were added in (a control mark after a step's outputs
+    stays after them). ``send`` returns the batches' delivery futures.
+    """
+
+    def __init__(self, producer, partitions: dict[str, int]):
+        self.producer = producer  # an aiokafka producer (a worker's: ``app.producer._ensure_producer()``)
+        self.partitions = partitions
+        self._open: dict[tuple[str, int], Any] = {}
+        self._full: list[tuple[str, int, Any]] = []
+
+    def add(self, topic: str, key: str | None = None, value=None, partition: int | None = None,
+            headers: list | None = None) -> None:
+        k = key.encode() if key is not None else None
+        if partition is None:
+            partition = key_partition(k, self.partitions[topic]) if k is not None else 0
+        v = orjson.dumps(value)
+        batch = self._open.get((topic, partition))
+        if batch is None:
+            batch = self._open[(topic, partition)] = self.producer.create_batch()
+        if batch.append(key=k, value=v, timestamp=None, headers=headers or []) is None:  # full
+            self._full.append((topic, partition, batch))
+            batch = self._open[(topic, partition)] = self.producer.create_batch()
+            batch.append(key=k, value=v, timestamp=None, headers=headers or [])
+
+    async def send(self) -> list:
+        pending, self._full = self._full, []
+        pending.extend((t, p, b) for (t, p), b in self._open.items())
+        self._open = {}
+        return [await self.producer.send_batch(b, t, partition=p) for t, p, b in pending]
 
 
 async def iter_topic(bootstrap: str, topics: tuple | str, partitions: int, start: dict | None = None,

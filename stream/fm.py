@@ -49,7 +49,8 @@ from loopline.model.pipeline import FMStage, FMStageConfig
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
 
-from .app import CONTROL_HEADER, STATUS_TOPIC, CachedView, WorkerConfig, control_of, follow_topic, group_id, read_topic
+from .app import (CONTROL_HEADER, STATUS_TOPIC, CachedView, OutputBatch, WorkerConfig, control_of, follow_topic,
+                  group_id, read_topic)
 from .role import Fed, msgs_of_records, run_role
 from .supervise import off_loop, supervised
 
@@ -238,22 +239,25 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
             state["snapshot_at"] = st.fm.version  # only once it is on disk: /fm/ must not claim it before
 
     async def publish(st: FMStage) -> None:
+        """Send the drained steps' outputs, each step's after the last's, in per-partition batches."""
+        out_batch = OutputBatch(app.producer._ensure_producer(), cfg.topic_partitions())
         label_ts = {}
         for out in st.drain():
             for ex in out["augmented"]:
                 label_ts[ex["id"]] = ex["label_ts"]
-                await topics["examples.augmented"].send(key=ex["user"], value=ex)
+                out_batch.add("examples.augmented", key=ex["user"], value=ex)
             for user, ts, version, code, ident in out["embeddings"]:
-                await topics["fm.embeddings"].send(key=user, value={
+                out_batch.add("fm.embeddings", key=user, value={
                     "user": user, "ts": ts, "fm_version": version, "code": [float(c) for c in code], "id": ident,
                     "label_ts": label_ts[ident], "step": out["step"]})  # the stage's order, for a rebuild
             for row in out["scores"]:
-                await topics["model.scores"].send(key=row["user"], value=row)
+                out_batch.add("model.scores", key=row["user"], value=row)
             # the vm role's clock: everything of this step is on each partition before this mark
             mark = f"fmstep:{out['step']}".encode()
             for name in ("examples.augmented", "fm.embeddings"):
                 for q in range(cfg.partitions):
-                    await topics[name].send(partition=q, headers=[(CONTROL_HEADER, mark)])
+                    out_batch.add(name, partition=q, headers=[(CONTROL_HEADER, mark)])
+        await out_batch.send()
 
     health = app.loopline_health
     health.add("fm")
