@@ -101,6 +101,9 @@ class FMStage:
         self.publishes = 0
         self.counts = {"examples": 0, "augmented": 0, "embeddings": 0}
         self.seen = RecentIds(cfg.dedup)  # example ids fed within the horizon
+        # history event ids fed within the horizon: the store ignores a re-sent event, but the delay
+        # weights count impressions, and a worker's re-sent ones made its numbers differ from evaluate's
+        self.seen_events = RecentIds(cfg.dedup)
         self.delay = DelayWeights(cfg.delay)  # impressions by event time -> weights of positives
         self._pending: list = []  # heap of (time, 0 event | 1 example, id, item) not yet processed
         self._events: list = []  # released history events not yet written
@@ -186,9 +189,11 @@ class FMStage:
 
     # -- streaming: a time-ordered merge of history events and examples ------------------------------
     def feed_events(self, events) -> None:
-        """History events ``(user, ts, ad, campaign, kind, id)`` as they arrive (any order)."""
+        """History events ``(user, ts, ad, campaign, kind, id)`` as they arrive (any order); a repeat of an
+        id already fed (a re-send) is dropped."""
         for ev in events:
-            heapq.heappush(self._pending, (ev[1], 0, ev[5], ev))
+            if self.seen_events.first(ev[5], ev[1]):
+                heapq.heappush(self._pending, (ev[1], 0, ev[5], ev))
 
     def feed_examples(self, examples) -> None:
         """Labelled examples as they arrive (any order); a positive also brings its click event.
@@ -250,7 +255,9 @@ class FMStage:
                 "publishes": self.publishes, "counts": dict(self.counts), "delay": self.delay.state_dict(),
                 "pending": list(self._pending), "events": list(self._events), "batch": list(self._batch),
                 "seen": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                         for k, v in self.seen.state_dict().items()}}
+                         for k, v in self.seen.state_dict().items()},
+                "seen_events": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                                for k, v in self.seen_events.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         def model_from(pm):
@@ -270,9 +277,10 @@ class FMStage:
         if "delay" in state:
             self.delay.load_state_dict(state["delay"])
         self._pending, self._events, self._batch = list(state["pending"]), list(state["events"]), list(state["batch"])
-        if "seen" in state:
-            self.seen.load_state_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v
-                                       for k, v in state["seen"].items()})
+        for name in ("seen", "seen_events"):
+            if name in state:
+                getattr(self, name).load_state_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v
+                                                     for k, v in state[name].items()})
         self.outputs = []
 
     def drain(self) -> list[dict]:

@@ -186,3 +186,20 @@ def test_augmented_examples_carry_delay_weights_and_the_first_window_positives_w
     seen = []
     off.run(examples(400), on_step=lambda out: seen.extend(out["augmented"]))
     assert {a["weight"] for a in seen} == {1.0}
+
+
+def test_re_sent_history_events_change_nothing_not_even_the_delay_weights(tmp_path):
+    """A worker's ingest re-sends its outbox after a crash: the impressions come twice. The store ignores
+    the repeats and so must the impression counts behind the delay weights (found by the exactly-once
+    integration test: the fm's numbers differed from evaluate's)."""
+    from loopline.model.delay import DelayConfig
+    exs = examples(400)
+    events = [(e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]) for e in exs]
+    runs = {}
+    for name, fed in (("once", events), ("twice", events + events[:150])):
+        s = stage(tmp_path, name, delay=DelayConfig(window_s=100.0, rate_s=50.0))
+        s.feed_events(fed)
+        s.feed_examples(exs)
+        s.finish()
+        runs[name] = (s.report(), [a["weight"] for o in s.drain() for a in o["augmented"]])
+    assert runs["once"] == runs["twice"]
