@@ -112,6 +112,9 @@ class DelayWeights:
                 del self._counts[b]
         return out
 
+    def counts(self) -> dict:
+        return {"buckets": len(self._counts), "dropped": self.dropped, "enabled": self.cfg.enabled}
+
     def state_dict(self) -> dict:
         return {"counts": {int(b): int(n) for b, n in self._counts.items()}, "first": self._first,
                 "dropped": self.dropped}

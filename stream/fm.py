@@ -336,7 +336,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
                 "counts": st.counts if st else {}, "rebuilt": state["rebuilt"], "restored": state["restored"],
                 "snapshot_at": state["snapshot_at"], "ready": st is not None, "role": state["role"],
                 "active_since": state["active_since"],
-                "dedup": st.seen.counts() if st else {}, "control_ignored": state["control_ignored"],
+                "dedup": st.seen.counts() if st else {}, "dedup_events": st.seen_events.counts() if st else {},
+                "delay": st.delay.counts() if st else {}, "control_ignored": state["control_ignored"],
                 "bad_values": state["bad_values"]}
 
     @app.page("/fm/")
