@@ -88,7 +88,9 @@ class DelayWeights:
                 self.dropped += 1
 
     def _rate(self, t: float) -> int:
-        """Impressions in the ``rate_s`` up to ``t``; -1 for a time before the stream began."""
+        """Impressions in the ``rate_s`` up to ``t``; -1 for a time before the stream began (or not a time)."""
+        if not math.isfinite(t):
+            return -1
         b = int(t // self._width)
         if self._first is None or b < self._first:
             return -1
@@ -106,8 +108,9 @@ class DelayWeights:
                 continue
             paired = self._rate(e["label_ts"] - self.cfg.window_s)
             out[i] = 0.0 if paired <= 0 else min(cap, paired / max(1, self._rate(e["ts"])))
-        if examples:  # later examples come later in label time: what they can need starts here
-            floor = int((max(e["label_ts"] for e in examples) - self.cfg.window_s) // self._width) - _SLOTS
+        newest = max((e["label_ts"] for e in examples if math.isfinite(e["label_ts"])), default=None)
+        if newest is not None:  # later examples come later in label time: what they can need starts here
+            floor = int((newest - self.cfg.window_s) // self._width) - _SLOTS
             for b in [b for b in self._counts if b < floor]:
                 del self._counts[b]
         return out

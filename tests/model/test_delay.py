@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loopline.errors import ConfigError
 from loopline.model.delay import DelayConfig, DelayWeights
@@ -99,3 +101,21 @@ def test_state_round_trips_and_off_means_all_ones():
 def test_bad_config_is_one_line_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         DelayConfig(**{field: value})
+
+
+def test_times_that_are_not_finite_give_a_weight_never_an_exception():
+    dw = DelayWeights(DelayConfig(window_s=DAY))
+    dw.observe([float("nan"), float("inf"), 5.0])
+    w = dw.weights([pos(float("inf"), float("inf")), pos(float("nan"), 10.0), neg(float("-inf"))])
+    assert w.tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.fuzz
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=30),
+       st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True), st.floats(allow_nan=True, allow_infinity=True),
+                          st.sampled_from([0, 1])), max_size=30))
+def test_property_any_times_give_weights_in_zero_to_the_cap(impressions, exs):
+    dw = DelayWeights(DelayConfig(window_s=3600.0, rate_s=600.0, max_weight=4.0))
+    dw.observe(impressions)
+    w = dw.weights([{"ts": a, "label_ts": b, "label": y} for a, b, y in exs])
+    assert len(w) == len(exs) and all(0.0 <= x <= 4.0 for x in w.tolist())
