@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
-from aiokafka.partitioner import murmur2
 
-from loopline.state.events import EventLimits, event_key
+from loopline.state.events import EventLimits, event_key, key_partition
 
 __all__ = ["LogRecord", "LogFile", "read_log", "order_records", "partition_for"]
 
@@ -46,7 +45,7 @@ class LogRecord(NamedTuple):
 def partition_for(key: bytes | None, raw: bytes, partitions: int) -> int:
     """Kafka's default partitioner for keyed messages; a stable hash of the bytes for unkeyed ones."""
     if key is not None:
-        return (murmur2(key) & 0x7FFFFFFF) % partitions
+        return key_partition(key, partitions)
     return zlib.crc32(raw) % partitions
 
 

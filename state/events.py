@@ -47,10 +47,11 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
+from aiokafka.partitioner import murmur2
 
 from loopline.errors import ConfigError, InvalidEvent
 
-__all__ = ["Impression", "Conversion", "SegmentAssertion", "TruthReport", "EventLimits", "parse_event", "event_key",
+__all__ = ["Impression", "Conversion", "SegmentAssertion", "TruthReport", "EventLimits", "parse_event", "event_key", "key_partition",
            "REASONS"]
 
 # Every reason code an event can be dead-lettered with (the ingest core adds the two duplicate reasons and
@@ -398,3 +399,14 @@ def event_key(raw: bytes) -> tuple[bytes | None, float | None]:
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
         ts = None
     return (k.encode() if isinstance(k, str) else None), (float(ts) if ts is not None else None)
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a keyed message: murmur2 of the key, as aiokafka
+    and the Java clients compute it (so a user's own producers, the replay and Loopline's roles agree).
+
+    >>> [key_partition(k, 4) for k in (b"i1", b"i2", b"u2")]
+    [0, 3, 2]
+    """
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+

@@ -42,9 +42,8 @@ import asyncio
 import logging
 
 import faust
-from aiokafka.partitioner import murmur2
 
-from loopline.state.events import event_key
+from loopline.state.events import event_key, key_partition
 from loopline.state.ingest import IngestCore
 
 from .app import CONTROL_HEADER, CachedView, WorkerConfig, control_of, make_table
@@ -79,7 +78,7 @@ def route_of(raw: bytes | None, partitions: int) -> tuple[bytes, int] | None:
         return None
     if key is None:
         return None
-    return key, (murmur2(key) & 0x7FFFFFFF) % partitions
+    return key, key_partition(key, partitions)
 
 
 def _header(headers, name: str) -> bytes | None:

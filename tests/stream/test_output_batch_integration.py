@@ -43,3 +43,9 @@ def test_batched_outputs_land_on_the_default_partitioners_partition_in_order_wit
         order = [orjson.loads(m.value)["i"] for m in mine[:-1]]
         assert order == sorted(order) and len(order) > 0  # the order they were added in
         assert dict(mine[-1].headers) == {CONTROL_HEADER: b"fmstep:0"} and mine[-1].value == b"null"
+
+
+def test_a_message_with_neither_key_nor_partition_is_refused_not_sent_to_partition_0():
+    import pytest
+    with pytest.raises(ValueError, match="batched: a message needs a key or a partition"):
+        OutputBatch(None, {"batched": 4}).add("batched", value={"i": 0})
