@@ -54,6 +54,7 @@ import numpy as np
 from loopline.errors import ConfigError
 from loopline.state.reach import ReachConfig
 from loopline.state.reach_estimate import answer, score_interval
+from loopline.state.reach_model import ClassStream
 from loopline.state.reach_query import evaluate, parse_query
 from loopline.state.reach_sample import Sample, build_sample
 from loopline.state.reach_strata import ScoreModel, learn_strata, probe_scores
@@ -252,6 +253,30 @@ def our_weights(cols: dict, values: dict, past: dict, past_w: np.ndarray) -> np.
     return model.q_codes(cols, vocab, len(next(iter(cols.values()))))
 
 
+MODEL_SHARE = 0.1  # the class model takes at most this share of the budget's bytes
+
+
+def model_classes(values: dict, k: int, share: float = MODEL_SHARE, max_classes: int = 16) -> int:
+    """Latent classes whose value shares (float32) fit in ``share`` of a ``k``-user frozen sample's bytes
+    (``2 x attributes + 20`` a user); at least 1."""
+    per_class = 4 * (sum(len(v) for v in values.values()) + len(values))
+    return int(max(1, min(max_classes, share * k * (2 * len(values) + 20) // per_class)))
+
+
+def stream_classes(cols: dict, values: dict, imps: np.ndarray, classes: int, seed: int) -> dict:
+    """What a partition's :class:`~loopline.state.reach_model.ClassStream` learns from this population's
+    impressions (each user's ``imps`` of them, in a random order): the value shares per class."""
+    attrs = list(values)
+    users = len(imps)
+    order = np.random.default_rng(seed).permutation(np.repeat(np.arange(users), imps.astype(np.int64)))
+    mat = np.stack([cols[a] for a in attrs], 1)[order]
+    stream = ClassStream(classes=classes, half_life_s=0, seed=seed)
+    for lo in range(0, len(order), stream.chunk):
+        for row in mat[lo:lo + stream.chunk].tolist():
+            stream.add(dict(zip(attrs, row)), 0.0)
+    return {"share": stream.share(), "theta": stream.theta(values)}
+
+
 def _progress(msg: str) -> None:
     print(f"bench reach: {msg}", file=sys.stderr, flush=True)
 
@@ -296,8 +321,16 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
     q_oracle = np.maximum(q_oracle, q_oracle[q_oracle > 0].min() if (q_oracle > 0).any() else 1.0)
     out = {"users": users, "attributes": {a: len(v) for a, v in values.items()},
            "rules": {b: len(qs) for b, qs in chosen.items()}, "budgets": {}}
+    streams: dict = {}
     for share in budgets:
         k = max(1, int(round(users * share)))
+        classes = model_classes(values, k)
+        if classes not in streams:
+            streams[classes] = stream_classes(cols, values, imps, classes, seed + 3)
+        shares = streams[classes]
+        # the same memory: ours holds fewer users, the model's bytes' worth
+        k_ours = k - int(np.ceil(4 * (shares["share"].size + sum(t.size for t in shares["theta"].values()))
+                                 / (2 * len(values) + 20)))
         past_rows = np.random.default_rng(seed + 2).choice(users, min(k, users), replace=False)
         past = {a: c[past_rows] for a, c in past_all.items()}
         past_w = np.full(len(past_rows), users / len(past_rows))
@@ -309,7 +342,8 @@ def _accuracy(name: str, users: int, budgets, per_bucket: int, candidates: int, 
         fallbacks = 0
         for r in range(reps):
             hashes = np.random.default_rng(seed + 1000 + r).random(users)
-            ours = build_sample(cols, values, hashes, imps, g, k, uniform_k=round((1 - rare_share) * k))
+            ours = build_sample(cols, values, hashes, imps, g, k_ours, uniform_k=round((1 - rare_share) * k_ours))
+            ours = Sample(ours.cols, ours.values, ours.w_users, ours.w_imps, ours.imps, ours.info, classes=shares)
             uniform = build_sample(cols, values, hashes, imps, np.ones(users), k)
             prop = proportional_sample(cols, values, hashes, imps, past, past_w, k, min_per_stratum=min_per_stratum)
             theta = ThetaSketches(cols, values, hashes, ours.nbytes)

@@ -78,11 +78,15 @@ class ReachConfig:
     answers_ttl_s: float = 600.0
     max_answers: int = 10_000
     seed: int = 0  # seeds the user hash: the same seed gives the same sample on every worker
+    # latent classes the estimator's model learns from each partition's whole impression stream
+    # (state/reach_model.py); its statistics take classes x (values + attributes) x 8 bytes per partition
+    # (about 19 kB at 16 classes, 7 attributes and 150 values); 0: no stream model (independence)
+    model_classes: int = 16
 
     def __post_init__(self):
         for name, lo in (("budget_users", 1), ("min_per_stratum", 1), ("horizon_epochs", 1), ("buckets_per_epoch", 1),
                          ("max_values", 1), ("max_attrs", 1), ("vocab_candidates", 1), ("max_segment_users", 1),
-                         ("max_answers", 1)):
+                         ("max_answers", 1), ("model_classes", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"{name}: must be an integer >= {lo}, got {v!r}")

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .reach_model import LatentClasses, class_weights, fit_classes
 from .reach_query import Query, attrs_of, evaluate, parse_query
 from .reach_sample import Sample
 
@@ -62,12 +63,13 @@ __all__ = ["Estimate", "query_stats", "merge_stats", "finish", "answer", "users_
            "score_interval"]
 
 Z95 = 1.959964  # two-sided 95% normal quantile
-BIAS_FLOOR = 0.1  # the synthetic estimate is always allowed this much relative bias
+BIAS_FLOOR = 0.05  # the synthetic estimate is always allowed this much relative bias
 BIAS_DEFAULT = 0.5  # ... and this much when the sample has no pair of values to measure it on
 BIAS_MAX = 4.0  # the largest relative bias measured (the direct estimate takes over long before)
 BIAS_BINS = 24  # size classes of the bias measurement: shares 2^-1 ... 2^-23 and everything smaller
 BIAS_MIN_CELLS = 30  # pairs of values a size class pools at least (neighbouring classes join until then)
-MAX_PAIR_CELLS = 1 << 16  # value pairs of two attributes the bias measurement looks at, at most
+MAX_PAIR_CELLS = 1 << 16
+ORDERS = 3  # the model's error is measured on single values, pairs and triples of values  # value pairs of two attributes the bias measurement looks at, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,39 +113,65 @@ def _bin(share: float) -> int:
     return int(min(BIAS_BINS - 1, max(0, math.floor(-math.log2(min(share, 1.0))))))
 
 
-def _bias(sample: Sample, n_min: int) -> list[float]:
-    """Per size class (:func:`_bin` of the synthetic share), the sum of the independence model's
-    squared relative bias over the pairs of attribute values of that size, each less its sampling
-    noise, then the number of pairs: ``[sum_0, ..., sum_{B-1}, count_0, ..., count_{B-1}]`` (module
-    docstring)."""
+def _attrs(sample: Sample) -> list[str]:
+    """The attributes the model covers: the strata's, never a data source's segments."""
+    return [a for a in sorted(sample.cols) if not a.startswith("seg.")]
+
+
+def _model(sample: Sample) -> LatentClasses:
+    """The latent-class model the synthetic estimate uses (``state/reach_model.py``), built once per
+    sample: the classes the partition's whole impression stream taught (the sample's block), with
+    each class's users and impressions weighed on the sample's rows; a sample without them (built
+    offline from a static population) gets the one-class model, independence."""
     def build():
+        cl = sample.blocks[0][2]
+        attrs = [a for a in _attrs(sample) if not cl or a in cl["theta"]]
+        if cl and attrs:
+            return class_weights({a: sample.cols[a] for a in attrs}, {a: cl["theta"][a] for a in attrs}, cl["share"],
+                                 sample.w_users, sample.w_imps, sample.imps)
+        return fit_classes({a: sample.cols[a] for a in attrs}, {a: len(sample.values[a]) for a in attrs},
+                           sample.w_users, sample.w_imps * sample.imps, k=1)
+    return sample.cached("model", build)
+
+
+def _bias(sample: Sample, n_min: int) -> list[float]:
+    """Per order (single values, pairs, triples of values) and size class (:func:`_bin` of the model's
+    share), the sum of the model's squared relative error over the cells of that order and size, each
+    less its sampling noise, then the number of cells: ``ORDERS`` blocks of ``[sum_0, ..., sum_{B-1},
+    count_0, ..., count_{B-1}]`` (module docstring)."""
+    def build():
+        acc, cnt = np.zeros((ORDERS, BIAS_BINS)), np.zeros((ORDERS, BIAS_BINS))
         w = sample.w_users
         total = float(w.sum())
-        acc, cnt = np.zeros(BIAS_BINS), np.zeros(BIAS_BINS)
-        if total <= 0 or sample.n < 2 * n_min:
-            return acc.tolist() + cnt.tolist()
-        attrs = [a for a in sorted(sample.cols) if not a.startswith("seg.")]
-        for a, b in itertools.combinations(attrs, 2):
-            va, vb = len(sample.values[a]), len(sample.values[b])
-            if va * vb > MAX_PAIR_CELLS:
-                continue
-            ca, cb = sample.cols[a].astype(np.int64), sample.cols[b].astype(np.int64)
-            ok = (ca >= 0) & (cb >= 0)
-            code = ca[ok] * vb + cb[ok]
-            d = np.bincount(code, weights=w[ok], minlength=va * vb)
-            v = np.bincount(code, weights=(w * (w - 1))[ok], minlength=va * vb)
-            pa = np.bincount(ca[ca >= 0], weights=w[ca >= 0], minlength=va) / total
-            pb = np.bincount(cb[cb >= 0], weights=w[cb >= 0], minlength=vb) / total
-            s = total * np.outer(pa, pb).ravel()
-            cells = s > 0  # every pair of values held, however rare: the bias of rare pairs is what rare rules meet
-            if cells.any():
-                r = (d[cells] - s[cells]) / s[cells]
-                dev = r * r - v[cells] / s[cells] ** 2  # unbiased for the squared relative bias, however noisy
-                bins = np.clip(np.floor(-np.log2(s[cells] / total)), 0, BIAS_BINS - 1).astype(np.int64)
-                acc += np.bincount(bins, weights=dev, minlength=BIAS_BINS)
-                cnt += np.bincount(bins, minlength=BIAS_BINS)
-        return acc.tolist() + cnt.tolist()
-    return sample.cached(("bias", n_min), build)
+        if total > 0 and sample.n >= 2 * n_min:
+            model = _model(sample)
+            attrs = [a for a in _attrs(sample) if a in model.theta]
+            for order in range(1, ORDERS + 1):
+                for group in itertools.combinations(attrs, order):
+                    sizes = [len(sample.values[a]) for a in group]
+                    if int(np.prod(sizes)) > MAX_PAIR_CELLS:
+                        continue
+                    cs = [sample.cols[a].astype(np.int64) for a in group]
+                    ok = np.logical_and.reduce([c >= 0 for c in cs])
+                    code = np.ravel_multi_index([c[ok] for c in cs], sizes)
+                    cells = int(np.prod(sizes))
+                    d = np.bincount(code, weights=w[ok], minlength=cells)
+                    v = np.bincount(code, weights=(w * (w - 1))[ok], minlength=cells)
+                    s = model.cells(group)[tuple(slice(0, n) for n in sizes)].ravel()
+                    held = np.ones((), dtype=bool)
+                    for c, n in zip(cs, sizes):  # every value held in the sample, however rare the cell
+                        held = np.logical_and.outer(held, np.bincount(c[c >= 0], minlength=n) > 0)
+                    keep = (s > 0) & held.ravel()
+                    if keep.any():
+                        r = (d[keep] - s[keep]) / s[keep]
+                        # the squared relative error less the direct's noise and the Poisson scatter of a
+                        # real count around the model's expectation (the answer adds that one back per rule)
+                        dev = r * r - v[keep] / s[keep] ** 2 - 1.0 / s[keep]
+                        bins = np.clip(np.floor(-np.log2(s[keep] / total)), 0, BIAS_BINS - 1).astype(np.int64)
+                        acc[order - 1] += np.bincount(bins, weights=dev, minlength=BIAS_BINS)
+                        cnt[order - 1] += np.bincount(bins, minlength=BIAS_BINS)
+        return np.concatenate([np.concatenate([a, c]) for a, c in zip(acc, cnt)]).tolist()
+    return np.asarray(sample.cached(("bias", n_min), build))
 
 
 def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) -> dict:
@@ -152,20 +180,11 @@ def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) 
     q = _q(query)
     terms = _terms(sample)
     tree = q.tree
-    clauses = list(tree[1]) if tree[0] == "and" and composite else []
-    names = [attrs_of(c) for c in clauses]
-    if sum(len(x) for x in names) != len(set().union(*names)) if names else False:
-        clauses = []  # clauses sharing an attribute are not independent in any population
     if sample.cols:
-        ev = lambda t: evaluate(t, sample.cols, sample.vocab)  # noqa: E731
+        mask = evaluate(tree, sample.cols, sample.vocab)
     else:  # users without any attribute: every row is the same
         none = {a: np.full(1, -1, dtype=np.int32) for a in q.attrs or ("_",)}
-        ev = lambda t: np.full(sample.n, bool(evaluate(t, none, {})[0]))  # noqa: E731
-    if clauses:
-        masks = [ev(c) for c in clauses]
-        mask = np.logical_and.reduce(masks)
-    else:
-        masks, mask = [], ev(tree)
+        mask = np.full(sample.n, bool(evaluate(tree, none, {})[0]))
     m = mask.astype(np.float64)
     d = terms[:5] @ m  # matched: rows, users, users variance, impressions, impressions variance
     out = {"n": sample.n, "n_min": n_min, "users_total": float(terms[1].sum()),
@@ -174,10 +193,86 @@ def query_stats(sample: Sample, query, n_min: int = 30, composite: bool = True) 
            "exact": [float((terms[1] * m * (terms[2] == 0)).sum()), float((terms[3] * m * (terms[4] == 0)).sum())],
            "direct": d.tolist(), "bytes": sample.nbytes, "range": sample.info.get("range"),
            "budget_users": int(sample.info.get("budget_users", 0))}
-    if masks:
-        out["clauses"] = [(terms[1:5] @ mk.astype(np.float64)).tolist() for mk in masks]
-        out["bias"] = _bias(sample, n_min)
+    order = len(q.attrs)
+    if composite and order and sample.n:
+        # one model per block (a source partition: state/reach_sample.py), so that a merged sample
+        # answers what its partitions' sums do
+        total, var, bias = np.zeros(2), np.zeros(2), np.zeros(2 * BIAS_BINS * ORDERS)
+        for i in range(len(sample.blocks)):
+            blk = sample.block(i)
+            if not blk.n:
+                continue
+            terms_b = _terms(blk)
+            if blk.blocks[0][2] is None:  # independence fitted on the block itself: conjunctions only
+                got = _independence(tree, blk, terms_b)
+                if got is None:
+                    break
+                total += got[0]
+                var += got[1]
+            else:
+                model = _model(blk)
+                probs = _class_probs(tree, model, blk, terms_b)
+                if probs is None:
+                    break
+                total += model.total([probs])
+            bias += _bias(blk, n_min)
+        else:
+            out["model"] = total.tolist()
+            out["model_var"] = var.tolist()
+            out["order"] = order
+            out["bias"] = bias.tolist()
+            out["imps_sq"] = sample.cached("imps_sq", lambda: float(sample.w_imps @ (sample.imps.astype(np.float64) ** 2)))
     return out
+
+
+def _independence(tree: tuple, sample: Sample, terms: np.ndarray):
+    """The one-class model of a sample without stream classes: ``N prod_j (U_j / N)`` over the clauses
+    of a conjunction on distinct attributes (each clause measured on the whole sample), users and
+    impressions, and the variance its clause shares bring (delta method); None for any other rule (a
+    single clause: the model would be the direct estimate over again)."""
+    clauses = list(tree[1]) if tree[0] == "and" else []
+    names = [attrs_of(c) for c in clauses]
+    if len(clauses) < 2 or sum(len(x) for x in names) != len(set().union(*names)):
+        return None
+    n_tot, i_tot = float(terms[1].sum()), float(terms[3].sum())
+    su, si, rel_u, rel_i = n_tot, i_tot, 0.0, 0.0
+    for c in clauses:
+        cu, cvu, ci, cvi = terms[1:5] @ evaluate(c, sample.cols, sample.vocab).astype(np.float64)
+        su *= cu / n_tot if n_tot > 0 else 0.0
+        si *= ci / i_tot if i_tot > 0 else 0.0
+        rel_u += cvu / cu ** 2 if cu > 0 else 0.0
+        rel_i += cvi / ci ** 2 if ci > 0 else 0.0
+    return np.array([su, si]), np.array([su * su * rel_u, si * si * rel_i])
+
+
+def _class_probs(node: tuple, model: LatentClasses, sample: Sample, terms: np.ndarray) -> np.ndarray | None:
+    """Each class's share of users a (sub)tree matches under the model, or None where the model cannot
+    say: an ``and``/``or`` whose parts read a common attribute are not independent inside a class. A
+    clause on an attribute the model does not cover counts as independent of the rest (its share)."""
+    kind = node[0]
+    if kind == "all":
+        return np.ones(model.k)
+    if kind == "in":
+        a = node[1]
+        if a in model.theta:
+            codes = np.r_[np.arange(len(sample.values.get(a, []))), -1].astype(np.int32)
+            return model.clause(a, evaluate(node, {a: codes}, sample.vocab))
+        n_tot = float(terms[1].sum())
+        col = sample.cols.get(a)
+        share = float(terms[1] @ evaluate(node, sample.cols, sample.vocab)) / n_tot if col is not None and n_tot > 0 else 0.0
+        return np.full(model.k, share)
+    if kind == "not":
+        p = _class_probs(node[1], model, sample, terms)
+        return None if p is None else 1.0 - p
+    names = [attrs_of(c) for c in node[1]]
+    if sum(len(x) for x in names) != len(set().union(*names)):
+        return None
+    parts = [_class_probs(c, model, sample, terms) for c in node[1]]
+    if any(p is None for p in parts):
+        return None
+    if kind == "and":
+        return np.prod(parts, axis=0)
+    return 1.0 - np.prod([1.0 - p for p in parts], axis=0)
 
 
 def merge_stats(parts: list[dict]) -> dict:
@@ -194,8 +289,11 @@ def merge_stats(parts: list[dict]) -> dict:
            "bytes": sum(p["bytes"] for p in parts), "budget_users": sum(p.get("budget_users", 0) for p in parts),
            "range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None}
     out["mean_w"] = out["users_total"] / n if n else 0.0
-    if all("clauses" in p for p in parts) and len({len(p["clauses"]) for p in parts}) == 1:
-        out["clauses"] = [add(cs) for cs in zip(*[p["clauses"] for p in parts])]
+    if all("model" in p for p in parts):
+        out["model"] = add([p["model"] for p in parts])
+        out["imps_sq"] = sum(p["imps_sq"] for p in parts)
+        out["model_var"] = add([p["model_var"] for p in parts])
+        out["order"] = parts[0]["order"]
         out["bias"] = add([p["bias"] for p in parts])
     return out
 
@@ -216,21 +314,22 @@ def score_interval(est: float, var: float, w0: float, z: float = Z95) -> tuple[f
     return float(scale * max(m + z * z / 2 - half, 0.0)), float(scale * (m + z * z / 2 + half))
 
 
-def _bias_c(stats: dict, share: float) -> float:
+def _bias_c(stats: dict, share: float, order: int = 2) -> float:
     """The synthetic model's relative bias at the size of the query's synthetic estimate (``share`` of
     all users): measured on the pairs of values of about that size, the classes next to it pooled
     until at least ``BIAS_MIN_CELLS`` pairs are in."""
     b = stats.get("bias", [])
-    if len(b) != 2 * BIAS_BINS:
+    if len(b) != 2 * BIAS_BINS * ORDERS:
         return BIAS_DEFAULT
-    acc, cnt = np.asarray(b[:BIAS_BINS]), np.asarray(b[BIAS_BINS:])
+    at = 2 * BIAS_BINS * (min(max(order, 1), ORDERS) - 1)
+    acc, cnt = np.asarray(b[at:at + BIAS_BINS]), np.asarray(b[at + BIAS_BINS:at + 2 * BIAS_BINS])
     k = _bin(share)
     for r in range(BIAS_BINS):
         lo, hi = max(0, k - r), min(BIAS_BINS, k + r + 1)
         if cnt[lo:hi].sum() >= BIAS_MIN_CELLS or (lo == 0 and hi == BIAS_BINS):
             break
     n = float(cnt[lo:hi].sum())
-    if n <= 0:
+    if n < BIAS_MIN_CELLS:  # too few cells of this order to tell the model's error: barely borrow
         return BIAS_DEFAULT
     return float(min(BIAS_MAX, max(BIAS_FLOOR, np.sqrt(max(float(acc[lo:hi].sum()) / n, 0.0)))))
 
@@ -238,7 +337,7 @@ def _bias_c(stats: dict, share: float) -> float:
 def _composite(direct: float, v_dir: float, synth: float, v_syn: float, unit: float, c: float):
     """Mix a direct and a synthetic estimate by their mean squared errors; (estimate, its MSE, phi)."""
     v_d = max(v_dir, synth * max(unit - 1.0, 0.0))  # no match is not certainty
-    mse_s = max((direct - synth) ** 2 - v_d, (c * synth) ** 2) + v_syn
+    mse_s = max((direct - synth) ** 2 - v_d, (c * synth) ** 2 + v_syn)
     phi = mse_s / (mse_s + v_d) if mse_s + v_d > 0 else 1.0
     return phi * direct + (1 - phi) * synth, phi * phi * v_d + (1 - phi) ** 2 * mse_s, phi
 
@@ -249,24 +348,23 @@ def _parts(stats: dict) -> tuple[tuple, tuple, bool, float]:
     m, u, vu, i, vi = stats["direct"]
     ex_u, ex_i = stats["exact"]
     users, imps = (u, vu, ex_u), (i, vi, ex_i)
-    clauses = stats.get("clauses")
+    model = stats.get("model")
     n_tot, i_tot = stats["users_total"], stats["imps_total"]
-    if not clauses or m >= stats["n_min"] or n_tot <= 0 or vu <= 0 and m > 0:
+    if not model or n_tot <= 0 or vu <= 0 and m > 0:
         return users, imps, False, 0.0
-    su, si, rel_u, rel_i = n_tot, i_tot, 0.0, 0.0
-    for cu, cvu, ci, cvi in clauses:
-        su *= cu / n_tot
-        si *= ci / i_tot if i_tot > 0 else 0.0
-        rel_u += cvu / cu ** 2 if cu > 0 else 0.0
-        rel_i += cvi / ci ** 2 if ci > 0 else 0.0
-    c = _bias_c(stats, su / n_tot)
-    # measured on pairs, one join of two independent-looking margins; p clauses join p - 1 times, each
-    # a factor of relative spread c: (1 + c^2)^(p - 1) - 1
-    c = float(np.sqrt((1 + c * c) ** (len(clauses) - 1) - 1))
+    su, si = model
+    order = stats["order"]
+    c = _bias_c(stats, su / n_tot, order)
+    if order > ORDERS:  # measured up to triples (two joins); each further join a like factor of spread
+        c = float(np.sqrt((1 + c * c) ** ((order - 1) / (ORDERS - 1)) - 1))
     mean_imps = i_tot / n_tot
-    eu, mu, phi_u = _composite(u, vu, su, su * su * rel_u, stats["mean_w"], c)
+    # the model gives a population's expected count; the real one scatters around it by a Poisson
+    # count's variance (users: su; impressions: si times the users' mean square over mean impressions)
+    mvu, mvi = stats.get("model_var", (0.0, 0.0))
+    eu, mu, phi_u = _composite(u, vu, su, su + mvu, stats["mean_w"], c)
     eu = max(eu, m)  # the users the sample saw are there
-    ei, mi, phi_i = _composite(i, vi, si, si * si * rel_i, stats["mean_w"] * max(mean_imps, 1.0), c)
+    imps_sq = stats.get("imps_sq", 0.0) / i_tot if i_tot > 0 else 1.0
+    ei, mi, phi_i = _composite(i, vi, si, si * imps_sq + mvi, stats["mean_w"] * max(mean_imps, 1.0), c)
     moved = phi_u < 0.999 or phi_i < 0.999
     return (eu, mu, 0.0), (ei, mi, 0.0), moved, round(1 - phi_u, 4)
 

@@ -41,7 +41,8 @@ class Sample:
     """A frozen, mergeable sample (module docstring). ``cols[attr]``: int16/int32 codes into
     ``values[attr]`` (-1: missing)."""
 
-    def __init__(self, cols: dict, values: dict, w_users, w_imps, imps, info: dict | None = None):
+    def __init__(self, cols: dict, values: dict, w_users, w_imps, imps, info: dict | None = None,
+                 classes: dict | None = None, blocks: list | None = None):
         n = len(w_users)
         self.values = {a: list(values[a]) for a in cols}
         big = max((len(v) for v in self.values.values()), default=0) >= 32767
@@ -50,6 +51,13 @@ class Sample:
         self.w_imps = np.asarray(w_imps, dtype=np.float64)
         self.imps = np.asarray(imps, dtype=np.float32)
         self.info = dict(info or {})
+        # what each partition's impression stream taught the estimator's model (``state/reach_model.py``),
+        # one block per source partition (a merged sample keeps its partitions' rows apart, so that it
+        # answers what their sums do): [(start, stop, classes)], classes {"share": (K,) each latent
+        # class's share of the impressions, "theta": {attr: (len(values[attr]) + 1, K) value shares per
+        # class, the last row missing}} or None
+        self.blocks = [(0, n, _classes(classes, self.cols))] if blocks is None else \
+            [(int(a), int(b), _classes(c, self.cols)) for a, b, c in blocks]
         self.vocab = {a: {v: i for i, v in enumerate(vals)} for a, vals in self.values.items()}
         assert all(len(c) == n for c in self.cols.values()) and len(self.imps) == n == len(self.w_imps), \
             f"ragged sample: {n} weights, {len(self.imps)} impressions, columns {[len(c) for c in self.cols.values()]}"
@@ -63,7 +71,16 @@ class Sample:
     def nbytes(self) -> int:
         """Bytes of the frozen sample's arrays (what a query reads)."""
         return int(sum(c.nbytes for c in self.cols.values()) + self.w_users.nbytes + self.w_imps.nbytes
-                   + self.imps.nbytes)
+                   + self.imps.nbytes + sum(_class_bytes(c) for _, _, c in self.blocks))
+
+    def block(self, i: int) -> "Sample":
+        """Block ``i``'s rows as a sample of their own (same vocabulary), with its classes."""
+        if len(self.blocks) == 1:
+            return self
+        a, b, c = self.blocks[i]
+        return self.cached(("block", i), lambda: Sample({k: v[a:b] for k, v in self.cols.items()}, self.values,
+                                                        self.w_users[a:b], self.w_imps[a:b], self.imps[a:b],
+                                                        self.info, classes=c))
 
     def cached(self, name: str, build):
         """A per-sample value no query changes (the estimators' per-row terms), built once."""
@@ -106,13 +123,27 @@ class Sample:
         for k in ("budget_users", "held_users"):
             if any(k in s.info for s in samples):
                 info[k] = sum(int(s.info.get(k, 0)) for s in samples)
+        blocks, at = [], 0
+        for s in samples:
+            for a, b, c in s.blocks:
+                if c:  # value shares re-indexed into the merged vocabulary (values a block never coded: 0)
+                    theta = {}
+                    for attr, t in c["theta"].items():
+                        rows = np.zeros((len(values[attr]) + 1, t.shape[1]), dtype=np.float32)
+                        rows[[vocab[attr][v] for v in s.values[attr]]] = t[:-1]
+                        rows[-1] = t[-1]
+                        theta[attr] = rows
+                    c = {"share": c["share"], "theta": theta}
+                blocks.append((at + a, at + b, c))
+            at += s.n
         return cls({a: cat(c) for a, c in cols.items()}, values, cat([s.w_users for s in samples]),
-                   cat([s.w_imps for s in samples]), cat([s.imps for s in samples]), info)
+                   cat([s.w_imps for s in samples]), cat([s.imps for s in samples]), info, blocks=blocks)
 
     def to_bytes(self) -> bytes:
         """JSON (orjson): the sample file ``loopline reach --sample`` reads."""
         return orjson.dumps({"format": FORMAT, "values": self.values, "cols": self.cols, "w_users": self.w_users,
-                             "w_imps": self.w_imps, "imps": self.imps, "info": self.info},
+                             "w_imps": self.w_imps, "imps": self.imps, "info": self.info,
+                             "blocks": [[a, b, c] for a, b, c in self.blocks]},
                             option=orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
@@ -121,12 +152,49 @@ class Sample:
             d = orjson.loads(data)
             if d.get("format") != FORMAT:
                 raise ConfigError(f"sample: not a loopline reach sample file ({FORMAT})")
-            return cls({a: np.asarray(c, dtype=np.int32) for a, c in d["cols"].items()}, d["values"],
-                       d["w_users"], d["w_imps"], d["imps"], d["info"])
+            s = cls({a: np.asarray(c, dtype=np.int32) for a, c in d["cols"].items()}, d["values"],
+                    d["w_users"], d["w_imps"], d["imps"], d["info"], blocks=d.get("blocks"))
+            _check_blocks(s)
+            return s
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, AssertionError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"sample: not a valid reach sample file ({type(exc).__name__})") from None
+
+
+def _classes(classes: dict | None, cols: dict) -> dict | None:
+    if not classes or not classes.get("theta"):
+        return None
+    return {"share": np.asarray(classes["share"], dtype=np.float32),
+            "theta": {a: np.asarray(t, dtype=np.float32) for a, t in classes["theta"].items() if a in cols}}
+
+
+def _class_bytes(c: dict | None) -> int:
+    """Bytes of a block's classes: the rows of values its partition coded (a merged sample pads the
+    others with zeros, which a partition's own sample does not hold)."""
+    if not c:
+        return 0
+    k = c["share"].nbytes
+    return int(k + sum(int(np.count_nonzero(t.any(axis=1))) * k for t in c["theta"].values()))
+
+
+def _check_blocks(s: "Sample") -> None:
+    """A sample file's blocks cover its rows in order, and each one's classes have the right shapes
+    and are finite shares (raises ``ValueError``)."""
+    at = 0
+    for a, b, c in s.blocks:
+        if a != at or b < a or b > s.n:
+            raise ValueError("blocks")
+        at = b
+        if c:
+            k = c["share"].shape
+            if len(k) != 1 or not np.all(np.isfinite(c["share"])) or (c["share"] < 0).any():
+                raise ValueError("classes")
+            for attr, t in c["theta"].items():
+                if t.shape != (len(s.values[attr]) + 1, k[0]) or not np.all(np.isfinite(t)) or (t < 0).any():
+                    raise ValueError("classes")
+    if at != s.n:
+        raise ValueError("blocks")
 
 
 def build_sample(cols: dict, values: dict, hashes: np.ndarray, imps: np.ndarray, q: np.ndarray, k: int,

@@ -60,6 +60,7 @@ import sys
 
 import numpy as np
 
+from .reach_model import UNSEEN, ClassStream
 from .reach_sample import Sample
 from .reach_strata import ScoreModel
 from .reach_vocab import Vocabulary
@@ -125,6 +126,10 @@ class ReachSampler:
         self.horizon_s = cfg.epoch_s * cfg.horizon_epochs
         self.bucket_s = cfg.epoch_s / cfg.buckets_per_epoch
         self.vocabulary = Vocabulary(cfg.max_attrs, cfg.max_values, cfg.vocab_candidates, self._pruned)
+        # the estimator's latent classes, learned from every impression of the partition (not only the
+        # sampled users'), over the horizon's half-life
+        self.classes = ClassStream(cfg.model_classes, half_life_s=self.horizon_s / 2, seed=cfg.seed) \
+            if cfg.model_classes else None
         self.records: dict[str, _User] = {}
         self.uni: list = []  # the uniform part: (-hash, user), the largest hash on top
         self.rare: list = []  # the rare part: (-priority, user), lazily cleaned: the largest priority on top
@@ -173,7 +178,9 @@ class ReachSampler:
                 "evicted": self.counts["evicted"], "segment_users": len(self.segments),
                 "max_segment_users": self.cfg.max_segment_users,
                 "segment_users_evicted": self.counts["segment_users_evicted"],
-                "segments_dropped": self.counts["segments_dropped"]}
+                "segments_dropped": self.counts["segments_dropped"],
+                "model_classes": self.cfg.model_classes,
+                "model_attrs_left_out": self.classes.counts["attrs_left_out"] if self.classes is not None else 0}
 
     def range(self) -> list[float] | None:
         """The event-time range ``[from, to]`` the sample covers (module docstring)."""
@@ -200,6 +207,10 @@ class ReachSampler:
             self.counts["too_old"] += 1
             return
         self.counts["impressions"] += impressions
+        if self.classes is not None:
+            vocab = self.vocab
+            self.classes.add({a: vocab[a].get(v, UNSEEN) if a in vocab else UNSEEN for a, v in own.items()
+                              if not a.startswith("seg.")}, ts)
         rec = self.records.get(user)
         if rec is not None:
             rec.imps[b] = rec.imps.get(b, 0) + impressions
@@ -326,6 +337,11 @@ class ReachSampler:
             codes = rec.codes
             if j < len(codes) and codes[j] != -1 and (code is None or codes[j] == code):
                 rec.codes = codes[:j] + (-1,) + codes[j + 1:]
+        if self.classes is not None:  # the class statistics of the old name or value start over
+            for a in [a for a in self.classes.stats if a not in self.vocabulary.attr_index]:
+                self.classes.forget(a)
+            if j < len(self.attrs):
+                self.classes.forget(self.attrs[j], code)
         for cache in self._qcache.values():  # the old code may come to stand for another value
             for key in [k for k in cache if j < len(k) and k[j] != -1 and (code is None or k[j] == code)]:
                 del cache[key]
@@ -469,14 +485,18 @@ class ReachSampler:
         info = {"partitions": [self.partition], "range": self.range(), "budget_users": self.k,
                 "held_users": len(self.records), "impressions_seen": self.counts["impressions"],
                 "models_learned": self.counts["models_learned"]}
-        return Sample(cols, self.values, 1.0 / pi, w_imps, imps, info)
+        classes = None
+        if self.classes is not None and self.classes.counts["impressions"] + len(self.classes.rows) > 0:
+            classes = {"share": self.classes.share(),
+                       "theta": self.classes.theta({a: v for a, v in self.values.items() if not a.startswith("seg.")})}
+        return Sample(cols, self.values, 1.0 / pi, w_imps, imps, info, classes=classes)
 
     def memory(self) -> dict:
         """Bytes held by the streaming structure (deep ``sys.getsizeof`` of up to 200 records, scaled,
         plus the heap) and per sampled user."""
         n = len(self.records)
         if not n:
-            return {"sampled_users": 0, "budget_users": self.k, "bytes": 0, "bytes_per_user": 0.0}
+            return {"sampled_users": 0, "budget_users": self.k, "bytes": 0, "bytes_per_user": 0.0, "model_bytes": 0}
         sizes = []
         for user, rec in list(self.records.items())[:200]:
             b = sys.getsizeof(user) + sys.getsizeof(rec) + sys.getsizeof(rec.codes) + 2 * sys.getsizeof(rec.h)
@@ -485,5 +505,6 @@ class ReachSampler:
             sizes.append(b)
         per = float(np.mean(sizes))
         cached = sum(sys.getsizeof(c) + 24 * len(c) for c in self._qcache.values())  # the dicts and their floats
-        return {"sampled_users": n, "budget_users": self.k, "bytes": int(per * n) + cached,
-                "bytes_per_user": round(per, 1)}
+        model = self.classes.nbytes if self.classes is not None else 0
+        return {"sampled_users": n, "budget_users": self.k, "bytes": int(per * n) + cached + model,
+                "bytes_per_user": round(per, 1), "model_bytes": model}

@@ -223,7 +223,8 @@ def test_the_stream_sampler_equals_the_bulk_builder_before_any_model():
     bulk = build_sample(cols, {"geo": ["US", "IS"]}, np.array([user_hash(u, 7) for u, _, _ in users]),
                         np.array([float(sum(a.values())) for _, _, a in users]), np.ones(300), 40)
     for q in ("*", "geo = IS"):
-        a, b = answer(s.snapshot(), q), answer(bulk, q)
+        # the design alone: the estimator's model (which the stream has and the static builder has not) left out
+        a, b = answer(s.snapshot(), q, composite=False), answer(bulk, q, composite=False)
         assert (a["users"], a["users_ci"], a["impressions"]) == (b["users"], b["users_ci"], b["impressions"])
 
 
