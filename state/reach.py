@@ -47,10 +47,10 @@ class ReachConfig:
     # a million users)
     budget_users: int = setting(20_000, "users the reach sample holds in all (every partition, the whole horizon)",
                                 env="REACH_BUDGET_USERS")
-    # n_min: a conjunction with fewer matching sampled users also gets the synthetic estimate (fall-back);
-    # also the fewest users the score model is learned from
-    min_per_stratum: int = setting(30, "n_min: matching sampled users below which an answer falls back to a "
-                                       "synthetic estimate", env="REACH_MIN_PER_STRATUM")
+    # n_min: the fewest sampled users the score model is learned from; the estimate's model error is
+    # measured on samples of at least 2 n_min users (state/reach_estimate.py)
+    min_per_stratum: int = setting(30, "n_min: the fewest sampled users the score model is learned from "
+                                       "(the model's error is measured from 2 n_min)", env="REACH_MIN_PER_STRATUM")
     # event-time length of an epoch (the score model is learned again at every epoch boundary)
     epoch_s: float = setting(86_400.0, "epoch length, seconds of event time", flag="epoch", env="REACH_EPOCH")
     # the horizon: the last horizon_epochs * epoch_s seconds of event time (7 days by default)

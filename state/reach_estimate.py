@@ -16,23 +16,25 @@ With many matches it is ``U +- 1.96 sqrt(V)``; with none it is ``[0, z^2 (w - 1)
 sample's largest weight: ``w - 1`` unseen users stand beside each sampled one). Users the sample holds with ``pi = 1`` are exact
 (zero width). The lower end is never below the users the sample saw.
 
-**Fall-back for few matches** (flagged: ``fallback``). A rule that is a conjunction ``C1 and C2 and ...``
-(no attribute in two clauses) and matches fewer than ``n_min`` sampled users also gets a *synthetic* estimate
-``S = N prod_j (U_j / N)`` (each clause measured on the whole sample, where it has many more matches):
-exact when the clauses are independent. The answer mixes the two by their mean squared errors,
-``phi = MSE_S / (MSE_S + V_D)``: ``V_D`` the direct one's variance (at least what the synthetic size
-implies, so "no match" is not taken as certainty), ``MSE_S`` the synthetic one's squared bias, estimated
-from the gap ``(D - S)^2 - V_D`` and never below ``(c S)^2``. ``c``, the synthetic model's relative bias,
-is *measured on the sample itself, at the rule's size*: over every pair of attribute values the sample
-holds, each cell's ``((D - S) / S)^2`` less its sampling noise ``V / S^2`` (unbiased however few its
-matches), averaged within size classes of 2x of ``S / N`` (``BIAS_BINS``; neighbouring classes pooled
-until ``BIAS_MIN_CELLS`` pairs), the class of the rule's ``S`` taken (``BIAS_FLOOR <= c <= BIAS_MAX``).
-Rare pairs often deviate from independence far more than common ones (a population of segments:
-independent-looking at the top, tied at the bottom), so the common pairs' bias would let rare rules
-borrow too much and their intervals miss. A rule of ``p`` clauses joins ``p - 1`` times, each a factor
-of relative spread ``c``: its bias is taken as ``sqrt((1 + c^2)^(p - 1) - 1)``. A population whose
-attributes are independent gets a small ``c`` and borrows much; one with strongly correlated
-attributes gets a large ``c`` and little. The interval uses the mixture's MSE.
+**Model-assisted estimate** (flagged: ``fallback``, when the model moved the answer). A latent-class
+model of the attributes (``state/reach_model.py``) gives a second estimate ``S = sum_k W_k prod_j
+P_k(C_j)`` of any rule whose ``and``/``or``/``not`` parts read distinct attributes (inside a class
+the attributes are independent). Its classes' value shares come from the partition's whole
+impression stream (the sample's block: ``state/reach_sample.py``), its classes' users ``W_k`` from
+the sample (``class_weights``); a sample without them gets independence fitted on itself (a
+conjunction of two clauses or more, with its shares' variance by the delta method). The answer mixes
+the two by their mean squared errors, ``phi = MSE_S / (MSE_S + V_D)``: ``V_D`` the direct one's
+variance (at least what ``S`` implies, so "no match" is not taken as certainty), ``MSE_S`` the
+model's, estimated from the gap ``(D - S)^2 - V_D`` and never below ``(c S)^2 + S``: ``S`` the
+Poisson scatter of a real count around the model's expectation, ``c`` the model's relative error,
+*measured on the sample itself, at the rule's order and size*: over every single value, pair and
+triple of values the sample holds, each cell's ``((D - S) / S)^2`` less its sampling noise ``V / S^2``
+and its Poisson scatter ``1 / S`` (unbiased however few its matches), averaged within size classes of
+2x of ``S / N`` (``BIAS_BINS``; neighbouring classes pooled until ``BIAS_MIN_CELLS`` cells; fewer in
+all: ``BIAS_DEFAULT``), the class of the rule's ``S`` taken (``BIAS_FLOOR <= c <= BIAS_MAX``); a rule
+of more than three attributes extrapolates from triples. Rare cells often deviate from any model far
+more than common ones, so the measurement is read at the rule's size. The interval uses the
+mixture's MSE.
 
 **Distributed.** :func:`query_stats` gives sums that add across partitions (:func:`merge_stats`);
 :func:`finish` makes the answer from pooled sums, the same as :func:`answer` on the merged sample.
@@ -63,13 +65,13 @@ __all__ = ["Estimate", "query_stats", "merge_stats", "finish", "answer", "users_
            "score_interval"]
 
 Z95 = 1.959964  # two-sided 95% normal quantile
-BIAS_FLOOR = 0.05  # the synthetic estimate is always allowed this much relative bias
-BIAS_DEFAULT = 0.5  # ... and this much when the sample has no pair of values to measure it on
+BIAS_FLOOR = 0.05  # the model is always allowed this much relative error (beyond the Poisson scatter)
+BIAS_DEFAULT = 0.5  # ... and this much when the sample has too few cells to measure it on
 BIAS_MAX = 4.0  # the largest relative bias measured (the direct estimate takes over long before)
 BIAS_BINS = 24  # size classes of the bias measurement: shares 2^-1 ... 2^-23 and everything smaller
-BIAS_MIN_CELLS = 30  # pairs of values a size class pools at least (neighbouring classes join until then)
-MAX_PAIR_CELLS = 1 << 16
-ORDERS = 3  # the model's error is measured on single values, pairs and triples of values  # value pairs of two attributes the bias measurement looks at, at most
+BIAS_MIN_CELLS = 30  # cells a size class pools at least (neighbouring classes join until then)
+MAX_PAIR_CELLS = 1 << 16  # value combinations of one group of attributes the error measurement looks at, at most
+ORDERS = 3  # the model's error is measured on single values, pairs and triples of values
 
 
 @dataclass(frozen=True, slots=True)

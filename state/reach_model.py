@@ -217,9 +217,10 @@ class ClassStream:
             s = self.stats.get(a)
             need = top + 2
             if s is None:
-                self.stats[a] = np.zeros((max(need, 8), self.k))
+                self.stats[a] = np.zeros((min(max(need, 8), self.max_values + 1), self.k))
             elif len(s) < need:
-                self.stats[a] = np.vstack([s, np.zeros((max(need, 2 * len(s)) - len(s), self.k))])
+                grow = min(max(need, 2 * len(s)), self.max_values + 1)  # missing and max_values codes
+                self.stats[a] = np.vstack([s, np.zeros((grow - len(s), self.k))])
         if self.mass.sum() <= 0:
             resp = self._warm_start(cols, n)
         else:
@@ -227,7 +228,7 @@ class ClassStream:
             log = np.log(self.mass / self.mass.sum())[None, :].repeat(n, 0)
             for a, c in cols.items():
                 seen = c >= 0
-                log[seen] += np.log(theta[a][c[seen]])
+                log[seen] += np.log(theta[a])[c[seen]]  # the log table once, then a gather
             resp = np.exp(log - log.max(1, keepdims=True))
             resp /= resp.sum(1, keepdims=True)
         self.mass += resp.sum(0)
