@@ -317,9 +317,9 @@ def score_interval(est: float, var: float, w0: float, z: float = Z95) -> tuple[f
 
 
 def _bias_c(stats: dict, share: float, order: int = 2) -> float:
-    """The synthetic model's relative bias at the size of the query's synthetic estimate (``share`` of
-    all users): measured on the pairs of values of about that size, the classes next to it pooled
-    until at least ``BIAS_MIN_CELLS`` pairs are in."""
+    """The model's relative error at the size of the query's model estimate (``share`` of all users) and
+    its ``order`` (attributes read; triples stand for more): measured on the cells of that order of
+    about that size, the classes next to it pooled until at least ``BIAS_MIN_CELLS`` cells are in."""
     b = stats.get("bias", [])
     if len(b) != 2 * BIAS_BINS * ORDERS:
         return BIAS_DEFAULT

@@ -42,6 +42,11 @@ same holds from ``from`` on (``w_imps``, ``state/reach_sample.py``). The model i
 every epoch boundary from the sample (weighted by ``1/pi``); the rare part's priorities follow it.
 Before the first model ``q = 1`` (the rare part is uniform too).
 
+**The estimator's classes.** Every accepted impression, sampled user or not, also goes to a
+:class:`~loopline.state.reach_model.ClassStream` (``model_classes`` latent classes, 0: none), which
+learns the attributes' value shares per class online; a snapshot carries them, and the estimate borrows
+from them for rules the sample holds few users of (``state/reach_estimate.py``).
+
 >>> s = ReachSampler(_config(budget_users=50, min_per_stratum=5))
 >>> for i in range(200):
 ...     s.observe(f"u{i}", 100.0 + i, {"gender": "F" if i % 4 else "M"}, impressions=2)
@@ -496,7 +501,9 @@ class ReachSampler:
         plus the heap) and per sampled user."""
         n = len(self.records)
         if not n:
-            return {"sampled_users": 0, "budget_users": self.k, "bytes": 0, "bytes_per_user": 0.0, "model_bytes": 0}
+            model = self.classes.nbytes if self.classes is not None else 0
+            return {"sampled_users": 0, "budget_users": self.k, "bytes": model, "bytes_per_user": 0.0,
+                    "model_bytes": model}
         sizes = []
         for user, rec in list(self.records.items())[:200]:
             b = sys.getsizeof(user) + sys.getsizeof(rec) + sys.getsizeof(rec.codes) + 2 * sys.getsizeof(rec.h)
