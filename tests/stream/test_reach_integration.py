@@ -81,6 +81,8 @@ def test_fan_out_partial_answer_and_recovery(broker, start_worker, tmp_path):
     full = wait_for(complete, 90, "both workers to answer for every partition")
     assert (full["users"], full["impressions"]) == (offline["users"], offline["impressions"])
     assert full["users_ci"] == offline["users_ci"]
+    # the model-assisted part too: each worker's partitions learned the same classes from the stream
+    assert offline["fallback"] and (full["fallback"], full["fallback_share"]) == (offline["fallback"], offline["fallback_share"])
     # a source's segment label (segment events on the same topic) is a query attribute on the workers too
     seg = wait_for(lambda: (a := ask_workers(urls, SEG_QUERY, timeout=2.0))["users"] == offline_seg["users"] and a
                    or None, 30, "the segment answer")
