@@ -81,10 +81,16 @@ class LatentClasses:
 
 
 def fit_classes(cols: dict, nvalues: dict, w: np.ndarray, y: np.ndarray, k: int, alpha: float = 2.0,
-                iters: int = 200, tol: float = 1e-6, seed: int = 0, resp_out: bool = False):
+                iters: int = 200, tol: float = 1e-6, seed: int = 0) -> LatentClasses:
     """EM for a ``k``-class model of rows ``cols[a]`` (codes ``0 .. nvalues[a] - 1``, -1 missing)
     weighted by ``w`` (``1/pi``); ``y`` each row's weighted impressions (``w_imps * imps``). ``alpha``:
     the prior's weight in sampled users (module docstring)."""
+    resp, users, theta = _em(cols, nvalues, w, k, alpha, iters, tol, seed)
+    return LatentClasses(users, resp.T @ np.asarray(y, dtype=np.float64), theta)
+
+
+def _em(cols: dict, nvalues: dict, w, k: int, alpha: float, iters: int, tol: float, seed: int):
+    """:func:`fit_classes`' EM: each row's class responsibilities, the classes' users and value shares."""
     w = np.asarray(w, dtype=np.float64)
     n = len(w)
     attrs = [a for a in cols if nvalues[a] > 0]
@@ -106,10 +112,7 @@ def fit_classes(cols: dict, nvalues: dict, w: np.ndarray, y: np.ndarray, k: int,
         if ll - last < tol:
             break
         last = ll
-    if resp_out:
-        return resp
-    imps = resp.T @ np.asarray(y, dtype=np.float64)
-    return LatentClasses(users, imps, theta)
+    return resp, users, theta
 
 
 def _m_step(codes: dict, nvalues: dict, w: np.ndarray, resp: np.ndarray, prior: float, marg: dict):
@@ -252,9 +255,8 @@ class ClassStream:
     def _warm_start(self, cols: dict, n: int) -> np.ndarray:
         nv = {a: int(c.max(initial=0)) + 1 for a, c in cols.items()}
         seen = {a: np.where(c >= 0, c, 0) for a, c in cols.items()}  # an unseen value counts as missing here
-        m = fit_classes({a: s - 1 for a, s in seen.items()}, {a: nv[a] - 1 for a in seen}, np.ones(n), np.ones(n),
-                        k=self.k, alpha=self.alpha, seed=self.seed, resp_out=True)
-        return m
+        return _em({a: s - 1 for a, s in seen.items()}, {a: nv[a] - 1 for a in seen}, np.ones(n), self.k,
+                   self.alpha, 200, 1e-6, self.seed)[0]
 
     def share(self) -> np.ndarray:
         """Each class's share of the impressions (recent ones weigh more)."""

@@ -214,8 +214,9 @@ class ReachSampler:
         self.counts["impressions"] += impressions
         if self.classes is not None:
             vocab = self.vocab
-            self.classes.add({a: vocab[a].get(v, UNSEEN) if a in vocab else UNSEEN for a, v in own.items()
-                              if not a.startswith("seg.")}, ts)
+            # names the vocabulary has no slot for say nothing (and would grow the statistics without bound)
+            self.classes.add({a: vocab[a].get(v, UNSEEN) for a, v in own.items()
+                              if a in vocab and not a.startswith("seg.")}, ts)
         rec = self.records.get(user)
         if rec is not None:
             rec.imps[b] = rec.imps.get(b, 0) + impressions

@@ -31,7 +31,7 @@ def test_theta_sketches_fit_the_bytes_and_estimate_within_their_interval(query):
 
 
 def test_theta_sketches_agree_with_datasketches_of_the_same_size():
-    ds = pytest.importorskip("datasketches")
+    import datasketches as ds  # a declared dependency (pyproject.toml): the peer implementation
     cols, values, hashes, _ = population(50_000, 1)
     ours = ThetaSketches(cols, values, hashes, budget_bytes=200_000)
     lg = int(np.log2(ours.k))

@@ -132,3 +132,48 @@ def test_any_stream_of_codes_gives_finite_shares_and_stays_bounded(rows, forget)
         assert t.shape == (201, 3) and np.all(np.isfinite(t)) and np.allclose(t.sum(0), 1.0)
     assert all(len(x) <= 257 for x in s.stats.values())  # max_values codes and missing, at most
     assert s.theta(values) == {}  # more values than max_values: left out (independent of the rest)
+
+
+def test_attribute_names_without_a_slot_never_reach_the_class_statistics():
+    s = ReachSampler(ReachConfig(budget_users=50, max_attrs=4, epoch_s=1e6, model_classes=3))
+    for i in range(5_000):  # a new junk name on every impression, beside a real attribute
+        s.observe(f"u{i % 300}", float(i), {"age": str(i % 5), f"junk{i}": "x"})
+    s.classes.flush()
+    assert set(s.classes.stats) <= set(s.vocabulary.attrs) and len(s.classes.stats) <= 4
+    assert "age" in s.classes.stats
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-5, 500) | st.floats(allow_nan=True) | st.text(max_size=4),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["blocks", "block", "classes", "share", "theta", "row"]), _json)
+def test_a_sample_file_with_any_blocks_loads_and_answers_or_is_refused_in_one_line(where, junk):
+    import orjson
+    cols, values, imps = segmented(400, 5)
+    s = stream(cols, values, imps, classes=2)
+    base = build_sample(cols, values, np.random.default_rng(1).random(400), imps, np.ones(400), 60)
+    merged = Sample.merge([Sample(base.cols, base.values, base.w_users, base.w_imps, base.imps, base.info,
+                                  classes={"share": s.share(), "theta": s.theta(values)}), base])
+    d = orjson.loads(merged.to_bytes())
+    if where == "blocks":
+        d["blocks"] = junk
+    elif where == "block":
+        d["blocks"][0] = junk
+    elif where == "classes":
+        d["blocks"][0][2] = junk
+    elif where == "share":
+        d["blocks"][0][2]["share"] = junk
+    elif where == "theta":
+        d["blocks"][0][2]["theta"] = junk
+    else:
+        d["blocks"][0][2]["theta"]["a"][0] = junk
+    try:
+        back = Sample.from_bytes(orjson.dumps(d))
+    except ConfigError as exc:
+        assert str(exc).startswith("sample: ") and "\n" not in str(exc)
+        return
+    a = answer(back, "a = a1 and b in (b2, b3)")
+    assert np.isfinite(a["users"]) and a["users_ci"][0] <= a["users"] <= a["users_ci"][1]
