@@ -13,8 +13,12 @@ and an ``fm`` worker run the same code. Per micro-batch (``step``):
 1. read each example's history (raw events strictly before its ``ts``) from the store, in one batched
    read (``HistoryStore.last_events_many``: one scan per distinct user);
 2. DAS (ExFM): score the batch with the *published* FM snapshot (soft label + its version) and, once an
-   embedding snapshot exists, compute the LoopFM code with it (fixed for the run by default: a
-   consistent embedding space beat freshness in LoopFM's ablation);
+   embedding snapshot exists, compute the LoopFM code with it. By default a snapshot is published every
+   step and codes come from each one: the model before the batch's update, whose outputs step 3's
+   training forward computes anyway. (LoopFM's ablation favoured a checkpoint frozen for the run, but its
+   FM was trained before; one that learns online from nothing is untrained at its first snapshot, and on
+   MovieLens ``vm:loopfm+kd``'s transfer ratio went from -0.05 with a frozen embedder to 0.46 with live
+   codes, docs/transfer.md);
 3. progressive validation: the training FM and the logistic baseline predict, then learn, each example
    weighted against delayed feedback (``model/delay.py``: positives come a window before their
    negatives; the weight goes on with the augmented example, so the VMs train with it too);
@@ -70,8 +74,11 @@ def canonical_order(examples: list[dict]) -> list[dict]:
 class FMStageConfig:
     fm: FMConfig = field(default_factory=FMConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    publish_every: int = 20  # training steps between published snapshots (what DAS scores with)
-    embed_refresh_every: int = 0  # publishes between embedding-snapshot refreshes; 0 = fixed for the run
+    # training steps between published snapshots (what DAS scores with). 1: DAS scores each batch with the
+    # model as it stands before the batch's update, which the training forward computes anyway (no copy)
+    publish_every: int = 1
+    # publishes between embedding-snapshot refreshes; 0 = the first snapshot's codes for the whole run
+    embed_refresh_every: int = 1
     baseline: bool = True  # train the logistic-regression baseline in the same pass
     # examples re-sent after a restart or rebalance are dropped by id (each example trains once)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -110,6 +117,10 @@ class FMStage:
         self._batch: list = []  # released examples of the next micro-batch
         self.outputs: list = []  # DAS outputs of each step, for a streaming caller to send and clear
         self.timings = Timings()  # seconds per part of ``step`` and ``observe`` (``loopline bench stage``)
+        # publishing every step, codes from every snapshot: DAS's snapshot is the training model before its
+        # update, so the training forward's outputs are the soft labels and codes (the same numbers as a
+        # copy scoring them, tests/model/test_pipeline.py; a mode-dependent model needs its eval pass)
+        self.live = cfg.publish_every == 1 and cfg.embed_refresh_every == 1 and self.fm.shared_forward
 
     def _publish(self) -> None:
         model = copy.deepcopy(self.fm.model).eval()
@@ -141,11 +152,13 @@ class FMStage:
         weights = self.delay.weights(examples)
         batch = self.featurizer.batch(examples, hist)._replace(weights=torch.from_numpy(weights))
         clock.lap("featurize")
-        soft, code = self._das(batch, clock)
+        soft, code = (None, None) if self.live else self._das(batch, clock)
         y = batch.labels.numpy()
         step = self.fm.version  # this micro-batch's index: the VMs' consumers order by it
-        p_fm = self.fm.step(batch)
+        p_fm, before = self.fm.step_outputs(batch)
         clock.lap("train")
+        if self.live and step > 0:  # (version 0, the initial model, is never published)
+            soft, code = torch.sigmoid(before["logit"]).numpy(), before["code"].numpy()
         self.metrics["fm"].update(p_fm, y)
         preds = {"fm": p_fm}
         if self.lr is not None:
@@ -157,19 +170,19 @@ class FMStage:
             self.metrics["das"].update(soft, y)
             preds["das"] = soft
         # every example goes on; before the first published snapshot DAS has no soft label (null)
-        version = self.published[0] if soft is not None else None
+        version = None if soft is None else step if self.live else self.published[0]
         augmented = [dict(e, soft_label=None if soft is None else float(soft[i]), fm_version=version, fm_step=step,
                           weight=float(weights[i])) for i, e in enumerate(examples)]
         scores = [score_row(e, {k: float(v[i]) for k, v in preds.items()}) for i, e in enumerate(examples)]
         embeddings = []
         if code is not None:
-            version = self.embedder[0]
+            version = step if self.live else self.embedder[0]
             embeddings = [(e["user"], e["ts"], version, c, e["id"]) for e, c in zip(examples, code)]
             clock.lap("outputs")
             self.history.append_embeddings(embeddings)
             clock.lap("history_write")
         # ids make the appends idempotent under replays (state/history.py)
-        if self.fm.version % self.cfg.publish_every == 0:
+        if not self.live and self.fm.version % self.cfg.publish_every == 0:
             self._publish()
             clock.lap("publish")
         self.counts["examples"] += len(examples)

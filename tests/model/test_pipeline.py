@@ -41,8 +41,8 @@ def test_the_stage_is_deterministic_whatever_order_examples_arrive_in(tmp_path):
     assert a.report()["fm"]["n"] == len(exs) and "lr" in a.report()
 
 
-def test_das_scores_with_published_snapshots_and_codes_come_from_one_fixed_snapshot(tmp_path):
-    s = stage(tmp_path, "das")
+def test_das_scores_with_published_snapshots_and_codes_can_come_from_one_fixed_snapshot(tmp_path):
+    s = stage(tmp_path, "das", embed_refresh_every=0)
     outs = [s.step(exs) for exs in (examples()[i:i + 64] for i in range(0, 600, 64))]
     assert outs[0]["embeddings"] == []  # nothing published yet: no codes, and null soft labels
     assert outs[0]["augmented"] and all(a["soft_label"] is None for a in outs[0]["augmented"])
@@ -53,10 +53,30 @@ def test_das_scores_with_published_snapshots_and_codes_come_from_one_fixed_snaps
     assert aug and all(0 < a["soft_label"] < 1 for a in aug)
     assert len({a["fm_version"] for a in aug}) > 1  # soft labels follow the newest snapshot
     versions = {e[2] for o in outs for e in o["embeddings"]}
-    assert versions == {3}  # the embedding space is fixed for the run by default
+    assert versions == {3}  # the embedding space is fixed for the run
     user = aug[-1]["user"]
     stored = s.history.last_embeddings(user, t=1e5, L=500)
     assert set(stored["versions"]) == {3} and stored["codes"].shape[1] == SMALL.code_dim
+
+
+def test_publishing_every_step_gives_the_numbers_of_a_copied_snapshot_without_the_copy(tmp_path):
+    """The default (a snapshot per step, codes from each): DAS's soft labels and codes are the training
+    forward's own outputs, equal to a published copy's, with no copy made."""
+    exs = examples()
+    live = FMStage(HistoryStore(str(tmp_path / "live")), FMStageConfig(fm=SMALL, trainer=TrainerConfig(batch_size=64)))
+    copied = FMStage(HistoryStore(str(tmp_path / "copied")), live.cfg)
+    assert live.live
+    copied.live = False  # the general path: deep copies scored with a forward of their own
+    out_a, out_b = [], []
+    live.run(exs, on_step=out_a.append)
+    copied.run(exs, on_step=out_b.append)
+    assert live.published is None and copied.publishes > 0
+    assert live.report() == copied.report() and "das" in live.report()
+    assert [[(x["soft_label"], x["fm_version"]) for x in o["augmented"]] for o in out_a] == \
+        [[(x["soft_label"], x["fm_version"]) for x in o["augmented"]] for o in out_b]
+    assert out_a[0]["augmented"][0]["soft_label"] is None  # the initial model is never published
+    codes = [(e[0], e[1], e[2], e[3].tolist()) for o in out_a for e in o["embeddings"]]
+    assert codes and codes == [(e[0], e[1], e[2], e[3].tolist()) for o in out_b for e in o["embeddings"]]
 
 
 def test_embedding_snapshot_refreshes_when_asked(tmp_path):
