@@ -73,8 +73,8 @@ METRICS = ("n", "auc", "ne", "logloss")  # equal in a worker and in evaluate (te
 class DemoConfig:
     """What ``loopline demo`` generates, trains and asks, and where it keeps its files."""
 
-    # about 8,100 labelled impressions over 6 days: 32 FM steps of 256, so DAS (scored by the snapshot
-    # the FM publishes every 20 steps) has rows after the shift; about 70 s on 2 otherwise idle cores
+    # about 8,100 labelled impressions over 6 days: 32 FM steps of 256, with DAS rows before and after
+    # the shift; about 70 s on 2 otherwise idle cores
     users: int = setting(500, "users in the generated log", env="DEMO_USERS")
     days: float = setting(6.0, "days of event time in the generated log", env="DEMO_DAYS")
     seed: int = 1
