@@ -77,12 +77,12 @@ def _run_stage(examples: list[dict], stage_cfg: FMStageConfig, vm_cfg: VMStageCo
             t0 = time.perf_counter()
             stage = FMStage(history, stage_cfg)
             vms = VMStage(history, vm_cfg)
-            fm_step = stage.fm.step
+            fm_step = stage.fm.step_outputs
 
             def recording_step(batch):
                 batches.append(batch)
                 return fm_step(batch)
-            stage.fm.step = recording_step
+            stage.fm.step_outputs = recording_step
             rows: dict[str, dict] = {}
 
             def on_step(out: dict) -> None:
