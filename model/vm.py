@@ -259,7 +259,13 @@ class VerticalModel(nn.Module):
                                  BlockNorm() if norm == "block" else nn.Identity(), activation(act))  # the backbone's last layer activated too
         width = cfg.hidden[-1]
         self.serving = nn.Linear(width, 1)
-        self.distilling = nn.Linear(width, 1) if cfg.distill == "ah" else None
+        self.distilling = None
+        if cfg.distill == "ah":
+            # drawn aside (the generator's state restored after), so a recipe with the Auxiliary Head starts
+            # from the draws of the one without: before, its head shifted every embedding's initial draw,
+            # and with beta = 0 AH was not base
+            with torch.random.fork_rng():
+                self.distilling = nn.Linear(width, 1)
         self.bias = nn.Parameter(torch.zeros(1))
         # small initial embeddings: with N(0, 1) rows the pairwise term alone would have a standard
         # deviation of about sqrt(pairs * d) logits and the untrained model would be far off the base rate

@@ -105,3 +105,15 @@ def test_vm_featurizer_reads_the_fm_stage_weight():
             "weight": 0.5 if i % 20 == 0 else 1.0} for i in range(40)]
     b = VMFeaturizer(cfg).batch(exs)
     assert b.weights is not None and b.weights.tolist() == [e["weight"] for e in exs]
+
+
+def test_auxiliary_head_with_beta_zero_trains_exactly_the_base_vm():
+    """The head is drawn aside, so an AH recipe starts from base's draws; with beta = 0 nothing of the
+    distillation loss reaches the backbone, and the serving predictions are base's, step after step."""
+    base = VMLearner(VMConfig(history="attention"), seed=5)
+    ah = VMLearner(VMConfig(history="attention", distill="ah", ah_beta=0.0), seed=5)
+    for s in range(4):
+        b = batch(base.cfg, seed=s)
+        p_base, _ = base.step(b)
+        p_ah, _ = ah.step(b)
+        assert np.array_equal(p_base, p_ah), s
