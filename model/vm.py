@@ -78,6 +78,10 @@ class VMConfig:
     mods: bool = False  # LoKA's Mods: HardSwish, BlockNorm, no bias in the hidden layers (heads keep theirs)
     lr_dense: float = 1e-3  # Adam on dense layers
     lr_sparse: float = 0.05  # Adagrad on embedding rows
+    # Adagrad on the first-order rows, a logistic regression inside the VM: at the logistic baseline's rate
+    # (TrainerConfig.lr_sparse). At lr_sparse they took days of a 4% stream to carry the output from 0.5
+    # down to the base rate (synthetic calibration 1.50 -> 1.16, NE 0.970 -> 0.900; docs/transfer.md)
+    lr_first: float = 0.4
     hash_cache: int = 65_536  # hashed id strings cached by the featurizer (model/features.py HashCache)
 
     def __post_init__(self):
@@ -93,6 +97,10 @@ class VMConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden: must be positive widths, got {self.hidden}")
+        for name in ("lr_dense", "lr_sparse", "lr_first", "adapter_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{name}: must be a positive number, got {v!r}")
         for name in ("kd_weight", "ah_alpha", "ah_beta", "ah_weight", "adapter_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -316,7 +324,10 @@ class VMLearner:
         self.model = VerticalModel(cfg)
         sparse, dense = split_params(self.model)
         # Adam with foreach: the same numbers as the single-tensor loop on CPU, less Python (model/trainer.py)
-        self.optimizers = [torch.optim.Adagrad(sparse, lr=cfg.lr_sparse),
+        first = {id(p) for p in self.model.first.parameters()}
+        rows = [{"params": [p for p in sparse if id(p) in first], "lr": cfg.lr_first},
+                {"params": [p for p in sparse if id(p) not in first]}]
+        self.optimizers = [torch.optim.Adagrad(rows, lr=cfg.lr_sparse),
                            torch.optim.Adam(dense, lr=cfg.lr_dense, foreach=True)]
         self.adapter = StudentAdapter(cfg.adapter_hidden) if cfg.adapter else None
         self.adapter_opt = (torch.optim.Adam(self.adapter.parameters(), lr=cfg.adapter_lr, foreach=True)
