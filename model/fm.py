@@ -104,6 +104,12 @@ class FoundationModel(nn.Module):
         self.loop_in_dim = cfg.hidden[0] + self.encoder.out_dim
         self.autoencoder = LoopFMAutoencoder(self.loop_in_dim, cfg.code_dim, cfg.ae_hidden, cfg.matryoshka)
 
+    @property
+    def intercept(self) -> nn.Parameter:
+        """The head's bias: with no first-order rows, the one fast path to the base rate, so the trainer
+        gives it the rows' Adagrad (``OnlineTrainer``)."""
+        return self.head.bias
+
     def flops_per_example(self) -> int:
         """Multiply-adds for one example with full histories: the Kunlun encoders (their analytic
         count) plus every dense layer (the summary, MLP, head and LoopFM autoencoder); embedding

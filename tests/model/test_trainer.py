@@ -124,3 +124,19 @@ def test_zero_weight_examples_do_not_move_the_model():
     assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
     t.step(b._replace(weights=torch.ones(b.size)))
     assert not all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_a_named_intercept_learns_with_the_rows_adagrad_not_adam():
+    """The FM has no first-order rows; its head's bias takes Adagrad's first step, lr_sparse in size,
+    where Adam's would have been lr_dense."""
+    from loopline.model.fm import FoundationModel
+
+    from .test_fm import SMALL, make_batch
+    torch.manual_seed(0)
+    t = OnlineTrainer(FoundationModel(SMALL), TrainerConfig(lr_sparse=0.4, lr_dense=1e-3))
+    bias = t.model.head.bias
+    assert any(bias is p for p in t.optimizers[0].param_groups[0]["params"])  # the Adagrad
+    assert not any(bias is p for g in t.optimizers[1].param_groups for p in g["params"])
+    before = float(bias)
+    t.step(make_batch())
+    assert abs(float(bias) - before) == pytest.approx(0.4, rel=1e-4)
