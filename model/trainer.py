@@ -34,6 +34,7 @@ that want a path or a single file.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,7 +45,8 @@ from torch.nn import functional as F
 from loopline.errors import ConfigError
 from loopline.state import snapshots
 
-__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save", "mode_free"]
+__all__ = ["TrainerConfig", "OnlineTrainer", "latest_snapshot", "split_params", "atomic_save", "mode_free",
+           "fitting_snapshot", "load_optimizers"]
 
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 # modules whose forward depends on train/eval mode: a model holding one predicts with its own eval pass
@@ -156,9 +158,9 @@ class OnlineTrainer:
                 "version": self.version, "config": asdict(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        for opt, st in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(st)
+        with fitting_snapshot():
+            self.model.load_state_dict(state["model"])
+            load_optimizers(self.optimizers, state["optimizers"])
         self.version = int(state["version"])
 
     def save(self, directory: str, meta: dict | None = None, keep: int = snapshots.DEFAULT_KEEP) -> str:
@@ -172,6 +174,26 @@ class OnlineTrainer:
         state = snapshots.read(path)
         self.load_state_dict(state)
         return state["meta"]
+
+
+@contextmanager
+def fitting_snapshot():
+    """Turns a snapshot that does not fit the model (another version's or config's layout: other tables,
+    layers or optimizer groups) into one ``SnapshotError`` line saying what to do, not torch's traceback."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise snapshots.SnapshotError(
+            f"snapshot: does not fit this model ({first[:200]}); it was written by another version or "
+            "config of it: restart with that one, or on an empty --data-dir to start over") from None
+
+
+def load_optimizers(optimizers: list, states: list) -> None:
+    if len(optimizers) != len(states):
+        raise ValueError(f"{len(states)} optimizer states for {len(optimizers)} optimizers")
+    for opt, st in zip(optimizers, states):
+        opt.load_state_dict(st)
 
 
 def atomic_save(obj, path: str) -> str:

@@ -46,7 +46,7 @@ from loopline.errors import ConfigError
 from .distill import StudentAdapter, aux_target, grad_scale, soft_bce
 from .features import HashCache
 from .mods import MLP, BlockNorm, activation
-from .trainer import mode_free, split_params
+from .trainer import fitting_snapshot, load_optimizers, mode_free, split_params
 
 __all__ = ["VMConfig", "VMBatch", "VMFeaturizer", "VerticalModel", "VMLearner"]
 
@@ -405,10 +405,10 @@ class VMLearner:
                                                     for k, v in asdict(self.cfg).items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        for opt, st in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(st)
-        if self.adapter is not None:
-            self.adapter.load_state_dict(state["adapter"])
-            self.adapter_opt.load_state_dict(state["adapter_opt"])
+        with fitting_snapshot():
+            self.model.load_state_dict(state["model"])
+            load_optimizers(self.optimizers, state["optimizers"])
+            if self.adapter is not None:
+                self.adapter.load_state_dict(state["adapter"])
+                self.adapter_opt.load_state_dict(state["adapter_opt"])
         self.version = int(state["version"])

@@ -46,16 +46,27 @@ def test_autoencoder_loss_does_not_reach_the_fm():
 
 
 def test_reconstruction_error_falls_while_the_fm_trains():
+    """Relative to the activations' own size: as the FM learns they grow (fivefold here, 40 passes over
+    4 batches with the rows at Adagrad 0.4), so the absolute error can grow while the fit improves."""
     torch.manual_seed(0)
     t = OnlineTrainer(FoundationModel(SMALL), TrainerConfig(lr_dense=3e-3))
     batches = [make_batch(seed=s) for s in range(4)]
-    with torch.no_grad():
-        first = [float(t.model(b)["ae_loss"]) for b in batches]
+    seen = []
+    t.model.autoencoder.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+
+    def relative_errors():
+        out = []
+        with torch.no_grad():
+            for b in batches:
+                seen.clear()
+                loss = float(t.model(b)["ae_loss"])
+                out.append(loss / float(seen[0].pow(2).mean()))
+        return out
+    first = relative_errors()
     for _ in range(40):
         for b in batches:
             t.learn_many(b)
-    with torch.no_grad():
-        last = [float(t.model(b)["ae_loss"]) for b in batches]
+    last = relative_errors()
     # the target moves too (the FM's activations change as it learns), so the drop is partial
     assert np.mean(last) < 0.75 * np.mean(first), (first, last)
 

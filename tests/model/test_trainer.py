@@ -140,3 +140,24 @@ def test_a_named_intercept_learns_with_the_rows_adagrad_not_adam():
     before = float(bias)
     t.step(make_batch())
     assert abs(float(bias) - before) == pytest.approx(0.4, rel=1e-4)
+
+
+def test_a_snapshot_of_another_layout_is_one_snapshot_error_line():
+    """A snapshot of another model or optimizer layout (another version's, or config's) is refused with one
+    line that says what to do, not torch's traceback."""
+    from loopline.model.fm import FoundationModel
+    from loopline.state.snapshots import SnapshotError
+
+    from .test_fm import SMALL
+    fm = OnlineTrainer(FoundationModel(SMALL))
+    lr = OnlineTrainer(LogisticBaseline(SMALL.features))
+    with pytest.raises(SnapshotError, match=r"^snapshot: does not fit this model \(.*\); it was written by another") as e:
+        fm.load_state_dict(lr.state_dict())
+    assert "\n" not in str(e.value)
+    state = fm.state_dict()
+    state["optimizers"][0]["param_groups"][0]["params"] = state["optimizers"][0]["param_groups"][0]["params"][:-1]
+    with pytest.raises(SnapshotError, match="^snapshot: does not fit"):  # the optimizer's groups differ
+        OnlineTrainer(FoundationModel(SMALL)).load_state_dict(state)
+    state = fm.state_dict()
+    with pytest.raises(SnapshotError, match="^snapshot: does not fit"):
+        OnlineTrainer(FoundationModel(SMALL)).load_state_dict({**state, "optimizers": state["optimizers"][:1]})

@@ -42,3 +42,10 @@ def test_every_embedding_table_is_in_one_of_the_two_row_groups():
     assert [g["lr"] for g in groups] == [0.4, 0.05]
     assert sum(len(g["params"]) for g in groups) == sum(
         1 for m in learner.model.modules() if isinstance(m, (torch.nn.EmbeddingBag, torch.nn.Embedding)))
+
+
+def test_a_vm_snapshot_of_another_recipe_is_one_snapshot_error_line():
+    from loopline.state.snapshots import SnapshotError
+    ah = VMLearner(VMConfig(distill="ah"), seed=0)
+    with pytest.raises(SnapshotError, match="^snapshot: does not fit this model"):
+        VMLearner(VMConfig(), seed=0).load_state_dict(ah.state_dict())
