@@ -129,7 +129,7 @@ class OnlineTrainer:
         loss = F.binary_cross_entropy_with_logits(out["logit"], batch.labels, weight=weights)
         if "aux_loss" in out:
             loss = loss + out["aux_loss"]
-        before = {k: v.detach() for k, v in out.items()}  # the weights before this update's step
+        before = {k: v.detach() for k, v in out.items()}  # outputs of the weights before this update
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -194,6 +194,11 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
                     state["control_ignored"] += 1  # only an evaluation run ends event time
                 else:
                     marks[f"{tp}/{mark[1]}"] = mark[2]
+                    if mark[2] != float("inf"):
+                        # a mark below the end after the end: a new log's data (a partition's marks come
+                        # in order). Checked per mark, not on the batch's last watermark: a new run's
+                        # marks and its end could come in one batch, and it ended without reporting
+                        state["finished"] = False
                 continue
             item = _history_event(value) if topic == "history.events" else _example(value)
             if item is None:
@@ -203,10 +208,6 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         st.feed_events(history)
         st.feed_examples(examples)
         wm = watermark()
-        if wm != float("inf"):
-            # a finished stage resumes when later data comes (a new log after an evaluation run):
-            # it never drops data silently
-            state["finished"] = False
         # one training step at a time, publishing and snapshotting between steps and yielding to the
         # event loop: a long catch-up never holds views, timers and heartbeats for its whole length
         while st.pending_before(wm) and state["holds"]:

@@ -93,8 +93,11 @@ def test_monitor_worker_serves_metrics_that_prometheus_can_parse(broker, start_w
     again = mon2.view("/drift")
     assert _exact(again["drift"]) == _exact(out["drift"])
     for w1, w2 in zip(again["drift"]["windows"], out["drift"]["windows"]):
-        for name, f in w1["features"].items():  # KLL sketches compact at random: within their (rank) error
-            assert f["psi"] == pytest.approx(w2["features"][name]["psi"], rel=0.02, abs=0.05), name
+        # KLL sketches compact at random: within their error. Their rank error reaches PSI through the
+        # log-ratio of near-empty bins, so a large PSI (soft_label's is 3-5: the FM's outputs come down
+        # from 0.5 in the first window) differs by a few percent between two sketches of the same rows
+        for name, f in w1["features"].items():
+            assert f["psi"] == pytest.approx(w2["features"][name]["psi"], rel=0.1, abs=0.05), name
     # The restarted monitor reads every row at once; the live one closed a window once every stage it
     # had heard from was past it, so a stage that was not heard from yet (the VMs start later) counts
     # in the overall figures only there. What the live monitor does show matches exactly.
