@@ -18,7 +18,7 @@ and an ``fm`` worker run the same code. Per micro-batch (``step``):
    training forward computes anyway. (LoopFM's ablation favoured a checkpoint frozen for the run, but its
    FM was trained before; one that learns online from nothing is untrained at its first snapshot, and on
    MovieLens ``vm:loopfm+kd``'s transfer ratio went from -0.05 with a frozen embedder to 0.46 with live
-   codes, docs/transfer.md);
+   codes, docs/transfer.md section 2);
 3. progressive validation: the training FM and the logistic baseline predict, then learn, each example
    weighted against delayed feedback (``model/delay.py``: positives come a window before their
    negatives; the weight goes on with the augmented example, so the VMs train with it too);
