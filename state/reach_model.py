@@ -1,7 +1,9 @@
-"""A latent-class model of a reach sample: the population as a mixture of classes inside which the
-attributes are independent, fitted to the weighted sample; what the fall-back borrows from.
+"""A latent-class model of a reach population: a mixture of classes inside which the attributes are
+independent; what the model-assisted estimate borrows from (``state/reach_estimate.py``).
 
-Public surface: ``LatentClasses``, ``fit_classes``.
+Public surface: ``LatentClasses`` (a fitted model), ``fit_classes`` (EM on a weighted sample),
+``ClassStream`` (the classes learned online from a partition's whole impression stream) and
+``class_weights`` (each streamed class's users, weighed on a sample's rows).
 
 **Why.** A rule that few sampled users match has a noisy direct estimate. The old synthetic estimate,
 ``N prod_j share_j``, borrows from each clause's share over the whole sample, and is right only when

@@ -70,3 +70,51 @@ def test_fm_worker_metrics_and_das_outputs_match_evaluate(broker, start_worker, 
     finally:
         for h in stores:
             h.close()
+
+
+def test_a_finished_fm_reports_again_when_a_new_runs_marks_and_its_end_come_in_one_batch(broker, start_worker,
+                                                                                        tmp_path):
+    """After a run's end, ingest's marks of a new log and that log's end can reach the fm in one batch
+    (a log whose events were all sent before: nothing but marks). The fm resumes on the first mark below
+    the end and announces the new end on ``models.status``; it used to look only at the batch's last
+    watermark, stay finished, and leave ``replay --wait`` without the models."""
+    from aiokafka import AIOKafkaProducer
+
+    from loopline.stream.app import CONTROL_HEADER, STATUS_TOPIC
+
+    path = tmp_path / "events.jsonl"
+    write_log(GenerateConfig(users=60, days=2, seed=3), str(path))
+    w = start_worker()
+    asyncio.run(replay(broker.bootstrap, read_log(str(path)), 4, progress=False))
+    deadline = time.monotonic() + 300
+    while not (w.view("/fm/") or {}).get("finished"):
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
+        time.sleep(0.5)
+
+    def finished_reports():
+        return [m for m in asyncio.run(read_topic(broker.bootstrap, STATUS_TOPIC, 1))
+                if orjson.loads(m.value).get("role") == "fm" and orjson.loads(m.value).get("event") == "finished"]
+    before = len(finished_reports())
+    assert before >= 1
+
+    async def marks_then_end():  # every (topic, partition, ingest partition): a mark, then the end, unawaited
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            sent = []
+            for topic in ("history.events", "examples"):
+                for q in range(4):
+                    for p in range(4):
+                        for control in (f"watermark:{p}:{1.0e9!r}", f"end_of_log:{p}"):
+                            sent.append(await producer.send(topic, b"", partition=q,
+                                                            headers=[(CONTROL_HEADER, control.encode())]))
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+    asyncio.run(marks_then_end())
+    deadline = time.monotonic() + 60
+    while len(finished_reports()) == before:
+        assert time.monotonic() < deadline and w.proc.poll() is None, "no second end announced: " + w.tail()
+        time.sleep(0.5)
+    assert w.view("/fm/")["finished"]
+    assert w.stop() == "stopped on SIGTERM"
