@@ -303,21 +303,22 @@ class FMStage:
     def run(self, examples: list[dict], progress=None, on_step=None) -> None:
         """A finite stream in-process: each example's impression is observed at its event time, and the
         examples are trained on in canonical order, in micro-batches by count. ``on_step(out)`` gets
-        each step's outputs in order (the VM stage hangs off it); without it they are dropped."""
+        each step's outputs right after that step, before the next one writes its codes (the VM stage
+        hangs off it, and must see the store as a vm worker does); without it they are dropped."""
         self.feed_events((e["user"], e["ts"], e["ad"], e["campaign"], "impression", e["id"]) for e in examples)
         self.feed_examples(examples)
         total, done = len(examples), 0
         times = sorted({e["label_ts"] for e in examples})
         step = max(1, len(times) // 100)  # report progress about a hundred times
-        for t in times[step - 1::step]:
-            done += self.advance(t)
-            self._hand_over(on_step)
+        for t in times[step - 1::step] + [float("inf")]:
+            while self.pending_before(t):
+                done += self.advance(t, max_steps=1)
+                self._hand_over(on_step)
+            if t == float("inf"):
+                done += self.finish()
+                self._hand_over(on_step)
             if progress is not None:
                 progress(done, total)
-        done += self.finish()
-        self._hand_over(on_step)
-        if progress is not None:
-            progress(done, total)
 
     def _hand_over(self, on_step) -> None:
         for out in self.drain():

@@ -1,7 +1,7 @@
 """The VM stage: one vertical model per (vertical, variant), trained continuously on the augmented examples.
 
 Public surface: ``VARIANTS``, ``DEFAULT_VARIANTS``, ``OTHER_VERTICAL``, ``VMStageConfig``, ``VMStage``,
-``StepInbox``, ``parse_variants``, ``transfer_ratio``, ``windowed_report``.
+``StepWork``, ``StepInbox``, ``parse_variants``, ``transfer_ratio``, ``windowed_report``.
 
 Each augmented example (``examples.augmented``: an example, DAS's soft label or null, the FM step that
 produced it) goes to the VMs of its own vertical. Per micro-batch (one FM step's examples of a vertical):
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from .pipeline import score_row
 from .timing import Timings
 from .vm import VMConfig, VMFeaturizer, VMLearner
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "OTHER_VERTICAL", "VMStageConfig", "VMStage", "StepInbox", "parse_variants",
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "OTHER_VERTICAL", "VMStageConfig", "VMStage", "StepWork", "StepInbox", "parse_variants",
            "transfer_ratio", "windowed_report"]
 
 _LOOP = {"history": "attention", "sequence": "fm"}
@@ -182,18 +183,37 @@ class VMStage:
     def step(self, augmented: list[dict]) -> list[dict]:
         """One FM step's augmented examples (in their order); returns their score rows, one per example,
         with every variant's serving prediction (``vm:<variant>``)."""
+        return self.train(self.prepare(augmented))
+
+    def prepare(self, augmented: list[dict]) -> "StepWork":
+        """The part of :meth:`step` that reads the history store, and admits verticals: it must run while
+        the store holds the codes of FM steps up to this one and no later (``StepInbox``). The rest,
+        :meth:`train`, touches only the learners, so it may run later, in another thread
+        (:class:`~loopline.model.loop.ModelLoop`), in the order of the steps."""
         clock = self.timings.clock()
         by_vertical: dict[str, list[int]] = {}
         for i, e in enumerate(augmented):
             by_vertical.setdefault(self.vertical_of(e.get("vertical") or ""), []).append(i)
-        preds = [dict() for _ in augmented]
-        clock.lap("vm_outputs")
+        parts = []
         for vertical in sorted(by_vertical):
             idx = by_vertical[vertical]
             exs = [augmented[i] for i in idx]
+            for variant in self.cfg.variants:  # created here, in step order: their seeds touch torch's RNG
+                self.learner(vertical, variant)
+            clock.lap("vm_prepare")
             codes, raw = self.sequences(exs)
-            y = np.array([float(e["label"]) for e in exs])
+            parts.append((vertical, idx, exs, codes, raw))
             clock.lap("vm_history_read")
+        return StepWork(augmented, parts)
+
+    def train(self, work: "StepWork") -> list[dict]:
+        """Featurize, score (progressive validation) and learn one prepared step, every variant of every
+        vertical; returns the step's score rows."""
+        clock = self.timings.clock()
+        augmented = work.augmented
+        preds = [dict() for _ in augmented]
+        for vertical, idx, exs, codes, raw in work.parts:
+            y = np.array([float(e["label"]) for e in exs])
             batches: dict[int, object] = {}  # id(featurizer) -> this vertical's batch
             for variant in self.cfg.variants:
                 learner = self.learner(vertical, variant)
@@ -255,6 +275,13 @@ class VMStage:
             self.metrics[k] = BinaryMetrics()
             self.metrics[k].load_state_dict(st)
         self.steps, self.examples = int(state["steps"]), int(state["examples"])
+
+
+class StepWork(NamedTuple):
+    """One FM step prepared for the VMs (:meth:`VMStage.prepare`): its augmented examples, and per
+    vertical (sorted) ``(vertical, indices into augmented, examples, codes, raw events)``."""
+    augmented: list
+    parts: list
 
 
 class StepInbox:

@@ -46,7 +46,8 @@ from loopline.errors import ConfigError
 from .distill import StudentAdapter, aux_target, grad_scale, soft_bce
 from .features import HashCache
 from .mods import MLP, BlockNorm, activation
-from .trainer import fitting_snapshot, load_optimizers, mode_free, split_params
+from .optim import RowAdagrad
+from .trainer import fitting_snapshot, load_optimizers, mode_free, split_params, train_mode
 
 __all__ = ["VMConfig", "VMBatch", "VMFeaturizer", "VerticalModel", "VMLearner"]
 
@@ -327,7 +328,7 @@ class VMLearner:
         first = {id(p) for p in self.model.first.parameters()}
         rows = [{"params": [p for p in sparse if id(p) in first], "lr": cfg.lr_first},
                 {"params": [p for p in sparse if id(p) not in first]}]
-        self.optimizers = [torch.optim.Adagrad(rows, lr=cfg.lr_sparse),
+        self.optimizers = [RowAdagrad(rows, lr=cfg.lr_sparse),
                            torch.optim.Adam(dense, lr=cfg.lr_dense, foreach=True)]
         self.adapter = StudentAdapter(cfg.adapter_hidden) if cfg.adapter else None
         self.adapter_opt = (torch.optim.Adam(self.adapter.parameters(), lr=cfg.adapter_lr, foreach=True)
@@ -365,7 +366,7 @@ class VMLearner:
         losses = {}
         sa_target = None
         if self.adapter is not None and bool(has_soft.any()):
-            self.adapter.train()
+            train_mode(self.adapter)
             sa_loss = soft_bce(self.adapter(_logit(soft)), b.labels, soft_w)
             self.adapter_opt.zero_grad(set_to_none=True)
             sa_loss.backward()
@@ -373,7 +374,7 @@ class VMLearner:
             losses["adapter"] = float(sa_loss.detach())
             with torch.no_grad():  # stop-gradient: a target, not a path into the adapter
                 sa_target = torch.sigmoid(self.adapter(_logit(soft)))
-        self.model.train()
+        train_mode(self.model)
         out = self.model(b)
         serving = F.binary_cross_entropy_with_logits(out["logit"], b.labels, weight=w)
         loss, distill = serving, torch.zeros(())

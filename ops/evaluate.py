@@ -135,6 +135,7 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
     import tempfile
 
     from loopline.model.delay import DelayConfig
+    from loopline.model.loop import ModelLoop
     from loopline.model.pipeline import FMStage, FMStageConfig
     from loopline.model.verticals import VMStage, windowed_report
     from loopline.state.history import HistoryStore
@@ -155,16 +156,7 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
             # the delayed-feedback weights pair each positive with the negatives of one window earlier
             stage = FMStage(history, stage_cfg or FMStageConfig(delay=DelayConfig(window_s=window_s)))
             vms = VMStage(history, vm_cfg) if vm_cfg is not None else None
-            rows: dict[str, dict] = {}
-
-            def on_step(out: dict) -> None:
-                for r in out["scores"]:
-                    rows[r["id"]] = r
-                if vms is not None:  # after the FM step wrote its codes, as a vm worker sees them
-                    for r in vms.step(out["augmented"]):
-                        rows[r["id"]]["scores"].update(r["scores"])
-
-            stage.run(examples, progress=tick, on_step=on_step)
+            rows = ModelLoop(stage, vms).run(examples, progress=tick)
             report = {**stage.report(), **(vms.report() if vms is not None else {})}
             result = {"models": with_transfer_ratios(report),
                       "fm_stage": {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),

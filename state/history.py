@@ -261,10 +261,11 @@ def _key_dtype(klen: int) -> np.dtype:
 
 
 @functools.lru_cache(maxsize=64)
-def _value_dtype(sig: int, bits: int, plen: int) -> np.dtype:
-    """An embedding value as a record: the layout prefix (flags .. d), the scale, the payload, the id."""
-    return np.dtype([("sig", f"V{sig}"), ("scale", "<f4"), ("q", "i1" if bits == 8 else "u1", (plen,)),
-                     ("id", "<u4")])
+def _value_dtype(vlen: int, bits: int, plen: int) -> np.dtype:
+    """An embedding value as a record: flags and the version's length, the version, bits and d, the
+    scale, the payload, the id."""
+    return np.dtype([("head", "V2"), ("version", f"V{vlen}"), ("layout", "V3"), ("scale", "<f4"),
+                     ("q", "i1" if bits == 8 else "u1", (plen,)), ("id", "<u4")])
 
 
 def _columns(chunk: list, width: int, field: str) -> tuple[list, ...]:
@@ -617,18 +618,25 @@ class HistoryStore:
         keys.reverse()
         vals.reverse()
         ts = np.frombuffer(b"".join(keys), _key_dtype(len(keys[0])))["ts"] / 1e6
-        # the common case: every entry has the same layout prefix (flags, version, bits, d): one
-        # comparison checks it, and the block decodes with a handful of numpy calls
+        # the common case: every entry has the same layout (flags, version length, bits, d), whatever
+        # its version (live codes: one version per FM step): two comparisons check it, and the block
+        # decodes with a handful of numpy calls
         v0 = vals[0]
         c = 2 + v0[1]
         w, bits, d = len(v0), v0[c], v0[c + 1] | (v0[c + 2] << 8)
         plen = _codes.payload_len(d, bits)
         if bits in (8, 4) and w == c + _codes.HEADER.size + plen + 4 and len(set(map(len, vals))) == 1:
-            rec = np.frombuffer(b"".join(vals), _value_dtype(c + 3, bits, plen))
-            if rec["sig"].tobytes() == v0[:c + 3] * n:  # (3x faster than comparing in numpy)
+            rec = np.frombuffer(b"".join(vals), _value_dtype(v0[1], bits, plen))
+            # (bytes comparisons: 3x faster than comparing in numpy)
+            if rec["head"].tobytes() == v0[:2] * n and rec["layout"].tobytes() == v0[c:c + 3] * n:
                 q = rec["q"] if bits == 8 else _codes.unpack_int4(rec["q"], d)
+                tails, vlen = rec["version"].tobytes(), c - 2
+                if v0[0] & _STR_VERSION:
+                    versions = [_decode_version(v0[0], tails[i * vlen:(i + 1) * vlen]) for i in range(n)]
+                else:
+                    versions = np.frombuffer(tails, "<i8").tolist()
                 return {"codes": q * rec["scale"][:, None],  # int8 * float32 -> float32
-                        "ts": ts, "versions": [_decode_version(v0[0], v0[2:c])] * n}
+                        "ts": ts, "versions": versions}
         rows = [_codes.unpack(v, 2 + v[1]) for v in vals]
         lens = {len(r[0]) for r in rows}
         if len(lens) > 1:

@@ -14,7 +14,7 @@ def test_bench_stage_reports_both_figures_the_ratio_and_the_breakdown(tmp_path, 
     assert out == json.loads(capsys.readouterr().out)
     assert out["benchmark"] == "stage" and out["examples"] > 256  # at least two micro-batches
     run = out["repeats"][0]
-    for k in ("stage_examples_per_s", "bare_examples_per_s", "ratio", "stage_s", "bare_s"):
+    for k in ("stage_examples_per_s", "bare_examples_per_s", "ratio", "stage_s", "sequential_s", "bare_s"):
         assert run[k] > 0, k
     assert out["median_ratio"] == run["ratio"]
     # the stage trained on exactly the examples it was given, so both rates count the same examples
@@ -23,8 +23,9 @@ def test_bench_stage_reports_both_figures_the_ratio_and_the_breakdown(tmp_path, 
     for part in ("train", "featurize", "history_read", "history_write", "vm_train", "vm_featurize",
                  "vm_history_read"):
         assert out["breakdown_s"][part] > 0, part
-    # the parts account for the stage's time, and none of them is counted twice
-    assert sum(out["breakdown_s"].values()) <= out["median_stage_s"] * 1.01 + 0.01
+    # the one-thread stage's parts account for its time, and none of them is counted twice
+    assert sum(out["breakdown_s"].values()) <= out["median_sequential_s"] * 1.01 + 0.01
+    assert out["median_sequential_ratio"] == run["sequential_ratio"] > 0
     assert out["machine"]["cpus"] >= 1 and len(out["machine"]["load_before"]) == 3
 
 

@@ -88,6 +88,18 @@ def test_versions_keep_their_type_and_can_be_selected(store):
     assert only["ts"].tolist() == [2.0, 4.0]
 
 
+def test_one_version_per_code_reads_each_version_and_code_back(store):
+    # live codes carry the FM step that made them, so a user's block mixes versions of one layout
+    store.append_embeddings([("u1", float(t), 10 ** t, code(t / 10)) for t in range(1, 6)])
+    store.append_embeddings([("u2", 1.0, "s-1", code(0.1)), ("u2", 2.0, "s-2", code(0.2)),
+                             ("u3", 1.0, "", code(0.1)), ("u3", 2.0, "", code(0.2))])
+    got = store.last_embeddings("u1", 10.0, 10)
+    assert got["versions"] == [10, 100, 1000, 10_000, 100_000]
+    assert np.allclose(got["codes"][:, 0], [t / 10 for t in range(1, 6)], atol=1 / 254 + 1e-6)
+    assert store.last_embeddings("u2", 10.0, 10)["versions"] == ["s-1", "s-2"]
+    assert store.last_embeddings("u3", 10.0, 10)["versions"] == ["", ""]
+
+
 def test_codes_of_two_lengths_need_a_version(store):
     store.append_embeddings([("u1", 1.0, 1, code(0.1, d=8)), ("u1", 2.0, 2, code(0.2, d=4))])
     with pytest.raises(ConfigError, match=r"^fm_version:"):
