@@ -171,9 +171,13 @@ class FMStage:
             preds["das"] = soft
         # every example goes on; before the first published snapshot DAS has no soft label (null)
         version = None if soft is None else step if self.live else self.published[0]
-        augmented = [dict(e, soft_label=None if soft is None else float(soft[i]), fm_version=version, fm_step=step,
-                          weight=float(weights[i])) for i, e in enumerate(examples)]
-        scores = [score_row(e, {k: float(v[i]) for k, v in preds.items()}) for i, e in enumerate(examples)]
+        # (columns as Python floats once: tolist() gives what float(a[i]) would, without numpy scalars)
+        softs = [None] * len(examples) if soft is None else soft.tolist()
+        ws = weights.tolist()
+        augmented = [dict(e, soft_label=softs[i], fm_version=version, fm_step=step, weight=ws[i])
+                     for i, e in enumerate(examples)]
+        cols = {k: v.tolist() for k, v in preds.items()}
+        scores = [score_row(e, {k: c[i] for k, c in cols.items()}) for i, e in enumerate(examples)]
         embeddings = []
         if code is not None:
             version = step if self.live else self.embedder[0]

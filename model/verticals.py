@@ -234,8 +234,9 @@ class VMStage:
                 clock.lap("vm_train")
                 for name, p in names.items():
                     self.metrics[name].update(p, y)
-                    for i, pi in zip(idx, p):
-                        preds[i][f"vm:{name}"] = float(pi)
+                    key = f"vm:{name}"
+                    for i, pi in zip(idx, p.tolist()):
+                        preds[i][key] = pi
                 clock.lap("vm_outputs")
         self.steps += 1
         self.examples += len(augmented)
