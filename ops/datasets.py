@@ -13,7 +13,8 @@ How a rating becomes events (the contract is :func:`loopline.state.events.parse_
 
 - every rating is one impression at the rating's timestamp: id ``ml-<user>-<item>``, user ``u<user>``,
   ad ``m<item>``, campaign ``c-<first genre>`` (slugged: ``c-childrens``, ``c-sci-fi``), vertical
-  ``movies``; ``attrs`` are the rater's age bucket (``25-34``), gender, occupation, ``zip3`` (first three
+  ``movies`` (``movielens-100k``) or the first genre, slugged (``movielens-100k-genres``: the papers'
+  setting, one surface per genre, where the FM learns from every genre and each VM from its own); ``attrs`` are the rater's age bucket (``25-34``), gender, occupation, ``zip3`` (first three
   characters of the zip or postal code) and ``geo`` (``US``, ``CA`` for a Canadian postal code, else
   ``other``); ``features`` are ``genres`` (all genres, ``|``-joined), the movie's release ``year`` and
   ``decade`` (``unknown`` when absent) and the UTC ``hour`` of the rating;
@@ -25,7 +26,7 @@ How a rating becomes events (the contract is :func:`loopline.state.events.parse_
   impression always precedes its own conversion (which is one second later).
 
 >>> DATASETS
-('movielens-100k',)
+('movielens-100k', 'movielens-100k-genres')
 >>> _age_bucket("24"), _age_bucket("7"), _age_bucket("73")
 ('18-24', '<18', '65+')
 >>> _geo("85711"), _geo("T8H1N"), _zip3("T8H1N")
@@ -49,11 +50,11 @@ from loopline.errors import ConfigError, DatasetError
 
 __all__ = ["DATASET_WINDOWS", "DATASETS", "RECBOLE_WHEEL", "dataset_lines", "movielens_wheel", "movielens_lines"]
 
-DATASETS = ("movielens-100k",)
+DATASETS = ("movielens-100k", "movielens-100k-genres")
 # The attribution window each data set wants when the user gives none: a MovieLens "click" follows its
 # rating by 1 s, so a day-long window would only hold every negative back a day (delayed feedback that
 # the data does not have).
-DATASET_WINDOWS = {"movielens-100k": 60.0}
+DATASET_WINDOWS = {"movielens-100k": 60.0, "movielens-100k-genres": 60.0}
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"  # the name pip gives the downloaded file
@@ -123,10 +124,10 @@ def dataset_lines(name: str, cache_dir: str | os.PathLike | None = None) -> list
     >>> dataset_lines("x")
     Traceback (most recent call last):
     ...
-    loopline.errors.ConfigError: dataset: unknown data set 'x'; known: movielens-100k
+    loopline.errors.ConfigError: dataset: unknown data set 'x'; known: movielens-100k, movielens-100k-genres
     """
-    if name == "movielens-100k":
-        return movielens_lines(movielens_wheel(cache_dir))
+    if name in ("movielens-100k", "movielens-100k-genres"):
+        return movielens_lines(movielens_wheel(cache_dir), genre_verticals=name.endswith("-genres"))
     raise ConfigError(f"dataset: unknown data set {name!r}; known: {', '.join(DATASETS)}")
 
 
@@ -207,8 +208,9 @@ def _slug(genre: str) -> str:
     return re.sub(r"[^a-z0-9-]", "", genre.lower()) or "unknown"
 
 
-def movielens_lines(wheel: str | os.PathLike) -> list[bytes]:
-    """Event-log lines of the MovieLens-100k copy inside a recbole wheel (see the module docstring)."""
+def movielens_lines(wheel: str | os.PathLike, genre_verticals: bool = False) -> list[bytes]:
+    """Event-log lines of the MovieLens-100k copy inside a recbole wheel (see the module docstring); with
+    ``genre_verticals`` each rating's vertical is its film's first genre."""
     wheel = Path(wheel)
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -229,7 +231,7 @@ def movielens_lines(wheel: str | os.PathLike) -> list[bytes]:
         genres = it["class"].split() or ["unknown"]
         year = _year(it["release_year"], it.get("movie_title", ""))
         decade = f"{year[:3]}0s" if year != "unknown" else "unknown"
-        item_info[it["item_id"]] = ("c-" + _slug(genres[0]),
+        item_info[it["item_id"]] = (_slug(genres[0]),
                                     {"genres": "|".join(genres), "year": year, "decade": decade})
 
     events = []  # (ts, user key, item key, 0 impression / 1 conversion, line)
@@ -249,10 +251,10 @@ def movielens_lines(wheel: str | os.PathLike) -> list[bytes]:
         if (u, i) in seen:
             raise DatasetError(f"dataset: ml-100k.inter line {n}: user {u!r} rated item {i!r} twice")
         seen.add((u, i))
-        campaign, item_feats = item_info[i]
+        genre, item_feats = item_info[i]
         imp_id = f"ml-{u}-{i}"
         imp = {"type": "impression", "id": imp_id, "ts": ts, "user": f"u{u}", "ad": f"m{i}",
-               "campaign": campaign, "vertical": _VERTICAL, "attrs": user_attrs[u],
+               "campaign": "c-" + genre, "vertical": genre if genre_verticals else _VERTICAL, "attrs": user_attrs[u],
                "features": {**item_feats, "hour": str(int(ts) // 3600 % 24)}}
         uk, ik = _tok_key(u), _tok_key(i)
         events.append((ts, uk, ik, 0, orjson.dumps(imp)))

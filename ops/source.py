@@ -32,7 +32,7 @@ class SourceConfig:
     """The input of one run: a JSONL event log or a named data set."""
 
     events: str | None = argument(None, "a JSONL event log", metavar="FILE", exclusive="source", required=True)
-    dataset: str | None = argument(None, "a real data set: movielens-100k", metavar="NAME", exclusive="source",
+    dataset: str | None = argument(None, "a real data set: movielens-100k, or movielens-100k-genres (a vertical per genre)", metavar="NAME", exclusive="source",
                                    required=True)
 
     def __post_init__(self):

@@ -86,6 +86,21 @@ def test_fake_wheel_mapping(tmp_path, monkeypatch):
     assert "rating" not in orjson.loads(lines[order["ml-1-10"]])
 
 
+def test_genre_verticals_change_only_the_vertical_to_the_first_genre(tmp_path, monkeypatch):
+    make_wheel(tmp_path / RECBOLE_WHEEL)
+    monkeypatch.setattr(datasets.subprocess, "run", no_pip)
+    plain = [orjson.loads(x) for x in dataset_lines("movielens-100k", cache_dir=tmp_path)]
+    genres = [orjson.loads(x) for x in dataset_lines("movielens-100k-genres", cache_dir=tmp_path)]
+    assert [e["id"] for e in genres] == [e["id"] for e in plain]
+    imps = {e["id"]: e for e in genres if e["type"] == "impression"}
+    assert {k: e["vertical"] for k, e in imps.items()} == {
+        "ml-1-10": "animation", "ml-2-10": "animation", "ml-10-10": "animation", "ml-1-20": "sci-fi",
+        "ml-2-20": "sci-fi", "ml-3-30": "unknown"}
+    for a, b in zip(plain, genres):
+        assert {k: v for k, v in a.items() if k != "vertical"} == {k: v for k, v in b.items() if k != "vertical"}
+        assert b.get("vertical") == (b["campaign"][2:] if b["type"] == "impression" else None)
+
+
 def test_tie_order_does_not_depend_on_file_order(tmp_path):
     shuffled = RATINGS[:]
     random.Random(7).shuffle(shuffled)
@@ -96,10 +111,10 @@ def test_tie_order_does_not_depend_on_file_order(tmp_path):
 
 
 def test_unknown_dataset_name():
-    assert DATASETS == ("movielens-100k",)
+    assert DATASETS == ("movielens-100k", "movielens-100k-genres")
     with pytest.raises(ConfigError) as exc:
         dataset_lines("x")
-    assert str(exc.value) == "dataset: unknown data set 'x'; known: movielens-100k"
+    assert str(exc.value) == "dataset: unknown data set 'x'; known: movielens-100k, movielens-100k-genres"
 
 
 def test_failed_download_is_a_dataset_error(tmp_path, monkeypatch):
