@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from loopline.errors import ConfigError
 
@@ -44,8 +43,8 @@ from .pipeline import score_row
 from .timing import Timings
 from .vm import VMConfig, VMFeaturizer, VMLearner
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "OTHER_VERTICAL", "VMStageConfig", "VMStage", "StepWork", "StepInbox", "parse_variants",
-           "transfer_ratio", "windowed_report"]
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "OTHER_VERTICAL", "VMStageConfig", "VMStage", "StepWork", "StepInbox",
+           "parse_variants", "transfer_ratio", "windowed_report"]
 
 _LOOP = {"history": "attention", "sequence": "fm"}
 VARIANTS = {

@@ -5,9 +5,12 @@ Public surface: ``bench_ingest``, ``raw_consume_produce``.
 
 Each repeat starts a fresh embedded broker, preloads the same generated log into an input topic, and
 times (a) a plain aiokafka consumer-group member that reads every message and produces one output per
-message (the floor any Kafka stream processor pays), and (b) one Loopline worker (role ``ingest``)
-processing the same backlog, from its first processed batch until its ``/ingest/`` view counts every
-event as processed (group joins and start-up are excluded from both; the outputs are then checked). The JSON has every repeat and the medians; ``--profile`` also runs
+message (the floor any Kafka stream processor pays), (b) the Faust floor (``ops/faust_floor.py``: a
+Faust agent with the ingest role's batches that forwards each message and does nothing else; its
+``faust_ratio`` bounds what ingest can reach while it keeps Faust's delivery and sends), and (c) one
+Loopline worker (role ``ingest``) processing the same backlog, from its first processed batch until
+its ``/ingest/`` view counts every event as processed (group joins and start-up are excluded from all
+three; the outputs are then checked). The JSON has every repeat and the medians; ``--profile`` also runs
 the worker under cProfile and groups its time by layer.
 """
 
@@ -18,6 +21,7 @@ import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +67,39 @@ async def raw_consume_produce(bootstrap: str, topic: str, out_topic: str, n: int
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+def _floor_run(broker: EmbeddedBroker, n: int, work: Path, timeout_s: float = 300.0) -> float:
+    """Seconds for the Faust floor (``ops/faust_floor.py``) to forward ``n`` messages of ``raw.in``,
+    timed like the ingest worker: from its first forwarded batch, scaled to all ``n``."""
+    data = work / "floor"
+    data.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LOOPLINE_FLOOR_BROKER": broker.bootstrap, "LOOPLINE_FLOOR_DIR": str(data)}
+    with open(work / "floor.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "loopline.ops.faust_floor"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        t_first, n_first, deadline = None, 0, time.monotonic() + timeout_s
+        while True:
+            try:
+                done = int((data / "forwarded").read_text() or 0)
+            except (FileNotFoundError, ValueError):
+                done = 0
+            if done and t_first is None:
+                t_first, n_first = time.perf_counter(), done
+            if done >= n:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Faust floor worker stopped at {done} of {n} messages:\n"
+                                   f"{(work / 'floor.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+        return (time.perf_counter() - t_first) / max(1, n - n_first) * n
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, profile: str | None) -> float:
@@ -130,20 +167,25 @@ def bench_ingest(n_events: int = 20000, repeats: int = 3, partitions: int = 4, o
                 asyncio.run(replay(broker.bootstrap, records, partitions, end_of_log=False, progress=False,
                                    topic="raw.in"))
                 raw_s = asyncio.run(raw_consume_produce(broker.bootstrap, "raw.in", "raw.out", len(records)))
+                floor_s = None if profiled else _floor_run(broker, len(records), work / f"floor{r}")
                 prof = str(work / "worker.prof") if profiled else None
                 ll_s = _loopline_run(broker, records, partitions, work / f"run{r}", prof)
             if profiled:
                 break
             run = {"events": len(records), "raw_events_per_s": round(len(records) / raw_s, 1),
-                   "loopline_events_per_s": round(len(records) / ll_s, 1), "ratio": round(raw_s / ll_s, 3)}
+                   "faust_events_per_s": round(len(records) / floor_s, 1),
+                   "loopline_events_per_s": round(len(records) / ll_s, 1), "ratio": round(raw_s / ll_s, 3),
+                   "faust_ratio": round(raw_s / floor_s, 3)}
             runs.append(run)
             if progress:
                 print(f"bench ingest: repeat {r + 1}/{repeats}: {run}", file=sys.stderr, flush=True)
         out = {
             "benchmark": "ingest", "events": len(records), "partitions": partitions, "repeats": runs,
             "median_raw_events_per_s": statistics.median(r["raw_events_per_s"] for r in runs),
+            "median_faust_events_per_s": statistics.median(r["faust_events_per_s"] for r in runs),
             "median_loopline_events_per_s": statistics.median(r["loopline_events_per_s"] for r in runs),
             "median_ratio": statistics.median(r["ratio"] for r in runs),
+            "median_faust_ratio": statistics.median(r["faust_ratio"] for r in runs),
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         }
         if profile and (work / "worker.prof").exists():

@@ -14,7 +14,8 @@ How a rating becomes events (the contract is :func:`loopline.state.events.parse_
 - every rating is one impression at the rating's timestamp: id ``ml-<user>-<item>``, user ``u<user>``,
   ad ``m<item>``, campaign ``c-<first genre>`` (slugged: ``c-childrens``, ``c-sci-fi``), vertical
   ``movies`` (``movielens-100k``) or the first genre, slugged (``movielens-100k-genres``: the papers'
-  setting, one surface per genre, where the FM learns from every genre and each VM from its own); ``attrs`` are the rater's age bucket (``25-34``), gender, occupation, ``zip3`` (first three
+  setting, one surface per genre, where the FM learns from every genre and each VM from its own);
+  ``attrs`` are the rater's age bucket (``25-34``), gender, occupation, ``zip3`` (first three
   characters of the zip or postal code) and ``geo`` (``US``, ``CA`` for a Canadian postal code, else
   ``other``); ``features`` are ``genres`` (all genres, ``|``-joined), the movie's release ``year`` and
   ``decade`` (``unknown`` when absent) and the UTC ``hour`` of the rating;
