@@ -6,8 +6,9 @@ After each FM step the VM stage reads what that step's examples need from the hi
 (:meth:`~loopline.model.verticals.VMStage.prepare`: at that moment the store holds the codes of that step
 and the earlier ones, as a vm worker's store does), then trains on them
 (:meth:`~loopline.model.verticals.VMStage.train`) in a thread of its own while the FM goes on with its
-next steps. The VM steps are small models, and their ops release the GIL, so on two cores they overlap
-the FM's the way the fm and vm roles of a role ``all`` worker do (``stream/vm.py``). The VM stage still
+next steps. On two cores the small VM steps overlap the FM's, as the fm and vm roles of a role ``all``
+worker do (``stream/vm.py``; torch's ops release the GIL, and a process instead of the thread measured
+the same). The VM stage still
 trains the steps one after another in step order, so the numbers are those of a sequential run (tested);
 at most ``depth`` prepared steps wait for it, which bounds their memory.
 

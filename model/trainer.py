@@ -8,10 +8,11 @@ Public surface: ``TrainerConfig``, ``OnlineTrainer``, ``latest_snapshot``, ``spl
 labels), then trains on it. One forward pass serves both when the model has no module that behaves
 differently in training (dropout, batch norm, ``nn.MultiheadAttention``'s eval fast path): the training
 forward's logits are then bit for bit the eval-mode ones (``tests/model/test_trainer.py`` checks it for
-the FM and the baseline), so the prediction is read off them before the update. Parameters of embedding tables (``nn.Embedding``/``EmbeddingBag``/TorchRec
-tables, found by type) get Adagrad (``model/optim.py``: torch's, on the rows a batch reached), which adapts per row and suits sparse, rarely-updated ids; the dense
-rest gets Adam. A model may return ``aux_loss`` (the LoopFM autoencoder's), added to the BCE loss. A
-batch may carry importance ``weights`` (``model/delay.py``): each example's BCE term is multiplied by its
+the FM and the baseline), so the prediction is read off them before the update. Parameters of embedding
+tables (``nn.Embedding``/``EmbeddingBag``/TorchRec tables, found by type) get Adagrad (``model/optim.py``:
+torch's numbers, computed on the rows a batch reached), which adapts per row and suits sparse,
+rarely-updated ids; the dense rest gets Adam. A model may return ``aux_loss`` (the LoopFM
+autoencoder's), added to the BCE loss. A batch may carry importance ``weights`` (``model/delay.py``): each example's BCE term is multiplied by its
 weight (the mean is still over the batch, so weight 0 removes an example from the update).
 
 Snapshots: ``save(dir, meta)`` writes the model, the optimizers, the version and ``meta`` through
