@@ -12,8 +12,9 @@ the FM and the baseline), so the prediction is read off them before the update. 
 tables (``nn.Embedding``/``EmbeddingBag``/TorchRec tables, found by type) get Adagrad (``model/optim.py``:
 torch's numbers, computed on the rows a batch reached), which adapts per row and suits sparse,
 rarely-updated ids; the dense rest gets Adam. A model may return ``aux_loss`` (the LoopFM
-autoencoder's), added to the BCE loss. A batch may carry importance ``weights`` (``model/delay.py``): each example's BCE term is multiplied by its
-weight (the mean is still over the batch, so weight 0 removes an example from the update).
+autoencoder's), added to the BCE loss. A batch may carry importance ``weights`` (``model/delay.py``):
+each example's BCE term is multiplied by its weight (the mean is still over the batch, so weight 0
+removes an example from the update).
 
 Snapshots: ``save(dir, meta)`` writes the model, the optimizers, the version and ``meta`` through
 ``loopline.state.snapshots`` (atomic, fsynced, digest in the name, the newest ``keep`` kept) as the
