@@ -149,3 +149,18 @@ def test_vm_step_reads_its_predictions_off_the_training_forward_bit_for_bit(vari
 def test_variants_that_featurize_alike_share_one_featurizer(tmp_path):
     vms = VMStage(HistoryStore(str(tmp_path / "h")), VMStageConfig(variants=("base", "kd", "loopfm", "raw")))
     assert len({id(f) for f in vms.featurizers.values()}) == 1
+
+
+def test_the_vm_stage_runs_torch_on_its_configured_threads(tmp_path):
+    # a vm-only worker builds no FM trainer, whose config used to be the only one to set this
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        VMStage(HistoryStore(str(tmp_path / "h")), VMStageConfig(variants=("base",)))
+        assert torch.get_num_threads() == 1
+        VMStage(HistoryStore(str(tmp_path / "h2")), VMStageConfig(variants=("base",), threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match=r"^threads: must be an integer >= 1, got 0$"):
+        VMStageConfig(threads=0)
