@@ -69,6 +69,23 @@ async def raw_consume_produce(bootstrap: str, topic: str, out_topic: str, n: int
         await producer.stop()
 
 
+def _seconds_for(n: int, processed, failure) -> float:
+    """Seconds a process takes for ``n`` messages, from its first processed batch (start-up and group
+    joins left out) to ``processed() >= n``, scaled to all ``n``; ``failure()`` names why it cannot get
+    there (None while it still can)."""
+    t_first, n_first = None, 0
+    while True:
+        done = processed()
+        if done and t_first is None:
+            t_first, n_first = time.perf_counter(), done
+        if done >= n:
+            return (time.perf_counter() - t_first) / max(1, n - n_first) * n
+        why = failure()
+        if why is not None:
+            raise RuntimeError(why)
+        time.sleep(0.02)
+
+
 def _floor_run(broker: EmbeddedBroker, n: int, work: Path, timeout_s: float = 300.0) -> float:
     """Seconds for the Faust floor (``ops/faust_floor.py``) to forward ``n`` messages of ``raw.in``,
     timed like the ingest worker: from its first forwarded batch, scaled to all ``n``."""
@@ -78,22 +95,21 @@ def _floor_run(broker: EmbeddedBroker, n: int, work: Path, timeout_s: float = 30
     with open(work / "floor.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "loopline.ops.faust_floor"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)
+    def forwarded() -> int:
+        try:
+            return int((data / "forwarded").read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    deadline = time.monotonic() + timeout_s
+
+    def failure() -> str | None:
+        if proc.poll() is None and time.monotonic() < deadline:
+            return None
+        return (f"the Faust floor worker stopped at {forwarded()} of {n} messages:\n"
+                f"{(work / 'floor.log').read_text()[-2000:]}")
     try:
-        t_first, n_first, deadline = None, 0, time.monotonic() + timeout_s
-        while True:
-            try:
-                done = int((data / "forwarded").read_text() or 0)
-            except (FileNotFoundError, ValueError):
-                done = 0
-            if done and t_first is None:
-                t_first, n_first = time.perf_counter(), done
-            if done >= n:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Faust floor worker stopped at {done} of {n} messages:\n"
-                                   f"{(work / 'floor.log').read_text()[-2000:]}")
-            time.sleep(0.02)
-        return (time.perf_counter() - t_first) / max(1, n - n_first) * n
+        return _seconds_for(n, forwarded, failure)
     finally:
         proc.terminate()
         try:
@@ -108,21 +124,13 @@ def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, 
                       env={"LOOPLINE_PROFILE": profile} if profile else None).start()
     try:
         w.wait_ready()
-        t_first, n_first = None, 0
-        while True:
-            done = w.processed()
-            if done and t_first is None:
-                t_first, n_first = time.perf_counter(), done
-            if done >= len(records):
-                break
-            if w.proc.poll() is not None:
-                raise RuntimeError(f"worker died:\n{w.tail()}")
-            time.sleep(0.02)
-        t_end = time.perf_counter()  # every event processed and its state flushed (the view reads it)
+        # every event processed and its state flushed (the view reads it)
+        seconds = _seconds_for(len(records), w.processed,
+                               lambda: None if w.proc.poll() is None else f"worker died:\n{w.tail()}")
         got = asyncio.run(collect_results(broker.bootstrap, partitions, "bench", len(records), timeout=300))
         if got["events"]["read"] != len(records) or got["examples"]["total"] == 0:
             raise RuntimeError(f"benchmark run lost events: {got['events']}")
-        return (t_end - t_first) / max(1, len(records) - n_first) * len(records)
+        return seconds
     finally:
         w.stop()
 

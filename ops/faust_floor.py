@@ -23,6 +23,8 @@ import sys
 
 import faust
 
+from .worker import service_worker_class
+
 __all__ = ["run_floor", "SOURCE", "SINK"]
 
 SOURCE, SINK = "raw.in", "raw.out"
@@ -57,13 +59,9 @@ def run_floor() -> None:
     broker, data_dir = os.environ["LOOPLINE_FLOOR_BROKER"], os.environ["LOOPLINE_FLOOR_DIR"]
     os.makedirs(data_dir, exist_ok=True)
 
-    class QuietWorker(faust.Worker):
-        def on_setup_root_logger(self, logger, level):  # noqa: ANN001 - mode's signature
-            self.spinner = None  # as the loopline worker: a spinner sets the root logger to DEBUG
-            super().on_setup_root_logger(logger, level)
-
     sys.argv = [sys.argv[0], "worker"]
-    QuietWorker(_app(broker, data_dir), loglevel="warning", quiet=True).execute_from_commandline()
+    worker = service_worker_class()(_app(broker, data_dir), loglevel="warning", quiet=True)
+    worker.execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -68,9 +68,20 @@ def check_broker(cfg: WorkerConfig) -> None:
         watch.act(reason)
 
 
-def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
+def service_worker_class():
+    """``faust.Worker`` without its terminal spinner (``ops/faust_floor.py`` runs one too). The spinner
+    sets the root logger to DEBUG; aiokafka then builds a debug record for every message it sends (a
+    tenth of the worker's time in the ingest benchmark) and the log fills with terminal escapes."""
     import faust
 
+    class ServiceWorker(faust.Worker):
+        def on_setup_root_logger(self, logger, level):  # noqa: ANN001 - mode's signature
+            self.spinner = None
+            super().on_setup_root_logger(logger, level)
+    return ServiceWorker
+
+
+def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
     check_broker(cfg)
     create_topics(cfg.broker, cfg.topic_partitions())
     app = build_app(cfg)
@@ -93,7 +104,7 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
         t.start()
         armed.append(t)
 
-    class BoundedWorker(faust.Worker):
+    class BoundedWorker(service_worker_class()):
         def _schedule_shutdown(self, sig):  # noqa: ANN001 - mode's signature
             arm_forced_exit(sig)
             super()._schedule_shutdown(sig)
@@ -111,12 +122,6 @@ def run_worker(cfg: WorkerConfig, grace_s: float = 20.0) -> None:
             super().stop_and_shutdown()
             mark_clean(tabledir)  # not reached when the exit is forced: the tables are then not trusted
 
-        def on_setup_root_logger(self, logger, level):  # noqa: ANN001 - mode's signature
-            # Faust's terminal spinner sets the root logger to DEBUG; aiokafka then builds a debug
-            # record for every message it sends (a tenth of the worker's time in the ingest
-            # benchmark) and the log fills with terminal escapes. No spinner: this is a service.
-            self.spinner = None
-            super().on_setup_root_logger(logger, level)
 
     print(f"loopline worker: role={cfg.role} broker={cfg.broker} partitions={cfg.partitions} "
           f"data={cfg.data_dir} web=http://{cfg.web_host}:{cfg.web_port}", file=sys.stderr, flush=True)
