@@ -53,6 +53,8 @@ from .trainer import OnlineTrainer, TrainerConfig
 
 __all__ = ["FMStageConfig", "FMStage", "canonical_order", "score_row"]
 
+_EVENT_FIELD = {"ad": 2, "campaign": 3}  # where a history event (user, ts, ad, campaign, kind, id) holds a key
+
 
 def score_row(ex: dict, scores: dict) -> dict:
     """One labelled example's predictions by the models of one stage: the contract between the models
@@ -201,7 +203,9 @@ class FMStage:
         """Raw events ``(user, ts, ad, campaign, kind, id)`` for the history, at their event time."""
         clock = self.timings.clock()
         self.history.append_events(events)
-        self.delay.observe(ev[1] for ev in events if ev[4] == "impression")
+        imps = [ev for ev in events if ev[4] == "impression"]
+        key = _EVENT_FIELD.get(self.cfg.delay.by, 3)
+        self.delay.observe([ev[1] for ev in imps], [ev[key] for ev in imps])
         clock.lap("history_write")
 
     # -- streaming: a time-ordered merge of history events and examples ------------------------------

@@ -1,13 +1,15 @@
 """The foundation model: shapes, the LoopFM autoencoder (stop-gradient, falling reconstruction error,
 Matryoshka prefixes), and snapshot/restore giving identical predictions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from loopline.errors import ConfigError
 from loopline.model.features import FeatureConfig, Featurizer
-from loopline.model.fm import FMConfig, FoundationModel, LoopFMAutoencoder
+from loopline.model.fm import FMConfig, FoundationModel, LoopFMAutoencoder, _recent_mean
 from loopline.model.kunlun import flops_per_example, param_count
 from loopline.model.trainer import OnlineTrainer, TrainerConfig
 
@@ -111,6 +113,37 @@ def test_config_errors_name_the_field():
         FMConfig(seq={"impression": {}})
     with pytest.raises(ConfigError, match="^matryoshka"):
         FMConfig(matryoshka=(40,))
+    with pytest.raises(ConfigError, match="^recent"):
+        FMConfig(recent=-1)
+
+
+def test_recent_mean_averages_only_the_newest_real_tokens():
+    tokens = torch.arange(1.0, 7.0).reshape(1, 6, 1).repeat(3, 1, 2)  # values 1..6, newest last
+    mask = torch.tensor([[True] * 6, [False, False, False, False, True, True], [False] * 6])
+    out = _recent_mean(tokens, mask, 3)
+    assert out[:, 0].tolist() == [5.0, 5.5, 0.0]  # mean of 4, 5, 6; of the two real (5, 6); no history: 0
+
+
+def test_recent_history_reaches_the_logit_beside_the_encoder():
+    torch.manual_seed(0)
+    with_recent, without = FoundationModel(SMALL), FoundationModel(dataclasses.replace(SMALL, recent=0))
+    widths = sum(SMALL.seq[t]["d_model"] for t in SMALL.seq)
+    assert with_recent.history_dim == without.encoder.out_dim + widths
+    assert with_recent.mlp[0].in_features == without.mlp[0].in_features + widths
+    b = make_batch()
+    ad, camp, gap, mask = b.seq["click"]
+    newest = ad.clone()
+    newest[:, -1] = (newest[:, -1] + 1) % SMALL.features.table_sizes["ad"]  # another ad as the newest click
+    changed = b._replace(seq={**b.seq, "click": (newest, camp, gap, mask)})
+    moved = {}
+    for name, m in (("recent", with_recent), ("encoder only", without)):
+        m.eval()
+        # the Kunlun encoder silenced: whatever still moves the logit came by the recent mean
+        m.encoder.forward = lambda seqs, summary, width=m.encoder.out_dim: torch.zeros(len(summary), width)
+        with torch.no_grad():
+            moved[name] = (m(b)["logit"] - m(changed)["logit"]).abs()
+    assert (moved["recent"][mask[:, -1]] > 0).all() and (moved["recent"][~mask.any(1)] == 0).all()
+    assert (moved["encoder only"] == 0).all()
 
 
 def test_scoring_without_the_autoencoder_losses_gives_the_same_logit_and_code():
