@@ -6,8 +6,9 @@ Public surface: ``representative_model``, ``calibration_batches``, ``fp8_report`
 Without ``--snapshot`` the model is a representative one with Loopline's layer shapes (the vertical
 models are not wired in yet; ``kernels.dispatch.dispatch_model`` is what their serving code calls):
 
-- ``fm``: the FM's interaction MLP at its defaults, ``[in, *FMConfig.hidden, 1]`` = 192-128-64-1 (``in``
-  is read from a built ``FoundationModel``: the pooled sparse embeddings plus the Kunlun encoding),
+- ``fm``: the FM's interaction MLP at its defaults, ``[in, *FMConfig.hidden, 1]`` = 240-128-64-1 (``in``
+  is read from a built ``FoundationModel``: the pooled sparse embeddings, the Kunlun encoding and the
+  means of the newest history tokens),
   with the Mods (HardSwish, BlockNorm, bias only in the last layer);
 - ``wide``: 512-1024-1024-1 with the same Mods, a production-width interaction MLP (LoKA's regime), so
   the table shows larger layers too. It is not a Loopline model.

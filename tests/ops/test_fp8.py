@@ -8,6 +8,7 @@ import torch
 
 from loopline.kernels.dispatch import HIGH_PRECISION
 from loopline.kernels.fp8_gemm import scaled_mm_supported, triton_supported
+from loopline.model.fm import FMConfig, FoundationModel
 from loopline.ops.bench_fp8 import bench_fp8
 from loopline.ops.cli import main
 
@@ -20,7 +21,8 @@ def test_fp8_report_prints_the_table_and_a_saved_copy_reads_back(tmp_path, capsy
     out = orjson.loads(capsys.readouterr().out)
     table = out["table"]
     shapes = [(r["in_features"], r["out_features"]) for r in table["layers"]]
-    assert shapes[:3] == [(192, 128), (128, 64), (64, 1)]  # the FM interaction MLP's shapes
+    width = FoundationModel(FMConfig()).mlp[0].in_features  # sparse embeddings, history encoding, recent means
+    assert shapes[:3] == [(width, 128), (128, 64), (64, 1)]  # the FM interaction MLP's shapes
     assert out["fp8_hardware"] == FP8_HW
     for r in table["layers"]:
         assert r["why"] and r["choice"] in {HIGH_PRECISION} | {c["name"] for c in r["candidates"]}
@@ -47,7 +49,8 @@ def test_fp8_benchmark_reports_shapes_mere_and_end_to_end(tmp_path):
     out = bench_fp8(repeats=1, iters=1, quick=True, progress=False, out_path=str(tmp_path / "fp8.json"))
     assert json.loads((tmp_path / "fp8.json").read_text())["benchmark"] == "fp8"
     assert out["fp8_hardware"] == FP8_HW and ("no FP8 hardware" in out["note"]) == (not FP8_HW)
-    assert [r["shape"] for r in out["gemm"]][:3] == [[256, 192, 128], [256, 128, 64], [256, 64, 1]]
+    width = FoundationModel(FMConfig()).mlp[0].in_features
+    assert [r["shape"] for r in out["gemm"]][:3] == [[256, width, 128], [256, 128, 64], [256, 64, 1]]
     for r in out["gemm"]:
         assert r["baseline"]["tflops"] > 0
         assert all(c["speedup"] > 0 and c["tflops"] > 0 for c in r["candidates"].values() if c["available"])
