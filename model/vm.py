@@ -164,8 +164,15 @@ class VMFeaturizer:
                 flat, lens = cache.ids(f, [ex[f] for ex in examples], n), [1] * B
             else:
                 src = "attrs" if f == "attrs" else "features"
-                rows = [sorted((ex.get(src) or {}).items()) for ex in examples]
-                flat, lens = cache.pairs(f, [kv for r in rows for kv in r], n), list(map(len, rows))
+                maps = [ex.get(src) or _NO_PAIRS for ex in examples]
+                if B and all(m is maps[0] for m in maps):
+                    # one map for every example (POST /score/: the request's attrs, shared by all
+                    # candidates): sorted and hashed once
+                    one = cache.pairs(f, sorted(maps[0].items()), n)
+                    flat, lens = one * B, [len(one)] * B
+                else:
+                    rows = [sorted(m.items()) for m in maps]
+                    flat, lens = cache.pairs(f, [kv for r in rows for kv in r], n), list(map(len, rows))
             ids[f] = (torch.tensor(flat, dtype=torch.int64),
                       torch.tensor(np.concatenate([[0], np.cumsum(lens)[:-1]]) if B else [], dtype=torch.int64))
         # One user's sequence for every candidate (``POST /score/`` passes the same list B times): made
@@ -213,6 +220,9 @@ class VMFeaturizer:
                 rc[rows, cols] = cache.pairs("raw-campaign", [(e[3], e[2]) for e in evs], n, sep=":")
                 rm[rows, cols] = True
         return (ra, rc, rm) if R == B else tuple(np.repeat(a, B, axis=0) for a in (ra, rc, rm))
+
+
+_NO_PAIRS: dict = {}  # an absent attrs/features map, shared so that examples without one are the same map
 
 
 def _once(rows: list | None) -> list | None:

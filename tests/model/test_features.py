@@ -172,13 +172,14 @@ def test_vm_batches_are_bit_for_bit_those_of_the_per_element_loop(pairs):
 @pytest.mark.fuzz
 @given(example, st.lists(event, max_size=25), st.integers(1, 6), st.integers(0, 8))
 def test_one_users_sequence_shared_by_every_candidate_gives_the_batch_of_its_copies(ex, evs, n, n_codes):
-    """``POST /score/`` passes the same history object for every candidate; the featurizer reads it once
-    and repeats it, which must build the batch of per-candidate copies."""
+    """``POST /score/`` passes the same history object and the same attrs map for every candidate; the
+    featurizer reads each once and repeats it, which must build the batch of per-candidate copies."""
     cfg = VMConfig(table_size=64, seq_len=5, code_dim=3, history="attention", sequence="both")
     code = np.random.default_rng(n_codes).normal(size=(n_codes, 3)).astype(np.float32)
     exs = [dict(ex, ad=f"{ex['ad']}{i}") for i in range(n)]
     shared = VMFeaturizer(cfg).batch(exs, [code] * n, [evs] * n)
-    copies = VMFeaturizer(cfg).batch(exs, [code.copy() for _ in range(n)], [list(evs) for _ in range(n)])
+    own = [dict(e, attrs=dict(e.get("attrs") or {}), features=dict(e.get("features") or {})) for e in exs]
+    copies = VMFeaturizer(cfg).batch(own, [code.copy() for _ in range(n)], [list(evs) for _ in range(n)])
     for name in ("codes", "code_mask", "raw_ad", "raw_campaign", "raw_mask", "labels"):
         assert torch.equal(getattr(shared, name), getattr(copies, name)), name
     assert all(torch.equal(a, b) for k in cfg.fields for a, b in zip(shared.ids[k], copies.ids[k]))
