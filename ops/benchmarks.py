@@ -3,7 +3,7 @@
 Public surface: ``BENCHMARKS``, ``BenchCommand``, ``run_bench``.
 
 Each benchmark lives in its own module (``ops/bench.py`` is ``ingest``, ``ops/bench_WHAT.py`` the others)
-and is imported only when it runs. ``--events`` sizes the log of ``ingest``, ``stage`` and ``e2e``;
+and is imported only when it runs. ``--events`` sizes the log of ``ingest``, ``stage``, ``e2e`` and ``scale``;
 ``--repeats`` the repeats of each (``drift``: the generated logs, seeds 1..N); ``--seeds`` the logs of
 ``quality``; the soak's flags are :class:`~loopline.ops.bench_soak.SoakConfig`'s.
 """
@@ -18,7 +18,8 @@ from .bench_soak import SoakConfig
 
 __all__ = ["BENCHMARKS", "BenchCommand", "run_bench"]
 
-BENCHMARKS = ("ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score", "soak", "stage", "e2e")
+BENCHMARKS = ("ingest", "history", "fm", "fp8", "quality", "drift", "reach", "score", "soak", "stage", "e2e",
+              "scale")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class BenchCommand:
     """``loopline bench``: one benchmark's settings; the JSON goes to ``path``."""
 
     what: str = argument("ingest", "the benchmark", choices=BENCHMARKS, positional=True, required=True)
-    events: int = setting(20000, "ingest, stage, e2e: events in the benchmark log", env="BENCH_EVENTS")
+    events: int = setting(20000, "ingest, stage, e2e, scale: events in the benchmark log", env="BENCH_EVENTS")
     repeats: int = setting(3, "repeats of the measurement (drift: generated logs)", env="BENCH_REPEATS")
     seeds: int = setting(20, "quality: generated logs to fit", env="BENCH_SEEDS")
     out: str | None = argument(None, "JSON file (default bench-WHAT.json)", metavar="FILE")
@@ -69,6 +70,9 @@ def run_bench(cfg: BenchCommand, progress: bool = True) -> dict:
     if what == "e2e":  # a role all worker against evaluate on the same log
         from .bench_e2e import bench_e2e
         return bench_e2e(n_events=cfg.events, repeats=cfg.repeats, out_path=path, progress=True)
+    if what == "scale":  # the ingest role with 1 and 2 workers in one group
+        from .bench_scale import bench_scale
+        return bench_scale(n_events=cfg.events, repeats=cfg.repeats, out_path=path, progress=progress)
     if what == "fp8":
         from .bench_fp8 import bench_fp8
         return bench_fp8(repeats=cfg.repeats, out_path=path)
