@@ -13,8 +13,9 @@ alternating rounds, times:
 * ``forward``: the bare model forward on a prebuilt batch.
 
 It reports each one's p50/p99 (medians over the rounds) and the ratios ``http / forward`` and
-``in_process / forward`` at p50, and ``http / forward`` at p99. Training speed: examples/s of each VM variant's ``step`` (featurize, predict,
-learn) over the FM stage's augmented steps of the same log, in-process.
+``in_process / forward`` at p50, and ``http / forward`` at p99. Training speed: examples/s of each VM
+variant's ``step`` (featurize, predict, learn) over the FM stage's augmented steps of the same log,
+in-process.
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ def test_times_that_are_not_finite_give_a_weight_never_an_exception():
 @pytest.mark.fuzz
 @given(st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["c1", "c2", "", None])),
                 max_size=30),
-       st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True), st.floats(allow_nan=True, allow_infinity=True),
+       st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True),
+                          st.floats(allow_nan=True, allow_infinity=True),
                           st.sampled_from([0, 1]), st.sampled_from(["c1", "c3", None])), max_size=30))
 def test_property_any_times_give_weights_in_zero_to_the_cap(impressions, exs):
     dw = DelayWeights(DelayConfig(window_s=3600.0, rate_s=600.0, max_weight=4.0))
