@@ -33,7 +33,8 @@ per-campaign ratio by 32 (docs/delayed_feedback.md).
 The impressions are counted per ``rate_s / 16`` bucket of event time; a bucket is dropped once no later
 example can need it (examples come in label-time order), and at most 4 windows' worth are kept
 (``dropped`` counts what that bound drops): memory is ``O(16 (window_s / rate_s + 2))`` counters whatever
-the traffic, times at most ``key_slots`` per bucket for the per-campaign counts.
+the traffic, and as many arrays of ``key_slots`` counters for the per-campaign counts (16 KB each at the
+default), however many campaigns there are.
 
 >>> dw = DelayWeights(DelayConfig(window_s=100.0, rate_s=10.0))
 >>> dw.observe([float(t) for t in range(0, 200)])  # one impression a second
@@ -91,7 +92,9 @@ class DelayWeights:
         self._width = cfg.rate_s / _SLOTS
         self._keep = int(math.ceil((cfg.window_s + 2 * cfg.rate_s) / self._width)) + 1  # buckets one window needs
         self._counts: dict[int, int] = {}  # bucket -> impressions
-        self._keyed: dict[int, dict[int, int]] = {}  # bucket -> key slot -> impressions
+        # bucket -> impressions per key slot (int32, made when the bucket first sees a key): 16 KB a bucket
+        # at the default 4096 slots, so at most 4 windows' worth of buckets whatever the number of keys
+        self._keyed: dict[int, np.ndarray] = {}
         self._first: int | None = None  # the first bucket seen: before it, nothing happened
         self.dropped = 0  # buckets dropped by the bound (4 x what one window needs), not by time
 
@@ -109,9 +112,10 @@ class DelayWeights:
             b = int(t // self._width)
             self._counts[b] = self._counts.get(b, 0) + 1
             if key is not None:
-                per = self._keyed.setdefault(b, {})
-                slot = self._slot(key)
-                per[slot] = per.get(slot, 0) + 1
+                per = self._keyed.get(b)
+                if per is None:
+                    per = self._keyed[b] = np.zeros(self.cfg.key_slots, np.int32)
+                per[self._slot(key)] += 1
             if self._first is None or b < self._first:
                 self._first = b
         if len(self._counts) > 4 * self._keep:  # times far apart (a sparse or skewed stream): oldest first
@@ -130,7 +134,7 @@ class DelayWeights:
             return -1
         if slot is None:
             return sum(self._counts.get(k, 0) for k in range(b - _SLOTS + 1, b + 1))
-        return sum(self._keyed.get(k, {}).get(slot, 0) for k in range(b - _SLOTS + 1, b + 1))
+        return sum(int(per[slot]) for k in range(b - _SLOTS + 1, b + 1) if (per := self._keyed.get(k)) is not None)
 
     def weights(self, examples: list[dict]) -> np.ndarray:
         """One weight per example (``ts``, ``label_ts``, ``label``, and the key ``cfg.by`` names): 1 for a
@@ -176,11 +180,15 @@ class DelayWeights:
     def state_dict(self) -> dict:
         return {"counts": {int(b): int(n) for b, n in self._counts.items()}, "first": self._first,
                 "dropped": self.dropped,
-                "keyed": {int(b): {int(k): int(n) for k, n in per.items()} for b, per in self._keyed.items()}}
+                "keyed": {int(b): {int(k): int(per[k]) for k in np.flatnonzero(per)} for b, per in self._keyed.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self._counts = {int(b): int(n) for b, n in state["counts"].items()}
         self._first = None if state["first"] is None else int(state["first"])
         self.dropped = int(state["dropped"])
         # a snapshot from before the per-key counts: they start empty and fill within a rate window
-        self._keyed = {int(b): {int(k): int(n) for k, n in per.items()} for b, per in state.get("keyed", {}).items()}
+        self._keyed = {}
+        for b, per in state.get("keyed", {}).items():
+            arr = self._keyed[int(b)] = np.zeros(self.cfg.key_slots, np.int32)
+            for k, n in per.items():
+                arr[int(k) % self.cfg.key_slots] += int(n)
