@@ -204,8 +204,8 @@ class FMStage:
         clock = self.timings.clock()
         self.history.append_events(events)
         imps = [ev for ev in events if ev[4] == "impression"]
-        key = _EVENT_FIELD.get(self.cfg.delay.by, 3)
-        self.delay.observe([ev[1] for ev in imps], [ev[key] for ev in imps])
+        by = self.cfg.delay.by
+        self.delay.observe([ev[1] for ev in imps], [ev[_EVENT_FIELD[by]] for ev in imps] if by else None)
         clock.lap("history_write")
 
     # -- streaming: a time-ordered merge of history events and examples ------------------------------

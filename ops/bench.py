@@ -1,7 +1,8 @@
 """``loopline bench ingest``: ingest + attribution throughput on the real broker, as a ratio to raw
 aiokafka consume-and-produce of the same messages in the same run.
 
-Public surface: ``bench_ingest``, ``raw_consume_produce``.
+Public surface: ``bench_ingest``, ``raw_consume_produce``, and for the other broker benchmarks
+``seconds_for`` (their timing) and ``bench_log`` (their generated log).
 
 Each repeat starts a fresh embedded broker, preloads the same generated log into an input topic, and
 times (a) a plain aiokafka consumer-group member that reads every message and produces one output per
@@ -37,7 +38,7 @@ from .generate import GenerateConfig, write_log
 from .replay import collect_results, replay
 from .worker import WorkerProcess
 
-__all__ = ["bench_ingest", "raw_consume_produce"]
+__all__ = ["bench_ingest", "raw_consume_produce", "seconds_for", "bench_log"]
 
 
 async def raw_consume_produce(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
@@ -69,7 +70,15 @@ async def raw_consume_produce(bootstrap: str, topic: str, out_topic: str, n: int
         await producer.stop()
 
 
-def _seconds_for(n: int, processed, failure) -> float:
+def bench_log(work: Path, n_events: int) -> list:
+    """The first ``n_events`` records of a generated 7-day log written in ``work`` (the generator makes
+    about 20 events per user over 7 days, so the users are ``n_events / 20``)."""
+    write_log(GenerateConfig(users=max(50, int(n_events / 20)), days=7, seed=3, malformed=0.01),
+              str(work / "bench.jsonl"))
+    return read_log(str(work / "bench.jsonl"))[:n_events]
+
+
+def seconds_for(n: int, processed, failure) -> float:
     """Seconds a process takes for ``n`` messages, from its first processed batch (start-up and group
     joins left out) to ``processed() >= n``, scaled to all ``n``; ``failure()`` names why it cannot get
     there (None while it still can)."""
@@ -109,7 +118,7 @@ def _floor_run(broker: EmbeddedBroker, n: int, work: Path, timeout_s: float = 30
         return (f"the Faust floor worker stopped at {forwarded()} of {n} messages:\n"
                 f"{(work / 'floor.log').read_text()[-2000:]}")
     try:
-        return _seconds_for(n, forwarded, failure)
+        return seconds_for(n, forwarded, failure)
     finally:
         proc.terminate()
         try:
@@ -125,7 +134,7 @@ def _loopline_run(broker: EmbeddedBroker, records, partitions: int, work: Path, 
     try:
         w.wait_ready()
         # every event processed and its state flushed (the view reads it)
-        seconds = _seconds_for(len(records), w.processed,
+        seconds = seconds_for(len(records), w.processed,
                                lambda: None if w.proc.poll() is None else f"worker died:\n{w.tail()}")
         got = asyncio.run(collect_results(broker.bootstrap, partitions, "bench", len(records), timeout=300))
         if got["events"]["read"] != len(records) or got["examples"]["total"] == 0:
@@ -161,11 +170,9 @@ def _profile_summary(path: str) -> dict:
 
 def bench_ingest(n_events: int = 20000, repeats: int = 3, partitions: int = 4, out_path: str | None = None,
                  profile: bool = False, progress: bool = True) -> dict:
-    users = max(50, int(n_events / 20))  # the generator makes about 20 events per user over 7 days
     with tempfile.TemporaryDirectory(prefix="loopline-bench-") as tmp:
         work = Path(tmp)
-        write_log(GenerateConfig(users=users, days=7, seed=3, malformed=0.01), str(work / "bench.jsonl"))
-        records = read_log(str(work / "bench.jsonl"))[:n_events]
+        records = bench_log(work, n_events)
         runs = []
         for r in range(repeats + (1 if profile else 0)):  # the profiled run is extra and not timed
             profiled = r == repeats

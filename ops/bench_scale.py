@@ -5,7 +5,7 @@ Public surface: ``bench_scale``.
 Each repeat and each worker count gets a fresh embedded broker. The workers (role ``ingest``) start
 first and settle into the group, each with its share of the partitions. Then the generated log is
 replayed. The time runs from the first processed batch until the workers' ``/ingest/`` views together
-count every event: ``ops/bench.py``'s timing, summed over the members. The outputs are then checked:
+count every event: ``ops/bench.py``'s ``seconds_for``, summed over the members. The outputs are then checked:
 every event was read once and examples came out. The JSON has each run, the median events/s per worker
 count, and ``speedup`` (2 workers over 1).
 
@@ -29,10 +29,8 @@ from pathlib import Path
 
 from loopline.stream.app import TOPICS
 
-from .bench import _seconds_for
+from .bench import bench_log, seconds_for
 from .broker import EmbeddedBroker, create_topics
-from .eventlog import read_log
-from .generate import GenerateConfig, write_log
 from .replay import collect_results, replay
 from .worker import WorkerProcess
 
@@ -56,7 +54,7 @@ def _ingest_run(records, workers: int, partitions: int, work: Path) -> float:
             def failure():
                 dead = [w for w in ws if w.proc.poll() is not None]
                 return f"an ingest worker died:\n{dead[0].tail()}" if dead else None
-            seconds = _seconds_for(len(records), lambda: sum(w.processed() for w in ws), failure)
+            seconds = seconds_for(len(records), lambda: sum(w.processed() for w in ws), failure)
             got = asyncio.run(collect_results(broker.bootstrap, partitions, "scale", len(records), timeout=300))
             if got["events"]["read"] != len(records) or got["examples"]["total"] == 0:
                 raise RuntimeError(f"the {workers}-worker run lost events: {got['events']}")
@@ -68,11 +66,9 @@ def _ingest_run(records, workers: int, partitions: int, work: Path) -> float:
 
 def bench_scale(n_events: int = 20000, repeats: int = 3, partitions: int = 4, out_path: str | None = None,
                 progress: bool = True) -> dict:
-    users = max(50, int(n_events / 20))  # as bench ingest: about 20 events per user over 7 days
     with tempfile.TemporaryDirectory(prefix="loopline-bench-") as tmp:
         work = Path(tmp)
-        write_log(GenerateConfig(users=users, days=7, seed=3, malformed=0.01), str(work / "bench.jsonl"))
-        records = read_log(str(work / "bench.jsonl"))[:n_events]
+        records = bench_log(work, n_events)  # bench ingest's log
         runs = []
         for r in range(repeats):
             run = {}
