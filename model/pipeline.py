@@ -48,6 +48,7 @@ from .delay import DelayConfig, DelayWeights
 from .features import Featurizer
 from .fm import FMConfig, FoundationModel
 from .metrics import BinaryMetrics
+from .ranks import RankedTrainer, RanksConfig
 from .timing import Timings
 from .trainer import OnlineTrainer, TrainerConfig
 
@@ -86,6 +87,8 @@ class FMStageConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     # delayed-feedback weights; ``delay.window_s`` must be the attribution window of the examples
     delay: DelayConfig = field(default_factory=DelayConfig)
+    # the FM over N torch.distributed ranks (``model/ranks.py``); 1: in this process alone
+    ranks: RanksConfig = field(default_factory=RanksConfig)
 
     def __post_init__(self):
         if self.publish_every < 1:
@@ -100,7 +103,10 @@ class FMStage:
         self.cfg = cfg
         self.history = history
         self.featurizer = Featurizer(cfg.fm.features)
-        self.fm = OnlineTrainer(FoundationModel(cfg.fm), cfg.trainer)
+        if cfg.ranks.ranks > 1:
+            self.fm = RankedTrainer.start(FoundationModel(cfg.fm), cfg.trainer, cfg.ranks)
+        else:
+            self.fm = OnlineTrainer(FoundationModel(cfg.fm), cfg.trainer)
         self.lr = OnlineTrainer(LogisticBaseline(cfg.fm.features), cfg.trainer) if cfg.baseline else None
         self.metrics = {"fm": BinaryMetrics(), "das": BinaryMetrics()}
         if self.lr is not None:
@@ -125,7 +131,7 @@ class FMStage:
         self.live = cfg.publish_every == 1 and cfg.embed_refresh_every == 1 and self.fm.shared_forward
 
     def _publish(self) -> None:
-        model = copy.deepcopy(self.fm.model).eval()
+        model = copy.deepcopy(self.fm.current_model()).eval()
         self.published = (self.fm.version, model)
         self.publishes += 1
         refresh = self.cfg.embed_refresh_every
@@ -303,6 +309,10 @@ class FMStage:
                 getattr(self, name).load_state_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v
                                                      for k, v in state[name].items()})
         self.outputs = []
+
+    def close(self) -> None:
+        """Release the FM's other ranks, if it has any (the stage is not used after)."""
+        self.fm.close()
 
     def drain(self) -> list[dict]:
         out, self.outputs = self.outputs, []

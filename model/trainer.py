@@ -126,6 +126,13 @@ class OnlineTrainer:
             self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr_dense, foreach=True))
         self.shared_forward = mode_free(model)  # step() predicts from the training forward
 
+    def current_model(self) -> nn.Module:
+        """The model with its current weights (``RankedTrainer`` gathers its shards first)."""
+        return self.model
+
+    def close(self) -> None:
+        """Nothing to release (``RankedTrainer`` stops its other ranks)."""
+
     @torch.no_grad()
     def predict_many(self, batch) -> np.ndarray:
         self.model.eval()
