@@ -48,7 +48,8 @@ from .delay import DelayConfig, DelayWeights
 from .features import Featurizer
 from .fm import FMConfig, FoundationModel
 from .metrics import BinaryMetrics
-from .ranks import RankedTrainer, RanksConfig
+from .ranks import RankedTrainer
+from .ranks_config import RanksConfig
 from .timing import Timings
 from .trainer import OnlineTrainer, TrainerConfig
 

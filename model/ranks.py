@@ -40,7 +40,6 @@ import datetime
 import json
 import os
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,48 +51,13 @@ from loopline.errors import ConfigError
 from .features import EVENT_TYPES, SPARSE_KEYS, Batch
 from .fm import FMConfig, FoundationModel
 from .optim import RowAdagrad
+from .ranks_config import RanksConfig
 from .trainer import OnlineTrainer, TrainerConfig, mode_free, train_mode
 
 __all__ = ["RanksConfig", "RankedTrainer", "follow", "broadcast_state", "share_bounds"]
 
 _STOP, _STEP, _EXPORT, _IMPORT = 0, 1, 2, 3
 _HEADER = 4 + len(SPARSE_KEYS)  # [op, B, L, has weights, values per sparse key...]
-
-
-@dataclass(frozen=True)
-class RanksConfig:
-    """Where the FM's ranks meet. ``ranks`` 1 is the plain one-process trainer."""
-
-    ranks: int = 1
-    # host:port of rank 0's TCP store, which the other ranks join. Port 0: a free port (only when rank 0
-    # launches the other ranks itself, since they must be told it)
-    master: str = "127.0.0.1:0"
-    # True: rank 0 starts ranks 1..N-1 as processes on its own machine. False: they are started apart,
-    # each with ``loopline fm-rank --rank R --fm-ranks N --fm-master HOST:PORT``
-    launch: bool = True
-    backend: str = "gloo"  # gloo (CPU); nccl puts each rank on cuda:(rank mod devices)
-    timeout_s: float = 120.0  # a collective waiting longer fails: a rank that died mid-step is an error
-
-    def __post_init__(self):
-        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
-            raise ConfigError(f"fm_ranks: must be an integer >= 1, got {self.ranks!r}")
-        host, _, port = str(self.master).rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"fm_master: must be HOST:PORT, got {self.master!r}")
-        if int(port) == 0 and not self.launch:
-            raise ConfigError("fm_master: ranks started apart need a fixed port, got port 0")
-        if self.backend not in ("gloo", "nccl"):
-            raise ConfigError(f"fm_backend: must be gloo or nccl, got {self.backend!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"fm_timeout_s: must be > 0, got {self.timeout_s}")
-
-    @property
-    def host(self) -> str:
-        return self.master.rpartition(":")[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.master.rpartition(":")[2])
 
 
 def share_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -252,16 +216,16 @@ class RankedTrainer:
     # -- rank 0 ----------------------------------------------------------------------------------------
     @classmethod
     def start(cls, model: FoundationModel, cfg: TrainerConfig, ranks: RanksConfig) -> "RankedTrainer":
-        """Rank 0: open the store, start ranks 1..N-1 here (``ranks.launch``) or wait for them to join,
+        """Rank 0: open the store, start ranks 1..N-1 here (or, with ``ranks.join``, wait for them),
         and build the sharded model."""
         store = dist.TCPStore(ranks.host, ranks.port, ranks.ranks, is_master=True,
                               timeout=datetime.timedelta(seconds=ranks.timeout_s), wait_for_workers=False)
         procs = []
-        if ranks.launch:
+        if not ranks.join:
             ctx = torch.multiprocessing.get_context("spawn")
             master = f"{ranks.host}:{store.port}"
             procs = [ctx.Process(target=_follow_here, args=(model.cfg, cfg, RanksConfig(
-                ranks.ranks, master, False, ranks.backend, ranks.timeout_s), r, os.getpid()), daemon=True)
+                ranks.ranks, master, True, ranks.backend, ranks.timeout_s), r, os.getpid()), daemon=True)
                 for r in range(1, ranks.ranks)]
             for p in procs:
                 p.start()

@@ -24,6 +24,7 @@ from typing import Iterable
 import orjson
 
 from loopline.errors import ConfigError
+from loopline.model.ranks_config import RanksConfig
 from loopline.settings import argument, nested, same_as, setting
 from loopline.state.attribution import AttributionConfig, STAT_NAMES
 from loopline.state.ingest import IngestCore
@@ -60,15 +61,17 @@ def _check_partitions(partitions) -> None:
 def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
                      cfg: AttributionConfig = AttributionConfig(), progress: bool = False,
                      models: bool = False, stage_cfg=None, vm_cfg=None, scores: bool = False,
-                     split_ts: float | None = None, keep_examples: bool = False) -> dict:
+                     split_ts: float | None = None, keep_examples: bool = False,
+                     ranks: RanksConfig = RanksConfig()) -> dict:
     """Ingest and attribution in-process; with ``models``, then the FM stage (FM, logistic baseline,
     DAS) and, with ``vm_cfg`` (a :class:`~loopline.model.verticals.VMStageConfig`), the VM variants
     side by side on each FM step's augmented examples, in one pass. Progressive metrics go under
     ``models`` (each VM variant with its transfer ratio ``tr``), the same before and after ``split_ts``
     (default: the middle of the examples' event time) under ``windows``; ``scores`` also returns every
     example's score row; ``keep_examples`` returns the labelled examples as ``examples_list`` (in the
-    order attribution emitted them: the monitor's feature drift reads them). ``records`` may be any
-    iterable (a streamed :func:`~loopline.ops.eventlog.read_log`)."""
+    order attribution emitted them: the monitor's feature drift reads them); ``ranks`` trains the FM over
+    that many torch.distributed ranks (``model/ranks.py``). ``records`` may be any iterable (a streamed
+    :func:`~loopline.ops.eventlog.read_log`)."""
     _check_partitions(partitions)
     total = len(records) if hasattr(records, "__len__") else None
     stores: list[dict] = [{} for _ in range(partitions)]
@@ -113,7 +116,7 @@ def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
     out = summarize(n, dead, examples, positives, attribution)
     if models:
-        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts, cfg.window_s))
+        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts, cfg.window_s, ranks))
     if keep_examples:
         out["examples_list"] = emitted
     return out
@@ -131,8 +134,9 @@ def with_transfer_ratios(models: dict) -> dict:
 
 
 def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_scores: bool,
-                split_ts: float | None, window_s: float) -> dict:
+                split_ts: float | None, window_s: float, ranks: RanksConfig) -> dict:
     import tempfile
+    from dataclasses import replace
 
     from loopline.model.delay import DelayConfig
     from loopline.model.loop import ModelLoop
@@ -154,12 +158,17 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
     with tempfile.TemporaryDirectory(prefix="loopline-history-") as tmp:
         with HistoryStore(tmp) as history:
             # the delayed-feedback weights pair each positive with the negatives of one window earlier
-            stage = FMStage(history, stage_cfg or FMStageConfig(delay=DelayConfig(window_s=window_s)))
+            stage_cfg = stage_cfg or FMStageConfig(delay=DelayConfig(window_s=window_s))
+            stage = FMStage(history, replace(stage_cfg, ranks=ranks) if ranks.ranks > 1 else stage_cfg)
             vms = VMStage(history, vm_cfg) if vm_cfg is not None else None
-            rows = ModelLoop(stage, vms).run(examples, progress=tick)
+            try:
+                rows = ModelLoop(stage, vms).run(examples, progress=tick)
+            finally:
+                stage.close()
             report = {**stage.report(), **(vms.report() if vms is not None else {})}
             result = {"models": with_transfer_ratios(report),
                       "fm_stage": {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
+                                   "ranks": stage.cfg.ranks.ranks,
                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters()),
                                    "fm_flops_per_example": stage.fm.model.flops_per_example()}}
             if vms is not None:
@@ -252,6 +261,7 @@ class EvaluateCommand:
     scores: str | None = argument(None, "also write every example's score row (JSONL)", metavar="FILE")
     fp8: bool = setting(False, "also score each VM through emulated FP8 Linear layers (rows vm:VARIANT@fp8)")
     join: JoinConfig = nested(JoinConfig)
+    fm: RanksConfig = nested(RanksConfig, prefix="fm-")
 
 
 def vm_stage_config(variants: str | None, fp8: bool = False):
@@ -267,7 +277,7 @@ def run_evaluate(cfg: EvaluateCommand, progress: bool = True) -> dict:
     attribution = cfg.join.attribution(cfg.source.dataset)
     vm_cfg = vm_stage_config(cfg.variants, cfg.fp8) if cfg.models else None
     out = evaluate_records(cfg.source.records(), cfg.partitions, attribution, progress=progress, models=cfg.models,
-                           vm_cfg=vm_cfg, scores=bool(cfg.scores), split_ts=cfg.split_ts)
+                           vm_cfg=vm_cfg, scores=bool(cfg.scores), split_ts=cfg.split_ts, ranks=cfg.fm)
     if cfg.scores:
         with open(cfg.scores, "wb") as f:
             f.writelines(orjson.dumps(r) + b"\n" for r in out.pop("scores"))

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from loopline.state.attribution import AttributionConfig
 from loopline.state.events import key_partition
 from loopline.errors import ConfigError, LooplineError
+from loopline.model.ranks_config import RanksConfig
 from loopline.settings import nested, parse_broker_url, setting
 from loopline.state.reach import ReachConfig
 
@@ -128,6 +129,8 @@ class WorkerConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     session_timeout_s: float = 10.0  # short, so a killed member's partitions move quickly
     reach: ReachConfig = nested(ReachConfig, prefix="reach-")  # the reach sampler (``--reach-*`` flags)
+    # fm role: the FM over torch.distributed ranks (``--fm-ranks``, ``--fm-master``...; model/ranks.py)
+    fm: RanksConfig = nested(RanksConfig, prefix="fm-")
     # the vm role's VM variants (model/verticals.py VARIANTS)
     vm_variants: tuple = setting(("base", "loopfm+kd"), "vm role: the VM variants trained (comma-separated)",
                                  flag="variants", env="WORKER_VARIANTS", parse=_variants)

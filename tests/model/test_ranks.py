@@ -46,7 +46,7 @@ def test_a_batch_crosses_the_wire_and_splits_into_disjoint_shares():
 
 
 @pytest.mark.parametrize("bad, field", [({"ranks": 0}, "fm_ranks"), ({"master": "nohost"}, "fm_master"),
-                                        ({"master": "127.0.0.1:0", "launch": False}, "fm_master"),
+                                        ({"master": "127.0.0.1:0", "join": True}, "fm_master"),
                                         ({"backend": "mpi"}, "fm_backend")])
 def test_a_bad_ranks_setting_names_its_field(bad, field):
     with pytest.raises(ConfigError, match=field):
