@@ -170,6 +170,7 @@ class RankedTrainer:
 
     def __init__(self, model: FoundationModel, cfg: TrainerConfig, store: dist.Store, backend: str = "gloo"):
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed import collective_utils
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -198,6 +199,10 @@ class RankedTrainer:
         plan = EmbeddingShardingPlanner(topology=topology, constraints=sharded).collective_plan(
             local, [sharder], dist.group.WORLD)
         self.plan = {name: str(p.sharding_type) for name, p in plan.plan["ebc"].items()}
+        # DMP's first construction in a process runs a handshake with every rank and then skips it; a
+        # process that builds a second group (one evaluate after another) must run it too, or its ranks'
+        # collectives go out of step with a new rank's
+        collective_utils._INITIALIZED = False
         self.dmp = DistributedModelParallel(local, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                             device=self.device, sharders=[sharder], plan=plan,
                                             init_data_parallel=False)
@@ -374,10 +379,10 @@ class RankedTrainer:
         """Ranks 1..N-1: do rank 0's commands until it stops (or goes away)."""
         while True:
             try:
-                self.store.wait([f"cmd/{self._seq}"], datetime.timedelta(seconds=60))
-            except RuntimeError as exc:
-                if "timeout" in str(exc).lower() or "wait timeout" in str(exc).lower():
-                    continue  # rank 0 is idle
+                self.store.wait([f"cmd/{self._seq}"], datetime.timedelta(hours=1))
+            except dist.DistStoreError as exc:
+                if "wait timeout" in str(exc):
+                    continue  # rank 0 is idle; a store that went away (rank 0 did) raises on
                 raise
             header = torch.tensor([int(x) for x in self.store.get(f"cmd/{self._seq}").decode().split(",")])
             self._seq += 1
@@ -401,8 +406,10 @@ class RankedTrainer:
 def follow(fm: FMConfig, cfg: TrainerConfig, ranks: RanksConfig, rank: int) -> None:
     """Rank ``rank`` (>= 1) of the FM: join rank 0's group at ``ranks.master`` and train until it stops.
     ``fm`` and ``cfg`` must be rank 0's (the weights come from rank 0; a different layout fails)."""
+    if ranks.ranks < 2:
+        raise ConfigError(f"fm_ranks: a rank that joins needs --fm-ranks of 2 or more, got {ranks.ranks}")
     if not 1 <= rank < ranks.ranks:
-        raise ConfigError(f"rank: must be in [1, {ranks.ranks - 1}], got {rank}")
+        raise ConfigError(f"rank: must be in [1, {ranks.ranks - 1}] (rank 0 is the fm worker), got {rank}")
     store = dist.TCPStore(ranks.host, ranks.port, ranks.ranks, is_master=False,
                           timeout=datetime.timedelta(seconds=ranks.timeout_s))
     dist.init_process_group(ranks.backend, store=store, rank=rank, world_size=ranks.ranks,

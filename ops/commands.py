@@ -52,6 +52,8 @@ COMMANDS = (
     Command("broker", "run the embedded Kafka-protocol broker (Tansu) on 127.0.0.1", "broker:BrokerConfig",
             "broker:run_broker", json=False),
     Command("worker", "a long-lived Faust worker", "worker:WorkerCommand", "worker:run_worker_command", json=False),
+    Command("fm-rank", "one of the FM's ranks 1..N-1, joining rank 0 (a worker or evaluate with --fm-join)",
+            "fm_rank:FmRankCommand", "fm_rank:run_fm_rank", json=False),
     Command("replay", "send an event log to the broker in event-time order", "replay:ReplayCommand",
             "replay:run_replay", "loopline replay", "replay:format_replay"),
     Command("evaluate", "replay in-process through the same code and print counts and metrics",

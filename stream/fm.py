@@ -141,10 +141,13 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         else:  # starting over: what a killed run wrote to the store is not this run's past
             history.rebuild((), (), clear=True)
         # the delayed-feedback weights pair each positive with the negatives of one window earlier
-        stage = FMStage(history, FMStageConfig(delay=DelayConfig(window_s=cfg.attribution.window_s)))
+        # (in the training thread: with --fm-ranks, starting the ranks and loading a snapshot into them
+        # are collectives, seconds long, and every later one runs there too)
+        stage = await off_loop(FMStage, history, FMStageConfig(delay=DelayConfig(window_s=cfg.attribution.window_s),
+                                                               ranks=cfg.fm))
         if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
             snap = loaded[0]  # verified, loaded with weights_only=True
-            stage.load_state_dict(snap["stage"])
+            await off_loop(stage.load_state_dict, snap["stage"])
             marks.update(snap["marks"])
             fed.reset(snap["fed"])
             state["finished"], state["snapshot_at"] = snap["finished"], stage.fm.version
@@ -236,7 +239,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
     async def maybe_snapshot(st: FMStage) -> None:
         if st.fm.version >= state["snapshot_at"] + SNAPSHOT_EVERY or (state["finished"] and st.fm.version > state["snapshot_at"]):
             await app.producer.flush()  # its outputs are out before a snapshot says they were made
-            snap = {"stage": st.state_dict(), "marks": dict(marks), "fed": fed.positions(), "finished": state["finished"]}
+            snap = {"stage": await off_loop(st.state_dict), "marks": dict(marks), "fed": fed.positions(),
+                    "finished": state["finished"]}
             await off_loop(state["snapshot_dir"].save, snap, st.fm.version)  # fsynced, rotates; off the loop
             state["snapshot_at"] = st.fm.version  # only once it is on disk: /fm/ must not claim it before
 
@@ -350,7 +354,7 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
                 "snapshot_at": state["snapshot_at"], "ready": st is not None, "role": state["role"],
                 "active_since": state["active_since"],
                 "dedup": st.seen.counts() if st else {}, "dedup_events": st.seen_events.counts() if st else {},
-                "delay": st.delay.counts() if st else {}, "control_ignored": state["control_ignored"],
+                "delay": st.delay.counts() if st else {}, "ranks": cfg.fm.ranks, "control_ignored": state["control_ignored"],
                 "bad_values": state["bad_values"]}
 
     @app.page("/fm/")

@@ -118,3 +118,34 @@ def test_a_finished_fm_reports_again_when_a_new_runs_marks_and_its_end_come_in_o
         time.sleep(0.5)
     assert w.view("/fm/")["finished"]
     assert w.stop() == "stopped on SIGTERM"
+
+
+def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on_one_rank(broker, start_worker,
+                                                                                           tmp_path):
+    """``worker --fm-ranks 2`` (the worker launches rank 1): the FM numbers of one rank up to float order;
+    its snapshot, gathered from the shards, loads into a one-rank worker on another machine."""
+    path = tmp_path / "events.jsonl"
+    write_log(GenerateConfig(users=300, days=3, seed=4), str(path))
+    records = read_log(str(path))
+    expected = evaluate_records(records, models=True)
+    w = start_worker(extra=("--fm-ranks", "2"))
+    asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
+    deadline = time.monotonic() + 300
+    while not (w.view("/fm/") or {}).get("finished"):
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
+        time.sleep(0.5)
+    got = w.view("/fm/")
+    assert got["ranks"] == 2
+    assert all(got["counts"][k] == expected["fm_stage"][k] for k in ("examples", "augmented", "embeddings"))
+    for name in ("fm", "lr", "das"):
+        assert abs(got["models"][name]["auc"] - expected["models"][name]["auc"]) < 0.005, name
+    assert w.stop() == "stopped on SIGTERM"
+    shutil.copytree(tmp_path / "w1" / "fm-snapshots", tmp_path / "w2" / "fm-snapshots")
+    w2 = start_worker("w2")
+    deadline = time.monotonic() + 120
+    while not (w2.view("/fm/") or {}).get("restored"):
+        assert time.monotonic() < deadline and w2.proc.poll() is None, w2.tail()
+        time.sleep(0.5)
+    resumed = w2.view("/fm/")
+    assert resumed["ranks"] == 1 and resumed["finished"] and resumed["models"] == got["models"]
+    assert resumed["snapshot_at"] == got["snapshot_at"] > 0
