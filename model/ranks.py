@@ -188,6 +188,9 @@ class RankedTrainer:
         self.shared_forward = True
         self.version = 0
         self._seq = 0  # commands sent (rank 0) or done (the others)
+        # bytes through this rank's link per kind of traffic, over all steps (``loopline bench scale``); the
+        # all-to-all inside TorchRec is counted from what crosses: a pooled row of a table held elsewhere
+        self.traffic = {"batch_broadcast": 0, "dense_all_reduce": 0, "outputs_gather": 0, "embedding_all_to_all": 0}
         local = copy.deepcopy(model)
         # the tables' optimizer is fused into their backward (FBGEMM): exact Adagrad, RowAdagrad's numbers
         sharder = EmbeddingBagCollectionSharder(fused_params={
@@ -249,6 +252,7 @@ class RankedTrainer:
         if batch is not None:
             dist.broadcast(ints, 0)
             dist.broadcast(floats, 0)
+            self.traffic["batch_broadcast"] += (ints.numel() * 8 + floats.numel() * 4) * (self.world - 1)
 
     def step_outputs(self, batch: Batch) -> tuple[np.ndarray, dict]:
         """Train on ``batch`` over the ranks; its predictions before the update, and the whole batch's
@@ -297,6 +301,14 @@ class RankedTrainer:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)  # the sum over the ranks: the one-rank gradient
+        # (a ring all-reduce sends 2 (N-1)/N of the buffer from each rank)
+        self.traffic["dense_all_reduce"] += flat.numel() * 4 * 2 * (self.world - 1) // self.world
+        # table-wise: this share's ids go to each table's rank, its pooled rows come back, and their
+        # gradients go again, for the tables held elsewhere (about (N-1)/N of them)
+        away = (self.world - 1) / self.world
+        ids = sum(share.sparse[k][0].numel() + share.sparse[k][1].numel() for k in SPARSE_KEYS)
+        pooled = (hi - lo) * len(SPARSE_KEYS) * self.net.cfg.emb_dim
+        self.traffic["embedding_all_to_all"] += int(away * (ids * 8 + 2 * pooled * 4))
         for p, g in zip(self.replicated, flat.split([p.numel() for p in self.replicated])):
             p.grad = g.view_as(p)
         for opt in self.optimizers:
@@ -311,6 +323,7 @@ class RankedTrainer:
         mine[:logit.shape[0], 1:] = code
         parts = [torch.empty_like(mine) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(mine, parts, dst=0)
+        self.traffic["outputs_gather"] += mine.numel() * 4 * (self.world - 1 if self.rank == 0 else 1)
         if self.rank != 0:
             return None, None
         rows = torch.cat([p[:hi - lo] for p, (lo, hi) in
