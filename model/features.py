@@ -1,11 +1,13 @@
 """From labelled examples to model inputs: hashed sparse ids and per-event-type history sequences.
 
-Public surface: ``FeatureConfig``, ``Featurizer``, ``Batch``, ``hash_id``, ``HashCache``, ``gap_buckets``,
-``SPARSE_KEYS``, ``EVENT_TYPES``.
+Public surface: ``FeatureConfig``, ``Featurizer``, ``Batch``, ``hash_id``, ``raw_id``, ``HashCache``,
+``gap_buckets``, ``SPARSE_KEYS``, ``EVENT_TYPES``.
 
 Unseen ids are hashed into fixed-size tables (sizes in ``FeatureConfig``), with a process-independent
 hash (CRC32 of ``name\\x1fvalue``: Python's ``hash`` is salted per process, which would make a worker
-and ``loopline evaluate`` disagree). ``attrs`` and ``features`` are multi-hot bags of ``key=value``.
+and ``loopline evaluate`` disagree). ``attrs`` and ``features`` are multi-hot bags of ``key=value``. The
+keys in ``FeatureConfig.managed`` (the FM's managed-collision tables, ``model/fm.py``) also come as
+``sparse[key + "_raw"]``: a 62-bit id (``raw_id``) that the table maps to a row of its own.
 History sequences are the user's raw recent events strictly before the example's time, split by event
 type (``impression``, ``click``), newest last, left-padded to ``seq_len``.
 
@@ -39,7 +41,8 @@ import torch
 
 from loopline.errors import ConfigError
 
-__all__ = ["FeatureConfig", "Featurizer", "Batch", "hash_id", "HashCache", "gap_buckets", "SPARSE_KEYS", "EVENT_TYPES"]
+__all__ = ["FeatureConfig", "Featurizer", "Batch", "hash_id", "raw_id", "HashCache", "gap_buckets", "SPARSE_KEYS",
+           "EVENT_TYPES"]
 
 SPARSE_KEYS = ("user", "ad", "campaign", "vertical", "attrs", "feats")
 EVENT_TYPES = ("impression", "click")
@@ -58,6 +61,8 @@ class FeatureConfig:
     # hashed id strings cached per featurizer, all tables together (~150 B each: ~10 MB at the default);
     # ids, campaigns and attribute values repeat from batch to batch, users less so
     hash_cache: int = 65_536
+    # keys also sent as 62-bit ids (``<key>_raw``) for the FM's managed-collision tables; only "user"
+    managed: tuple = ()
 
     def __post_init__(self):
         missing = [k for k in SPARSE_KEYS if k not in self.table_sizes]
@@ -70,10 +75,22 @@ class FeatureConfig:
             raise ConfigError(f"seq_len: must be >= 1, got {self.seq_len}")
         if isinstance(self.hash_cache, bool) or not isinstance(self.hash_cache, int) or self.hash_cache < 0:
             raise ConfigError(f"hash_cache: must be an integer >= 0, got {self.hash_cache!r}")
+        if not set(self.managed) <= {"user"}:
+            raise ConfigError(f"managed: only the user table can be managed, got {list(self.managed)}")
 
 
 def hash_id(name: str, value: str, size: int) -> int:
     return zlib.crc32(f"{name}\x1f{value}".encode()) % size
+
+
+def raw_id(name: str, value: str) -> int:
+    """A 62-bit id of ``value`` (two CRC32s, 30 bits apart): what a managed-collision table remaps. At a
+    million ids about 1e-7 of them share one with another, against 20 per row of a 50,000-row hash.
+
+    >>> 0 <= raw_id("user", "u1") < 2 ** 62 and raw_id("user", "u1") != raw_id("user", "u2")
+    True
+    """
+    return (zlib.crc32(f"{name}\x1f{value}".encode()) << 30) ^ zlib.crc32(f"{name}\x1e{value}".encode())
 
 
 class Batch(NamedTuple):
@@ -114,6 +131,19 @@ class HashCache:
                         c[v] = h
                 out.append(h)
             return out
+
+    def raw(self, table: str, values: list) -> list[int]:
+        """``raw_id(table, v)`` for each value."""
+        c = self.tables.setdefault((table, 0, False), {})
+        out = []
+        for v in values:
+            h = c.get(v) if type(v) is str else None
+            if h is None:
+                h = raw_id(table, v)
+                if type(v) is str:
+                    c[v] = h
+            out.append(h)
+        return out
 
     def pairs(self, table: str, items: list, size: int, sep: str = "=") -> list[int]:
         """``hash_id(table, f"{k}{sep}{v}", size)`` for each ``(k, v)``."""
@@ -174,6 +204,9 @@ class Featurizer:
         for k in ("user", "ad", "campaign", "vertical"):
             sparse[k] = (torch.tensor(cache.ids(k, [ex[k] for ex in examples], s[k]), dtype=torch.int64),
                          torch.ones(B, dtype=torch.int64))
+        for k in self.cfg.managed:
+            sparse[f"{k}_raw"] = (torch.tensor(cache.raw(k, [ex[k] for ex in examples]), dtype=torch.int64),
+                                  torch.ones(B, dtype=torch.int64))
         for k, src in (("attrs", "attrs"), ("feats", "features")):
             rows = [sorted((ex.get(src) or {}).items()) for ex in examples]
             flat = [kv for r in rows for kv in r]

@@ -18,6 +18,17 @@ FM lost to a small VM attending over 20 raw events (AUC 0.7137 against 0.7161). 
 it to 0.716 but cost the synthetic stream's long-memory interests 0.03 AUC; the mean of the newest 8
 tokens per type, beside the 32-event encoder, gives 0.7207 on MovieLens (docs/transfer.md).
 
+Embeddings, hashed or managed. Every sparse id is hashed into a fixed-size table by default: at a million
+users, the 50,000-row user table puts 20 users on each row. With ``user_table.embeddings="managed"`` the user table is
+a managed-collision table (TorchRec's ``MCHManagedCollisionModule`` with ``DistanceLFU_EvictionPolicy``):
+each user's 62-bit id (``features.raw_id``) gets a row of its own while it is among the ``managed_rows - 1`` ids the
+policy keeps (frequent and recent ones); the others share the last row until admitted. Every
+``eviction_interval`` training steps the ids seen since are admitted in place of the lowest-scored ones. A
+row given to a new id starts from zero, and the trainer zeroes its Adagrad sum (``take_fresh_rows``), so the
+new user does not inherit the evicted one's embedding. (TorchRec's own ``ManagedCollisionEmbeddingBagCollection``
+leaves evicted rows as they were, and needs every table of its collection managed: the user table is its own
+collection here.) ``managed_counts`` (admitted, evicted) is a buffer, so it survives snapshots.
+
 LoopFM (papers.md section 1): the activations of a shallow layer (``a1``) and the history encoder
 output ``H`` are concatenated and compressed by an autoencoder trained beside the FM with a stop-gradient
 (the FM never bends to make its activations easy to compress). The encoder ends in tanh, so the code
@@ -28,15 +39,17 @@ every such prefix is a usable smaller code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy, ManagedCollisionCollection, MCHManagedCollisionModule
 
 from loopline.errors import ConfigError
 
 from .features import EVENT_TYPES, SPARSE_KEYS, Batch, FeatureConfig
+from .fm_settings import UserTableConfig
 from .kunlun import KunlunConfig, MultiEventEncoder, flops_per_example
 
 __all__ = ["FMConfig", "FoundationModel", "LoopFMAutoencoder"]
@@ -61,8 +74,12 @@ class FMConfig:
     matryoshka: tuple = (4, 8)  # prefix widths also trained to reconstruct; () turns it off
     ae_hidden: int = 64
     ae_weight: float = 1.0  # weight of the reconstruction loss in the trainer's total
+    # the user table: hashed into its rows, or managed (``--embeddings``; see the module doc)
+    user_table: UserTableConfig = field(default_factory=UserTableConfig)
 
     def __post_init__(self):
+        if self.user_table.embeddings == "managed" and "user" not in self.features.managed:  # the raw ids it remaps
+            object.__setattr__(self, "features", replace(self.features, managed=("user",)))
         if set(self.seq) != set(EVENT_TYPES):
             raise ConfigError(f"seq: needs one entry per event type {EVENT_TYPES}, got {sorted(self.seq)}")
         if not self.hidden:
@@ -106,9 +123,19 @@ class FoundationModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         sizes, E = cfg.features.table_sizes, cfg.emb_dim
+        self.hashed_keys = [k for k in SPARSE_KEYS if not (k == "user" and cfg.user_table.embeddings == "managed")]
         self.ebc = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=f"t_{k}", embedding_dim=E, num_embeddings=sizes[k], feature_names=[k])
-                    for k in SPARSE_KEYS], device=torch.device("cpu"))
+                    for k in self.hashed_keys], device=torch.device("cpu"))
+        if cfg.user_table.embeddings == "managed":
+            user = EmbeddingBagConfig(name="t_user", embedding_dim=E, num_embeddings=cfg.user_table.managed_rows,
+                                      feature_names=["user"])
+            self.user_ebc = EmbeddingBagCollection(tables=[user], device=torch.device("cpu"))
+            self.user_mc = ManagedCollisionCollection({"t_user": MCHManagedCollisionModule(
+                zch_size=cfg.user_table.managed_rows, device=torch.device("cpu"), eviction_policy=DistanceLFU_EvictionPolicy(),
+                eviction_interval=cfg.user_table.managed_eviction_interval, input_hash_size=2 ** 62)}, embedding_configs=[user])
+            self.register_buffer("managed_counts", torch.zeros(2, dtype=torch.int64))  # admitted, evicted
+            self._fresh: torch.Tensor | None = None  # rows given to new ids in the last training forward
         self.summary = nn.Linear(len(SPARSE_KEYS) * E, cfg.summary_dim)
         kcfgs = {t: KunlunConfig(summary_dim=cfg.summary_dim, **cfg.seq[t]) for t in EVENT_TYPES}
         self.tok_ad = nn.ModuleDict({t: nn.Embedding(sizes["ad"], kcfgs[t].d_model) for t in EVENT_TYPES})
@@ -138,11 +165,58 @@ class FoundationModel(nn.Module):
         return flops_per_example(self.encoder, {t: L for t in EVENT_TYPES}) + dense
 
     def _sparse(self, batch: Batch) -> torch.Tensor:
+        keys = self.hashed_keys
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(SPARSE_KEYS), values=torch.cat([batch.sparse[k][0] for k in SPARSE_KEYS]),
-            lengths=torch.cat([batch.sparse[k][1] for k in SPARSE_KEYS]))
+            keys=keys, values=torch.cat([batch.sparse[k][0] for k in keys]),
+            lengths=torch.cat([batch.sparse[k][1] for k in keys]))
         pooled = self.ebc(kjt)
-        return torch.cat([pooled[k] for k in SPARSE_KEYS], dim=1)  # (B, 6E)
+        parts = {k: pooled[k] for k in keys}
+        if self.cfg.user_table.embeddings == "managed":
+            parts["user"] = self._managed_user(*batch.sparse["user_raw"])
+        return torch.cat([parts[k] for k in SPARSE_KEYS], dim=1)  # (B, 6E)
+
+    def _managed_user(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The user rows through the managed-collision table: admission and eviction (in training), then
+        the remapped ids' rows; a row just given to a new id is zeroed first."""
+        mch = self.user_mc._managed_collision_modules["t_user"]
+        open_before = int(mch.open_slots())
+        remapped = self.user_mc(KeyedJaggedTensor.from_lengths_sync(keys=["user"], values=ids, lengths=lengths))
+        fresh = self.user_mc.evict().get("t_user")
+        if fresh is not None and fresh.numel():
+            table = self.user_ebc.embedding_bags["t_user"].weight
+            with torch.no_grad():
+                table[fresh] = 0.0
+            # an empty slot filled is an admission; a slot that held an id is also an eviction
+            filled = open_before - int(mch.open_slots())
+            self.managed_counts += torch.tensor([fresh.numel(), fresh.numel() - filled])
+            self._fresh = fresh if self._fresh is None else torch.cat([self._fresh, fresh])
+        return self.user_ebc(remapped)["user"]
+
+    def take_fresh_rows(self) -> dict:
+        """{table parameter: rows} given to new ids since the last call (the trainer resets their
+        optimizer state); empty for hashed tables."""
+        if getattr(self, "_fresh", None) is None:
+            return {}
+        rows, self._fresh = self._fresh, None
+        return {self.user_ebc.embedding_bags["t_user"].weight: rows}
+
+    def embedding_report(self) -> dict:
+        """The tables' kind, rows and bytes (with their Adagrad sums: twice the weights), and for a managed
+        user table its admissions, evictions and open rows."""
+        rows = sum(c.num_embeddings for c in self.ebc.embedding_bag_configs())
+        out = {"embeddings": self.cfg.user_table.embeddings}
+        if self.cfg.user_table.embeddings == "managed":
+            mch = self.user_mc._managed_collision_modules["t_user"]
+            rows += self.cfg.user_table.managed_rows
+            # the MCH's own state: sorted raw ids, the row map, and the policy's counts and last access
+            mch_bytes = sum(b.numel() * b.element_size() for b in self.user_mc.buffers())
+            out.update(managed_rows=self.cfg.user_table.managed_rows, admitted=int(self.managed_counts[0]),
+                       evicted=int(self.managed_counts[1]), open_rows=int(mch.open_slots()), mch_bytes=mch_bytes)
+        else:
+            out["mch_bytes"] = 0
+        out["table_rows"] = rows
+        out["table_bytes"] = 2 * rows * self.cfg.emb_dim * 4 + out["mch_bytes"]
+        return out
 
     def forward(self, batch: Batch, aux: bool = True) -> dict:
         """``logit`` and the LoopFM ``code``; with ``aux`` (training) also the autoencoder's losses.

@@ -49,7 +49,7 @@ from .features import Featurizer
 from .fm import FMConfig, FoundationModel
 from .metrics import BinaryMetrics
 from .ranks import RankedTrainer
-from .ranks_config import RanksConfig
+from .fm_settings import RanksConfig
 from .timing import Timings
 from .trainer import OnlineTrainer, TrainerConfig
 

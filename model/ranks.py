@@ -51,7 +51,7 @@ from loopline.errors import ConfigError
 from .features import EVENT_TYPES, SPARSE_KEYS, Batch
 from .fm import FMConfig, FoundationModel
 from .optim import RowAdagrad
-from .ranks_config import RanksConfig
+from .fm_settings import RanksConfig
 from .trainer import OnlineTrainer, TrainerConfig, mode_free, train_mode
 
 __all__ = ["RanksConfig", "RankedTrainer", "follow", "broadcast_state", "share_bounds"]
@@ -176,6 +176,9 @@ class RankedTrainer:
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
         from torchrec.distributed.types import ShardingEnv
 
+        if model.cfg.user_table.embeddings != "hashed":
+            raise ConfigError("fm_ranks: a managed user table trains on one rank (its admission state is not "
+                              "sharded here); use --embeddings hashed with --fm-ranks")
         if not mode_free(model):
             raise ConfigError("fm_ranks: the model has a train/eval-dependent module; ranks need one forward")
         torch.set_num_threads(cfg.threads)

@@ -144,6 +144,11 @@ class OnlineTrainer:
     def _learn(self, batch) -> tuple[float, dict]:
         train_mode(self.model)
         out = self.model(batch)
+        # rows a managed-collision table just gave to new ids start with a fresh Adagrad sum
+        for p, rows in getattr(self.model, "take_fresh_rows", dict)().items():
+            for opt in self.optimizers:
+                if p in opt.state and "sum" in opt.state[p]:
+                    opt.state[p]["sum"][rows] = 0.0
         weights = getattr(batch, "weights", None)
         loss = F.binary_cross_entropy_with_logits(out["logit"], batch.labels, weight=weights)
         if "aux_loss" in out:

@@ -78,7 +78,7 @@ def _fm_run(examples: list, ranks: int, window_s: float) -> tuple[float, dict, d
     traffic per step through rank 0's link (empty for one rank)."""
     from loopline.model.delay import DelayConfig
     from loopline.model.pipeline import FMStage, FMStageConfig
-    from loopline.model.ranks_config import RanksConfig
+    from loopline.model.fm_settings import RanksConfig
     from loopline.state.history import HistoryStore
 
     with tempfile.TemporaryDirectory(prefix="loopline-bench-history-") as tmp, HistoryStore(tmp) as history:

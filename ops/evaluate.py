@@ -24,7 +24,7 @@ from typing import Iterable
 import orjson
 
 from loopline.errors import ConfigError
-from loopline.model.ranks_config import RanksConfig
+from loopline.model.fm_settings import UserTableConfig, RanksConfig
 from loopline.settings import argument, nested, same_as, setting
 from loopline.state.attribution import AttributionConfig, STAT_NAMES
 from loopline.state.ingest import IngestCore
@@ -62,7 +62,7 @@ def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
                      cfg: AttributionConfig = AttributionConfig(), progress: bool = False,
                      models: bool = False, stage_cfg=None, vm_cfg=None, scores: bool = False,
                      split_ts: float | None = None, keep_examples: bool = False,
-                     ranks: RanksConfig = RanksConfig()) -> dict:
+                     ranks: RanksConfig = RanksConfig(), user_table: UserTableConfig = UserTableConfig()) -> dict:
     """Ingest and attribution in-process; with ``models``, then the FM stage (FM, logistic baseline,
     DAS) and, with ``vm_cfg`` (a :class:`~loopline.model.verticals.VMStageConfig`), the VM variants
     side by side on each FM step's augmented examples, in one pass. Progressive metrics go under
@@ -70,7 +70,8 @@ def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
     (default: the middle of the examples' event time) under ``windows``; ``scores`` also returns every
     example's score row; ``keep_examples`` returns the labelled examples as ``examples_list`` (in the
     order attribution emitted them: the monitor's feature drift reads them); ``ranks`` trains the FM over
-    that many torch.distributed ranks (``model/ranks.py``). ``records`` may be any iterable (a streamed
+    that many torch.distributed ranks (``model/ranks.py``) and ``user_table`` says how its user table is
+    kept (``model/fm.py``), when ``stage_cfg`` is not given. ``records`` may be any iterable (a streamed
     :func:`~loopline.ops.eventlog.read_log`)."""
     _check_partitions(partitions)
     total = len(records) if hasattr(records, "__len__") else None
@@ -116,7 +117,8 @@ def evaluate_records(records: Iterable[LogRecord], partitions: int = 4,
     attribution = {k: sum(c.counts()["attribution"][k] for c in cores) for k in STAT_NAMES}
     out = summarize(n, dead, examples, positives, attribution)
     if models:
-        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts, cfg.window_s, ranks))
+        out.update(_run_models(emitted, stage_cfg, vm_cfg, progress, scores, split_ts, cfg.window_s, ranks,
+                               user_table))
     if keep_examples:
         out["examples_list"] = emitted
     return out
@@ -134,11 +136,12 @@ def with_transfer_ratios(models: dict) -> dict:
 
 
 def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_scores: bool,
-                split_ts: float | None, window_s: float, ranks: RanksConfig) -> dict:
+                split_ts: float | None, window_s: float, ranks: RanksConfig, user_table: UserTableConfig) -> dict:
     import tempfile
     from dataclasses import replace
 
     from loopline.model.delay import DelayConfig
+    from loopline.model.fm import FMConfig
     from loopline.model.loop import ModelLoop
     from loopline.model.pipeline import FMStage, FMStageConfig
     from loopline.model.verticals import VMStage, windowed_report
@@ -158,7 +161,8 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
     with tempfile.TemporaryDirectory(prefix="loopline-history-") as tmp:
         with HistoryStore(tmp) as history:
             # the delayed-feedback weights pair each positive with the negatives of one window earlier
-            stage_cfg = stage_cfg or FMStageConfig(delay=DelayConfig(window_s=window_s))
+            stage_cfg = stage_cfg or FMStageConfig(fm=FMConfig(user_table=user_table),
+                                                   delay=DelayConfig(window_s=window_s))
             stage = FMStage(history, replace(stage_cfg, ranks=ranks) if ranks.ranks > 1 else stage_cfg)
             vms = VMStage(history, vm_cfg) if vm_cfg is not None else None
             try:
@@ -170,7 +174,8 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
                       "fm_stage": {**stage.counts, "seconds": round(time.perf_counter() - t0, 2),
                                    "ranks": stage.cfg.ranks.ranks,
                                    "fm_params": sum(p.numel() for p in stage.fm.model.parameters()),
-                                   "fm_flops_per_example": stage.fm.model.flops_per_example()}}
+                                   "fm_flops_per_example": stage.fm.model.flops_per_example(),
+                                   "fm_tables": stage.fm.model.embedding_report()}}
             if vms is not None:
                 result["vm_stage"] = {"variants": list(vms.cfg.variants), "steps": vms.steps,
                                       "verticals": sorted({vt for vt, _ in vms.learners}), "bounds": vms.bounds(),
@@ -262,6 +267,7 @@ class EvaluateCommand:
     fp8: bool = setting(False, "also score each VM through emulated FP8 Linear layers (rows vm:VARIANT@fp8)")
     join: JoinConfig = nested(JoinConfig)
     fm: RanksConfig = nested(RanksConfig, prefix="fm-")
+    user_table: UserTableConfig = nested(UserTableConfig)
 
 
 def vm_stage_config(variants: str | None, fp8: bool = False):
@@ -277,7 +283,8 @@ def run_evaluate(cfg: EvaluateCommand, progress: bool = True) -> dict:
     attribution = cfg.join.attribution(cfg.source.dataset)
     vm_cfg = vm_stage_config(cfg.variants, cfg.fp8) if cfg.models else None
     out = evaluate_records(cfg.source.records(), cfg.partitions, attribution, progress=progress, models=cfg.models,
-                           vm_cfg=vm_cfg, scores=bool(cfg.scores), split_ts=cfg.split_ts, ranks=cfg.fm)
+                           vm_cfg=vm_cfg, scores=bool(cfg.scores), split_ts=cfg.split_ts, ranks=cfg.fm,
+                           user_table=cfg.user_table)
     if cfg.scores:
         with open(cfg.scores, "wb") as f:
             f.writelines(orjson.dumps(r) + b"\n" for r in out.pop("scores"))

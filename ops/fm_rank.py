@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from loopline.model.ranks_config import RanksConfig
+from loopline.model.fm_settings import RanksConfig
 from loopline.settings import argument, nested
 
 __all__ = ["FmRankCommand", "run_fm_rank"]

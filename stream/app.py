@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from loopline.state.attribution import AttributionConfig
 from loopline.state.events import key_partition
 from loopline.errors import ConfigError, LooplineError
-from loopline.model.ranks_config import RanksConfig
+from loopline.model.fm_settings import UserTableConfig, RanksConfig
 from loopline.settings import nested, parse_broker_url, setting
 from loopline.state.reach import ReachConfig
 
@@ -131,6 +131,7 @@ class WorkerConfig:
     reach: ReachConfig = nested(ReachConfig, prefix="reach-")  # the reach sampler (``--reach-*`` flags)
     # fm role: the FM over torch.distributed ranks (``--fm-ranks``, ``--fm-master``...; model/ranks.py)
     fm: RanksConfig = nested(RanksConfig, prefix="fm-")
+    user_table: UserTableConfig = nested(UserTableConfig)  # fm role: its user table (``--embeddings``)
     # the vm role's VM variants (model/verticals.py VARIANTS)
     vm_variants: tuple = setting(("base", "loopfm+kd"), "vm role: the VM variants trained (comma-separated)",
                                  flag="variants", env="WORKER_VARIANTS", parse=_variants)

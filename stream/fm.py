@@ -46,6 +46,7 @@ import numpy as np
 import orjson
 
 from loopline.model.delay import DelayConfig
+from loopline.model.fm import FMConfig
 from loopline.model.pipeline import FMStage, FMStageConfig
 from loopline.state.history import HistoryStore
 from loopline.state.snapshots import SnapshotDir
@@ -143,8 +144,9 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
         # the delayed-feedback weights pair each positive with the negatives of one window earlier
         # (in the training thread: with --fm-ranks, starting the ranks and loading a snapshot into them
         # are collectives, seconds long, and every later one runs there too)
-        stage = await off_loop(FMStage, history, FMStageConfig(delay=DelayConfig(window_s=cfg.attribution.window_s),
-                                                               ranks=cfg.fm))
+        stage_cfg = FMStageConfig(fm=FMConfig(user_table=cfg.user_table), ranks=cfg.fm,
+                                  delay=DelayConfig(window_s=cfg.attribution.window_s))
+        stage = await off_loop(FMStage, history, stage_cfg)
         if path is not None:  # resume: the model, the heap, the metrics, and where each input stood
             snap = loaded[0]  # verified, loaded with weights_only=True
             await off_loop(stage.load_state_dict, snap["stage"])
@@ -354,7 +356,8 @@ def register_fm(app: faust.App, cfg: WorkerConfig) -> None:
                 "snapshot_at": state["snapshot_at"], "ready": st is not None, "role": state["role"],
                 "active_since": state["active_since"],
                 "dedup": st.seen.counts() if st else {}, "dedup_events": st.seen_events.counts() if st else {},
-                "delay": st.delay.counts() if st else {}, "ranks": cfg.fm.ranks, "control_ignored": state["control_ignored"],
+                "delay": st.delay.counts() if st else {}, "ranks": cfg.fm.ranks,
+                "tables": st.fm.model.embedding_report() if st else {}, "control_ignored": state["control_ignored"],
                 "bad_values": state["bad_values"]}
 
     @app.page("/fm/")

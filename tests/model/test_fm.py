@@ -154,3 +154,68 @@ def test_scoring_without_the_autoencoder_losses_gives_the_same_logit_and_code():
         full, lean = m(b), m(b, aux=False)
     assert torch.equal(full["logit"], lean["logit"]) and torch.equal(full["code"], lean["code"])
     assert set(lean) == {"logit", "code"}
+
+
+# -- managed-collision user table (issue 15) ----------------------------------------------------------
+def _users_batch(f, users):
+    return f.batch([{"user": u, "ad": "a", "campaign": "c", "vertical": "v", "ts": 1.0, "label": i % 2}
+                    for i, u in enumerate(users)], [[] for _ in users])
+
+
+def test_a_managed_user_table_gives_users_that_share_a_hashed_row_rows_of_their_own():
+    from loopline.model.features import hash_id
+    from loopline.model.fm_settings import UserTableConfig
+    users = [f"u{i}" for i in range(200)]
+    by_row = {}
+    for u in users:  # two users the 8-row hashed table puts on one row
+        by_row.setdefault(hash_id("user", u, 8), []).append(u)
+    a, b = next(us for us in by_row.values() if len(us) > 1)[:2]
+    sizes = dict(FeatureConfig().table_sizes, user=8)
+    hashed = FMConfig(features=FeatureConfig(table_sizes=sizes))
+    managed = FMConfig(features=FeatureConfig(table_sizes=sizes), user_table=UserTableConfig("managed", managed_rows=8))
+    assert managed.features.managed == ("user",)  # the raw ids come with the batch
+    for cfg, shared in ((hashed, True), (managed, False)):
+        torch.manual_seed(0)
+        t = OnlineTrainer(FoundationModel(cfg), TrainerConfig())
+        f = Featurizer(cfg.features)
+        for _ in range(3):
+            t.step(_users_batch(f, [a, b]))  # a clicks, b does not: own rows must part
+        t.model.eval()
+        x = t.model._sparse(_users_batch(f, [a, b]))[:, :cfg.emb_dim]  # the user columns
+        assert torch.equal(x[0], x[1]) is shared
+
+
+def test_evicted_rows_start_from_zero_with_a_fresh_adagrad_sum_and_are_counted():
+    from loopline.model.fm_settings import UserTableConfig
+    cfg = FMConfig(user_table=UserTableConfig("managed", managed_rows=5))  # 4 rows for ids, 1 shared by the rest
+    torch.manual_seed(0)
+    t = OnlineTrainer(FoundationModel(cfg), TrainerConfig())
+    f = Featurizer(cfg.features)
+    table = t.model.user_ebc.embedding_bags["t_user"].weight
+    for step in range(6):
+        before = table.detach().clone()
+        t.model.train()
+        t.model._sparse(_users_batch(f, [f"s{step}-{i}" for i in range(3)]))  # new users every step
+        fresh = t.model.take_fresh_rows()[table]
+        assert torch.all(table[fresh] == 0) and not torch.equal(before[fresh], table[fresh].detach())
+        t.step(_users_batch(f, [f"s{step}-{i}" for i in range(3)]))
+        sums = t.optimizers[0].state[table]["sum"]
+        assert torch.count_nonzero(sums[fresh]) > 0  # this step's gradient only: reset before it
+    report = t.model.embedding_report()
+    assert report["embeddings"] == "managed" and report["open_rows"] == 0
+    assert report["admitted"] >= report["evicted"] > 0 and report["admitted"] - report["evicted"] == 4
+    # the admission state and the counts are buffers: a snapshot carries them
+    again = OnlineTrainer(FoundationModel(cfg), TrainerConfig())
+    again.load_state_dict(t.state_dict())
+    assert again.model.embedding_report()["evicted"] == report["evicted"]
+    again.model.eval(), t.model.eval()
+    b = _users_batch(f, ["s5-0", "s0-0", "nobody"])
+    assert torch.equal(again.model(b, aux=False)["logit"], t.model(b, aux=False)["logit"])
+
+
+@pytest.mark.parametrize("bad, field", [({"embeddings": "lru"}, "embeddings"), ({"managed_rows": 1}, "managed_rows"),
+                                        ({"managed_eviction_interval": 0}, "managed_eviction_interval")])
+def test_a_bad_embeddings_setting_names_its_field(bad, field):
+    from loopline.model.fm_settings import UserTableConfig
+    with pytest.raises(ConfigError, match=field):
+        UserTableConfig(**bad)

@@ -235,3 +235,18 @@ def test_evaluate_over_two_fm_ranks_gives_the_one_rank_models(tmp_path, capsys):
     assert abs(two["models"]["fm"]["ne"] - one["models"]["fm"]["ne"]) < 0.005
     for name in ("das", "vm:base", "vm:loopfm+kd"):
         assert abs(two["models"][name]["auc"] - one["models"][name]["auc"]) < 0.01, name
+
+
+def test_evaluate_with_a_managed_user_table_reports_its_rows_and_evictions(tmp_path, capsys):
+    import json
+
+    from loopline.ops.generate import GenerateConfig, generate_labelled
+    log = _write(tmp_path / "log.jsonl", [x for x, _ in generate_labelled(GenerateConfig(users=300, days=2, seed=2))])
+    rc, out, err = _cli(capsys, "evaluate", "--events", log, "--json", "--variants", "none", "--embeddings", "managed",
+                        "--managed-rows", "100")
+    assert rc == 0, err
+    tables = json.loads(out)["fm_stage"]["fm_tables"]
+    assert tables["embeddings"] == "managed" and tables["managed_rows"] == 100 and tables["open_rows"] == 0
+    assert tables["evicted"] > 0 and tables["admitted"] - tables["evicted"] == 99  # 300 users for 99 rows
+    rc, out, err = _cli(capsys, "evaluate", "--events", log, "--embeddings", "lru")
+    assert rc == 2 and err.strip().startswith("ConfigError: embeddings")

@@ -149,3 +149,23 @@ def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on
     resumed = w2.view("/fm/")
     assert resumed["ranks"] == 1 and resumed["finished"] and resumed["models"] == got["models"]
     assert resumed["snapshot_at"] == got["snapshot_at"] > 0
+
+
+def test_a_worker_with_a_managed_user_table_gives_evaluates_numbers(broker, start_worker, tmp_path):
+    from loopline.model.fm_settings import UserTableConfig
+    path = tmp_path / "events.jsonl"
+    write_log(GenerateConfig(users=300, days=2, seed=6), str(path))
+    records = read_log(str(path))
+    managed = UserTableConfig("managed", managed_rows=100)
+    expected = evaluate_records(records, models=True, user_table=managed)
+    w = start_worker(extra=("--embeddings", "managed", "--managed-rows", "100"))
+    asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
+    deadline = time.monotonic() + 300
+    while not (w.view("/fm/") or {}).get("finished"):
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
+        time.sleep(0.5)
+    got = w.view("/fm/")
+    assert got["models"] == expected["models"]
+    tables = {k: v for k, v in got["tables"].items() if k != "mch_bytes"}  # (history buffers: size differs)
+    assert tables == {k: v for k, v in expected["fm_stage"]["fm_tables"].items() if k != "mch_bytes"}
+    assert tables["evicted"] > 0

@@ -1,10 +1,12 @@
-"""Where the FM's ranks meet: the settings of ``model/ranks.py``, without torch, so that the CLI and the
-worker's settings can declare them.
+"""The FM's settings that commands declare as flags, without torch (``loopline drift`` must not wait for
+it): how its embedding tables are kept (``model/fm.py``) and where its ranks meet (``model/ranks.py``).
 
-Public surface: ``RanksConfig``.
+Public surface: ``UserTableConfig``, ``RanksConfig``.
 
 >>> RanksConfig(ranks=2).port, RanksConfig(master="10.0.0.5:29500", join=True).host
 (0, '10.0.0.5')
+>>> UserTableConfig("managed", managed_rows=1_000_000).embeddings
+'managed'
 """
 
 from __future__ import annotations
@@ -14,7 +16,28 @@ from dataclasses import dataclass
 from loopline.errors import ConfigError
 from loopline.settings import setting
 
-__all__ = ["RanksConfig"]
+__all__ = ["UserTableConfig", "RanksConfig"]
+
+
+@dataclass(frozen=True)
+class UserTableConfig:
+    """The FM's user table: hashed into ``table_sizes["user"]`` rows, or managed (``model/fm.py``)."""
+
+    embeddings: str = setting("hashed", "FM user table: hashed (ids share rows by hash) or managed (a row per id "
+                                        "while the eviction policy keeps it; TorchRec MCH)",
+                              choices=("hashed", "managed"))
+    managed_rows: int = setting(50_000, "FM managed user table: its rows (the last is shared by ids not yet "
+                                        "admitted)")
+    managed_eviction_interval: int = setting(1, "FM managed user table: training steps between admission and "
+                                                "eviction rounds")
+
+    def __post_init__(self):
+        if self.embeddings not in ("hashed", "managed"):
+            raise ConfigError(f"embeddings: must be hashed or managed, got {self.embeddings!r}")
+        for name in ("managed_rows", "managed_eviction_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "managed_rows" else 1):
+                raise ConfigError(f"{name}: must be an integer >= {2 if name == 'managed_rows' else 1}, got {v!r}")
 
 
 @dataclass(frozen=True)
