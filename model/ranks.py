@@ -35,11 +35,14 @@ fails and restarts instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
+import logging
 import os
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -157,6 +160,23 @@ def _to(batch: Batch, device: torch.device) -> Batch:
                  batch.size, None if batch.weights is None else batch.weights.to(device))
 
 
+@contextlib.contextmanager
+def _quiet():
+    """TorchRec's planner logs warnings about its own internals on every build (the topology's
+    construction, storage estimates); they say nothing a user can act on."""
+    loggers = [logging.getLogger("torchrec")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _local(sharded, offsets) -> torch.Tensor:
     """This rank's shard of ``sharded`` that starts at ``offsets``."""
     return next(s.tensor for s in sharded.local_shards() if list(s.metadata.shard_offsets) == list(offsets))
@@ -198,20 +218,23 @@ class RankedTrainer:
         # the tables' optimizer is fused into their backward (FBGEMM): exact Adagrad, RowAdagrad's numbers
         sharder = EmbeddingBagCollectionSharder(fused_params={
             "optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": cfg.lr_sparse, "eps": 1e-10})
-        topology = Topology(world_size=self.world, compute_device=self.device.type)
-        # sharded only: a data-parallel table would need DDP's gradient sync, which this trainer does not use
-        sharded = {f"t_{k}": ParameterConstraints(sharding_types=["table_wise", "row_wise", "column_wise"])
-                   for k in SPARSE_KEYS}
-        plan = EmbeddingShardingPlanner(topology=topology, constraints=sharded).collective_plan(
-            local, [sharder], dist.group.WORLD)
-        self.plan = {name: str(p.sharding_type) for name, p in plan.plan["ebc"].items()}
-        # DMP's first construction in a process runs a handshake with every rank and then skips it; a
-        # process that builds a second group (one evaluate after another) must run it too, or its ranks'
-        # collectives go out of step with a new rank's
-        collective_utils._INITIALIZED = False
-        self.dmp = DistributedModelParallel(local, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                            device=self.device, sharders=[sharder], plan=plan,
-                                            init_data_parallel=False)
+        # (and the sharded forward's first call makes torch.fx warn about an API TorchRec uses)
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        with _quiet():  # the planner warns about its own estimates, every run
+            topology = Topology(world_size=self.world, compute_device=self.device.type)
+            # sharded only: a data-parallel table would need DDP's gradient sync, which this trainer does not use
+            sharded = {f"t_{k}": ParameterConstraints(sharding_types=["table_wise", "row_wise", "column_wise"])
+                       for k in SPARSE_KEYS}
+            plan = EmbeddingShardingPlanner(topology=topology, constraints=sharded).collective_plan(
+                local, [sharder], dist.group.WORLD)
+            self.plan = {name: str(p.sharding_type) for name, p in plan.plan["ebc"].items()}
+            # DMP's first construction in a process runs a handshake with every rank and then skips it; a
+            # process that builds a second group (one evaluate after another) must run it too, or its ranks'
+            # collectives go out of step with a new rank's
+            collective_utils._INITIALIZED = False
+            self.dmp = DistributedModelParallel(local, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                                device=self.device, sharders=[sharder], plan=plan,
+                                                init_data_parallel=False)
         self.net = self.dmp.module
         self.tables = [f"ebc.embedding_bags.t_{k}.weight" for k in SPARSE_KEYS]
         mine = dict(self.net.named_parameters())
