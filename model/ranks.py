@@ -372,7 +372,8 @@ class RankedTrainer:
         sparse_opt = self.mirror.optimizers[0]
         with torch.no_grad():
             for name, weight, sums in self._sharded():
-                full_w, full_s = mirror[name].data, sparse_opt.state[mirror[name]]["sum"]
+                # new tensors for the optimizer's state: the mirror's may be a loaded state dict's own
+                full_w, full_s = mirror[name].data, torch.empty_like(mirror[name].data)
                 for meta in weight.metadata().shards_metadata:
                     owner = meta.placement.rank()
                     idx = tuple(slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes))
@@ -382,7 +383,7 @@ class RankedTrainer:
                         if self.world > 1:
                             dist.broadcast(buf, owner)
                         full[idx] = buf
-                sparse_opt.state[mirror[name]]["step"].fill_(self.version)
+                sparse_opt.state[mirror[name]].update(sum=full_s, step=torch.tensor(float(self.version)))
             for opt, group, mirror_opt in zip(self.optimizers, self.groups, self.mirror.optimizers):
                 for n, p in zip(group, opt.param_groups[0]["params"]):
                     mirror[n].data.copy_(p.detach().cpu())

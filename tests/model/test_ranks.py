@@ -55,8 +55,8 @@ def test_a_bad_ranks_setting_names_its_field(bad, field):
 
 def test_two_ranks_train_the_one_rank_model_and_snapshot_in_its_layout():
     """Rank 0 here, rank 1 launched: predictions and LoopFM codes match one rank's up to floating-point
-    order, and the snapshot (gathered from the shards) loads into a plain one-rank trainer that predicts
-    what the two ranks predict. (Float order does show: an embedding element whose gradient is ~1e-8, a
+    order; a one-rank snapshot loads onto the two ranks, and theirs (gathered from the shards) into a plain
+    one-rank trainer that predicts what the two ranks predict. (Float order does show: an embedding element whose gradient is ~1e-8, a
     near-cancellation, takes Adagrad's first step of +-lr whatever its size, so the weights drift apart at
     about 1e-4 in the predictions over a dozen steps; a missing or doubled gradient moves them by 1e-2.)"""
     cfg = TrainerConfig(seed=0)
@@ -72,8 +72,8 @@ def test_two_ranks_train_the_one_rank_model_and_snapshot_in_its_layout():
             assert p2.shape == p1.shape and np.abs(p1 - p2).max() < (1e-7 if i == 0 else 2e-3)
             assert o2["code"].shape == o1["code"].shape and (o1["code"] - o2["code"]).abs().max() < 1e-2
         state = two.state_dict()
-        two.load_state_dict(state)  # exported, then scattered back: training goes on where it was
-        nxt = batches(2, 40, seed=9)
+        two.load_state_dict(one.state_dict())  # a one-rank snapshot, scattered over the two ranks
+        nxt = batches(3, 40, seed=9)
         p2, _ = two.step_outputs(nxt[0])
         after = two.state_dict()
     finally:
@@ -86,7 +86,9 @@ def test_two_ranks_train_the_one_rank_model_and_snapshot_in_its_layout():
     with torch.no_grad():
         q1 = torch.sigmoid(one.model(nxt[1], aux=False)["logit"])
         q2 = torch.sigmoid(resumed.model(nxt[1], aux=False)["logit"])
-    assert (q1 - q2).abs().max() < 2e-3
+    # (over 40 examples: a near-zero gradient's +-lr first step moves one by up to ~5e-3; a lost Adagrad
+    # sum or weight moves every example)
+    assert (q1 - q2).abs().mean() < 1e-3 and (q1 - q2).abs().max() < 1e-2
     # the tables' Adagrad sums came back from their shards
     for a, b in zip(one.state_dict()["optimizers"][0]["state"].values(), after["optimizers"][0]["state"].values()):
         assert torch.allclose(a["sum"], b["sum"], rtol=1e-2, atol=1e-4) and float(b["step"]) == 7
