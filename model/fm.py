@@ -44,7 +44,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy, ManagedCollisionCollection, MCHManagedCollisionModule
+from torchrec.modules.mc_modules import (DistanceLFU_EvictionPolicy, ManagedCollisionCollection,
+                                         MCHManagedCollisionModule)
 
 from loopline.errors import ConfigError
 
@@ -131,9 +132,11 @@ class FoundationModel(nn.Module):
             user = EmbeddingBagConfig(name="t_user", embedding_dim=E, num_embeddings=cfg.user_table.managed_rows,
                                       feature_names=["user"])
             self.user_ebc = EmbeddingBagCollection(tables=[user], device=torch.device("cpu"))
-            self.user_mc = ManagedCollisionCollection({"t_user": MCHManagedCollisionModule(
-                zch_size=cfg.user_table.managed_rows, device=torch.device("cpu"), eviction_policy=DistanceLFU_EvictionPolicy(),
-                eviction_interval=cfg.user_table.managed_eviction_interval, input_hash_size=2 ** 62)}, embedding_configs=[user])
+            mch = MCHManagedCollisionModule(
+                zch_size=cfg.user_table.managed_rows, device=torch.device("cpu"),
+                eviction_policy=DistanceLFU_EvictionPolicy(), input_hash_size=2 ** 62,
+                eviction_interval=cfg.user_table.managed_eviction_interval)
+            self.user_mc = ManagedCollisionCollection({"t_user": mch}, embedding_configs=[user])
             self.register_buffer("managed_counts", torch.zeros(2, dtype=torch.int64))  # admitted, evicted
             self._fresh: torch.Tensor | None = None  # rows given to new ids in the last training forward
         self.summary = nn.Linear(len(SPARSE_KEYS) * E, cfg.summary_dim)

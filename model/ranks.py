@@ -31,6 +31,10 @@ Commands go through the process group's TCP store, data through collectives. A r
 next command waits for as long as rank 0 is idle (a worker between events), and exits when rank 0's store
 goes away; a collective that waits longer than ``timeout_s`` (a rank died mid-step) raises, so a worker
 fails and restarts instead of hanging.
+
+The process group is a trust boundary: TorchRec's planner sends its plan between ranks pickled, so the
+master address must be reachable by the job's own machines only (the default binds 127.0.0.1).
+Loopline's own traffic (batches, states, commands) is tensors, JSON and integers.
 """
 
 from __future__ import annotations
@@ -164,17 +168,15 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 def _quiet():
     """TorchRec's planner logs warnings about its own internals on every build (the topology's
     construction, storage estimates); they say nothing a user can act on."""
-    loggers = [logging.getLogger("torchrec")]
-    levels = [lg.level for lg in loggers]
+    log = logging.getLogger("torchrec")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        log.setLevel(level)
 
 
 def _local(sharded, offsets) -> torch.Tensor:

@@ -56,9 +56,10 @@ def test_a_bad_ranks_setting_names_its_field(bad, field):
 def test_two_ranks_train_the_one_rank_model_and_snapshot_in_its_layout():
     """Rank 0 here, rank 1 launched: predictions and LoopFM codes match one rank's up to floating-point
     order; a one-rank snapshot loads onto the two ranks, and theirs (gathered from the shards) into a plain
-    one-rank trainer that predicts what the two ranks predict. (Float order does show: an embedding element whose gradient is ~1e-8, a
-    near-cancellation, takes Adagrad's first step of +-lr whatever its size, so the weights drift apart at
-    about 1e-4 in the predictions over a dozen steps; a missing or doubled gradient moves them by 1e-2.)"""
+    one-rank trainer that predicts what the two ranks predict. (Float order does show: an embedding
+    element whose gradient is ~1e-8, a near-cancellation, takes Adagrad's first step of +-lr whatever its
+    size, so the weights drift apart at about 1e-4 in the predictions over a dozen steps; a missing or
+    doubled gradient moves them by 1e-2.)"""
     cfg = TrainerConfig(seed=0)
     torch.manual_seed(0)
     one = OnlineTrainer(FoundationModel(FMConfig()), cfg)
