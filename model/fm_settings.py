@@ -1,7 +1,7 @@
 """The FM's settings that commands declare as flags, without torch (``loopline drift`` must not wait for
 it): how its embedding tables are kept (``model/fm.py``) and where its ranks meet (``model/ranks.py``).
 
-Public surface: ``UserTableConfig``, ``RanksConfig``.
+Public surface: ``RanksConfig``, ``UserTableConfig``.
 
 >>> RanksConfig(ranks=2).port, RanksConfig(master="10.0.0.5:29500", join=True).host
 (0, '10.0.0.5')
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from loopline.errors import ConfigError
 from loopline.settings import setting
 
-__all__ = ["UserTableConfig", "RanksConfig"]
+__all__ = ["RanksConfig", "UserTableConfig"]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ and an ``fm`` worker run the same code. Per micro-batch (``step``):
 
 Examples are processed in ``canonical_order`` (label time, then id): the order in which a label becomes
 known, independent of how partitions interleave, so every path that sees the same examples trains the
-same model. ``run`` does a finite stream in one call; a streaming caller uses ``feed_events`` /
+same model (with ``ranks`` > 1 the FM trains over torch.distributed ranks, ``model/ranks.py``: the same
+model up to floating-point order). ``run`` does a finite stream in one call; a streaming caller uses ``feed_events`` /
 ``feed_examples`` as messages arrive and ``advance(watermark)``, which releases items in that same order
 (a heap), so it gets the same numbers as ``run`` provided nothing older than a watermark arrives after it.
 """
@@ -47,9 +48,9 @@ from .baseline import LogisticBaseline
 from .delay import DelayConfig, DelayWeights
 from .features import Featurizer
 from .fm import FMConfig, FoundationModel
+from .fm_settings import RanksConfig
 from .metrics import BinaryMetrics
 from .ranks import RankedTrainer
-from .fm_settings import RanksConfig
 from .timing import Timings
 from .trainer import OnlineTrainer, TrainerConfig
 

@@ -24,7 +24,7 @@ from typing import Iterable
 import orjson
 
 from loopline.errors import ConfigError
-from loopline.model.fm_settings import UserTableConfig, RanksConfig
+from loopline.model.fm_settings import RanksConfig, UserTableConfig
 from loopline.settings import argument, nested, same_as, setting
 from loopline.state.attribution import AttributionConfig, STAT_NAMES
 from loopline.state.ingest import IngestCore

@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from loopline.state.attribution import AttributionConfig
 from loopline.state.events import key_partition
 from loopline.errors import ConfigError, LooplineError
-from loopline.model.fm_settings import UserTableConfig, RanksConfig
+from loopline.model.fm_settings import RanksConfig, UserTableConfig
 from loopline.settings import nested, parse_broker_url, setting
 from loopline.state.reach import ReachConfig
 

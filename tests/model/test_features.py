@@ -183,3 +183,15 @@ def test_one_users_sequence_shared_by_every_candidate_gives_the_batch_of_its_cop
     for name in ("codes", "code_mask", "raw_ad", "raw_campaign", "raw_mask", "labels"):
         assert torch.equal(getattr(shared, name), getattr(copies, name)), name
     assert all(torch.equal(a, b) for k in cfg.fields for a, b in zip(shared.ids[k], copies.ids[k]))
+
+
+def test_a_managed_key_also_comes_as_its_62_bit_raw_ids():
+    from loopline.model.features import raw_id
+    f = Featurizer(FeatureConfig(managed=("user",)))
+    exs = [{"user": u, "ad": "a", "campaign": "c", "vertical": "v", "ts": 1.0, "label": 0} for u in ("u1", "u2", "u1")]
+    values, lengths = f.batch(exs, [[], [], []]).sparse["user_raw"]
+    assert values.tolist() == [raw_id("user", u) for u in ("u1", "u2", "u1")] and lengths.tolist() == [1, 1, 1]
+    assert values[0] == values[2] != values[1] and int(values.max()) < 2 ** 62
+    assert "user_raw" not in Featurizer().batch(exs, [[], [], []]).sparse  # only when asked for
+    with pytest.raises(ConfigError, match="managed"):
+        FeatureConfig(managed=("ad",))
