@@ -8,6 +8,7 @@
     ├── InvalidMetricInput  400  scores or labels a metric refuses; the message names the argument
     ├── Closed              503  a store or stage used after it was closed (a worker shutting down)
     ├── BrokerError         503  the embedded broker could not start, or a broker is unreachable
+    ├── RanksError          503  the FM's ranks could not meet, or one died mid-step (``model/ranks.py``)
     ├── DatasetError        502  a data set could not be fetched (an upstream failed) or read
     └── KernelError         500  a kernel could not run on this machine (no tile configuration fits)
 
@@ -28,7 +29,7 @@ loopline.errors.TooLarge: candidates: at most 1000 per request, got 1001
 """
 
 __all__ = ["LooplineError", "ConfigError", "NotFound", "TooLarge", "InvalidEvent", "InvalidMetricInput", "Closed",
-           "BrokerError", "DatasetError", "KernelError"]
+           "BrokerError", "RanksError", "DatasetError", "KernelError"]
 
 
 class LooplineError(Exception):
@@ -81,6 +82,12 @@ class Closed(LooplineError, RuntimeError):
 
 class BrokerError(LooplineError, RuntimeError):
     """The broker could not be started or reached."""
+
+    http_status = 503
+
+
+class RanksError(LooplineError, RuntimeError):
+    """The FM's torch.distributed ranks could not meet, or a collective failed (a rank died)."""
 
     http_status = 503
 

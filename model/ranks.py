@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from loopline.errors import ConfigError
+from loopline.errors import ConfigError, LooplineError, RanksError
 
 from .features import EVENT_TYPES, SPARSE_KEYS, Batch
 from .fm import FMConfig, FoundationModel
@@ -179,6 +180,22 @@ def _quiet():
         log.setLevel(level)
 
 
+def _collective(fn):
+    """Rank 0's entry points: a collective that fails (a rank died, timed out, or never came) is one
+    ``RanksError`` line, not gloo's traceback. The group is then unusable: the caller exits and restarts."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as exc:
+            if isinstance(exc, LooplineError):  # (a snapshot that does not fit, say: its own line already)
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise RanksError(f"fm ranks: {fn.__name__} failed, a rank died or cannot be reached ({first}); "
+                             "restart every rank") from None
+    return run
+
+
 def _local(sharded, offsets) -> torch.Tensor:
     """This rank's shard of ``sharded`` that starts at ``offsets``."""
     return next(s.tensor for s in sharded.local_shards() if list(s.metadata.shard_offsets) == list(offsets))
@@ -251,6 +268,7 @@ class RankedTrainer:
 
     # -- rank 0 ----------------------------------------------------------------------------------------
     @classmethod
+    @_collective
     def start(cls, model: FoundationModel, cfg: TrainerConfig, ranks: RanksConfig) -> "RankedTrainer":
         """Rank 0: open the store, start ranks 1..N-1 here (or, with ``ranks.join``, wait for them),
         and build the sharded model."""
@@ -282,6 +300,7 @@ class RankedTrainer:
             dist.broadcast(floats, 0)
             self.traffic["batch_broadcast"] += (ints.numel() * 8 + floats.numel() * 4) * (self.world - 1)
 
+    @_collective
     def step_outputs(self, batch: Batch) -> tuple[np.ndarray, dict]:
         """Train on ``batch`` over the ranks; its predictions before the update, and the whole batch's
         ``logit`` and ``code`` (as ``OnlineTrainer.step_outputs``)."""
@@ -289,6 +308,7 @@ class RankedTrainer:
         logit, code = self._step(batch)
         return torch.sigmoid(logit).numpy().astype(np.float64), {"logit": logit, "code": code}
 
+    @_collective
     def current_model(self) -> FoundationModel:
         self._command(_EXPORT)
         self._export()
@@ -298,6 +318,7 @@ class RankedTrainer:
         self.current_model()
         return self.mirror.state_dict()
 
+    @_collective
     def load_state_dict(self, state: dict) -> None:
         self.mirror.load_state_dict(state)  # (a snapshot that does not fit fails here, on rank 0 alone)
         self._command(_IMPORT)

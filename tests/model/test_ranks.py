@@ -105,3 +105,19 @@ def test_broadcast_state_keeps_int_keys_and_tensors_on_one_rank(tmp_path):
         dist.destroy_process_group()
     assert list(got["state"]) == [0] and torch.equal(got["state"][0]["sum"], torch.ones(2, 3))
     assert got["groups"][0]["betas"] == [0.9, 0.99]
+
+
+def test_a_rank_that_dies_fails_the_next_step_with_one_line_not_a_hang():
+    from loopline.errors import RanksError
+    torch.manual_seed(0)
+    two = RankedTrainer.start(FoundationModel(FMConfig()), TrainerConfig(), RanksConfig(ranks=2, timeout_s=20))
+    try:
+        b = batches(1, 16)[0]
+        two.step_outputs(b)
+        two.procs[0].kill()
+        two.procs[0].join(timeout=10)
+        with pytest.raises(RanksError, match="^fm ranks: step_outputs failed") as err:
+            two.step_outputs(b)
+        assert "\n" not in str(err.value)
+    finally:
+        two.close()
