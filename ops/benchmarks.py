@@ -70,7 +70,7 @@ def run_bench(cfg: BenchCommand, progress: bool = True) -> dict:
     if what == "e2e":  # a role all worker against evaluate on the same log
         from .bench_e2e import bench_e2e
         return bench_e2e(n_events=cfg.events, repeats=cfg.repeats, out_path=path, progress=True)
-    if what == "scale":  # the ingest role with 1 and 2 workers in one group
+    if what == "scale":  # the ingest role with 1 and 2 workers in one group, the FM stage over 1 and 2 ranks
         from .bench_scale import bench_scale
         return bench_scale(n_events=cfg.events, repeats=cfg.repeats, out_path=path, progress=progress)
     if what == "fp8":
