@@ -8,7 +8,7 @@ import torch
 
 import loopline.errors as errors
 from loopline.errors import (BrokerError, Closed, ConfigError, DatasetError, InvalidEvent, InvalidMetricInput,
-                             KernelError, LooplineError, NotFound, TooLarge)
+                             KernelError, LooplineError, NotFound, RanksError, TooLarge)
 from loopline.kernels.dispatch import DispatchLinear
 from loopline.kernels.epilogue import block_rms_norm
 from loopline.kernels.fp8_gemm import fp8_linear
@@ -17,7 +17,8 @@ from loopline.kernels.quant import quantize
 from loopline.ops import cli
 
 STATUS = [(LooplineError, 400), (ConfigError, 400), (NotFound, 404), (TooLarge, 413), (InvalidEvent, 400),
-          (InvalidMetricInput, 400), (Closed, 503), (BrokerError, 503), (DatasetError, 502), (KernelError, 500)]
+          (InvalidMetricInput, 400), (Closed, 503), (BrokerError, 503), (RanksError, 503), (DatasetError, 502),
+          (KernelError, 500)]
 
 
 @pytest.mark.parametrize("cls,status", STATUS, ids=[c.__name__ for c, _ in STATUS])
