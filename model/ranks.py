@@ -1,12 +1,13 @@
 """The FM trained data-parallel over N torch.distributed ranks, its embedding tables sharded by TorchRec.
 
-Public surface: ``RanksConfig``, ``RankedTrainer``, ``follow``, ``broadcast_state``, ``share_bounds``.
+Public surface: ``RankedTrainer``, ``follow``, ``broadcast_state``, ``share_bounds``; ``RanksConfig`` (its
+settings, declared torch-free in ``model/fm_settings.py``).
 
 Rank 0 is the process that runs the FM stage (``loopline evaluate``, or the fm worker); ranks 1..N-1
 run :func:`follow` and do what rank 0 tells them. Per canonical micro-batch of B examples:
 
-1. rank 0 sends the featurized batch to every rank (three broadcasts: a header, the int64 ids, the
-   float labels and weights);
+1. rank 0 sends the featurized batch to every rank: its shapes with the command, through the store, then
+   two broadcasts (the int64 ids; the float labels and weights);
 2. rank r takes rows ``[r*B//N, (r+1)*B//N)``: a disjoint, contiguous share (``share_bounds``);
 3. each rank runs the FM on its share through TorchRec's ``DistributedModelParallel``: the planner
    shards the six ``EmbeddingBagCollection`` tables over the ranks (table-wise on a few ranks), and a
