@@ -77,8 +77,8 @@ def _fm_run(examples: list, ranks: int, window_s: float) -> tuple[float, dict, d
     """Seconds of the FM stage's run over ``examples`` with ``ranks`` ranks, its report, and the
     traffic per step through rank 0's link (empty for one rank)."""
     from loopline.model.delay import DelayConfig
-    from loopline.model.pipeline import FMStage, FMStageConfig
     from loopline.model.fm_settings import RanksConfig
+    from loopline.model.pipeline import FMStage, FMStageConfig
     from loopline.state.history import HistoryStore
 
     with tempfile.TemporaryDirectory(prefix="loopline-bench-history-") as tmp, HistoryStore(tmp) as history:
