@@ -391,7 +391,15 @@ class RankedTrainer:
             yield name, weights[short], sums
 
     def _export(self) -> None:
-        """Every table's shards (and their Adagrad sums) and rank 0's replicated state into the mirror."""
+        """Every table's shards (and their Adagrad sums) and rank 0's replicated state into rank 0's mirror:
+        each shard goes from its rank to rank 0 alone (the others' mirrors are only ever overwritten)."""
+        if self.rank != 0:
+            for _, weight, sums in self._sharded():
+                for meta in weight.metadata().shards_metadata:
+                    if meta.placement.rank() == self.rank:
+                        for st in (weight, sums):
+                            dist.send(_local(st, meta.shard_offsets).detach().cpu().contiguous(), 0)
+            return
         mirror = dict(self.model.named_parameters())
         sparse_opt = self.mirror.optimizers[0]
         with torch.no_grad():
@@ -402,11 +410,12 @@ class RankedTrainer:
                     owner = meta.placement.rank()
                     idx = tuple(slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes))
                     for full, st in ((full_w, weight), (full_s, sums)):
-                        buf = (_local(st, meta.shard_offsets).detach().cpu().clone() if owner == self.rank
-                               else torch.empty(meta.shard_sizes, dtype=full.dtype))
-                        if self.world > 1:
-                            dist.broadcast(buf, owner)
-                        full[idx] = buf
+                        if owner == 0:
+                            full[idx] = _local(st, meta.shard_offsets).detach().cpu()
+                        else:
+                            buf = torch.empty(meta.shard_sizes, dtype=full.dtype)
+                            dist.recv(buf, owner)
+                            full[idx] = buf
                 sparse_opt.state[mirror[name]].update(sum=full_s, step=torch.tensor(float(self.version)))
             for opt, group, mirror_opt in zip(self.optimizers, self.groups, self.mirror.optimizers):
                 for n, p in zip(group, opt.param_groups[0]["params"]):

@@ -119,14 +119,8 @@ def bench_scale(n_events: int = 20000, repeats: int = 3, partitions: int = 4, ou
             runs.append(run)
             if progress:
                 print(f"bench scale: repeat {r + 1}/{repeats}: {run}", file=sys.stderr, flush=True)
-    out = {"benchmark": "scale", "events": len(records), "partitions": partitions, "repeats": runs,
-           "median_ingest_1_events_per_s": statistics.median(r["ingest_1_events_per_s"] for r in runs),
-           "median_ingest_2_events_per_s": statistics.median(r["ingest_2_events_per_s"] for r in runs),
-           "median_speedup": statistics.median(r["speedup"] for r in runs),
-           "examples": len(examples),
-           "median_fm_1_examples_per_s": statistics.median(r["fm_1_examples_per_s"] for r in runs),
-           "median_fm_2_examples_per_s": statistics.median(r["fm_2_examples_per_s"] for r in runs),
-           "median_fm_speedup": statistics.median(r["fm_speedup"] for r in runs),
+    out = {"benchmark": "scale", "events": len(records), "partitions": partitions, "examples": len(examples),
+           "repeats": runs, **{f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0]},
            "fm_2_bytes_per_step": traffic,
            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if out_path:

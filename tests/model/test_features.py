@@ -85,10 +85,18 @@ example = st.fixed_dictionaries({
 @pytest.mark.fuzz
 @given(st.lists(st.lists(st.tuples(example, st.lists(event, max_size=12)), max_size=6), min_size=1, max_size=4))
 def test_fm_batches_are_bit_for_bit_those_of_the_per_element_loop(batches):
+    from dataclasses import replace
+
+    from loopline.model.features import raw_id
     f = Featurizer(SMALL)  # one featurizer over several batches: the cache's hits, misses and resets
+    managed = Featurizer(replace(SMALL, managed=("user",)))  # and the raw ids of a managed user table
     for pairs in batches:
         exs, hists = [p[0] for p in pairs], [p[1] for p in pairs]
         assert_same_fm(f.batch(exs, hists), exs, hists)
+        got = managed.batch(exs, hists)
+        assert_same_fm(got, exs, hists)
+        assert got.sparse["user_raw"][0].tolist() == [raw_id("user", e["user"]) for e in exs]
+        assert got.sparse["user_raw"][1].tolist() == [1] * len(exs)
 
 
 @pytest.mark.fuzz

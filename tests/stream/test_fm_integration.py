@@ -18,6 +18,8 @@ from loopline.ops.replay import read_topic, replay
 from loopline.state.history import EMBEDDING, HistoryStore
 from loopline.stream.app import control_of
 
+from tests.conftest import wait_for
+
 pytestmark = pytest.mark.integration
 
 
@@ -120,6 +122,12 @@ def test_a_finished_fm_reports_again_when_a_new_runs_marks_and_its_end_come_in_o
     assert w.stop() == "stopped on SIGTERM"
 
 
+def _fm_when(w, key: str) -> dict | None:
+    """The worker's /fm/ view once ``key`` is set in it (``finished``, ``restored``), else None."""
+    v = w.view("/fm/") or {}
+    return v if v.get(key) else None
+
+
 def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on_one_rank(broker, start_worker,
                                                                                            tmp_path):
     """``worker --fm-ranks 2`` (the worker launches rank 1): the FM numbers of one rank up to float order;
@@ -130,11 +138,7 @@ def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on
     expected = evaluate_records(records, models=True)
     w = start_worker(extra=("--fm-ranks", "2"))
     asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
-    deadline = time.monotonic() + 300
-    while not (w.view("/fm/") or {}).get("finished"):
-        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
-        time.sleep(0.5)
-    got = w.view("/fm/")
+    got = wait_for(lambda: _fm_when(w, "finished"), 300, "the 2-rank fm to finish", proc=w)
     assert got["ranks"] == 2
     assert all(got["counts"][k] == expected["fm_stage"][k] for k in ("examples", "augmented", "embeddings"))
     for name in ("fm", "lr", "das"):
@@ -142,11 +146,7 @@ def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on
     assert w.stop() == "stopped on SIGTERM"
     shutil.copytree(tmp_path / "w1" / "fm-snapshots", tmp_path / "w2" / "fm-snapshots")
     w2 = start_worker("w2")
-    deadline = time.monotonic() + 120
-    while not (w2.view("/fm/") or {}).get("restored"):
-        assert time.monotonic() < deadline and w2.proc.poll() is None, w2.tail()
-        time.sleep(0.5)
-    resumed = w2.view("/fm/")
+    resumed = wait_for(lambda: _fm_when(w2, "restored"), 120, "the snapshot to load", proc=w2)
     assert resumed["ranks"] == 1 and resumed["finished"] and resumed["models"] == got["models"]
     assert resumed["snapshot_at"] == got["snapshot_at"] > 0
 
@@ -160,11 +160,7 @@ def test_a_worker_with_a_managed_user_table_gives_evaluates_numbers(broker, star
     expected = evaluate_records(records, models=True, user_table=managed)
     w = start_worker(extra=("--embeddings", "managed", "--managed-rows", "100"))
     asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
-    deadline = time.monotonic() + 300
-    while not (w.view("/fm/") or {}).get("finished"):
-        assert time.monotonic() < deadline and w.proc.poll() is None, w.tail()
-        time.sleep(0.5)
-    got = w.view("/fm/")
+    got = wait_for(lambda: _fm_when(w, "finished"), 300, "the fm to finish", proc=w)
     assert got["models"] == expected["models"]
     tables = {k: v for k, v in got["tables"].items() if k != "mch_bytes"}  # (history buffers: size differs)
     assert tables == {k: v for k, v in expected["fm_stage"]["fm_tables"].items() if k != "mch_bytes"}
