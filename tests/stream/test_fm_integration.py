@@ -122,10 +122,10 @@ def test_a_finished_fm_reports_again_when_a_new_runs_marks_and_its_end_come_in_o
     assert w.stop() == "stopped on SIGTERM"
 
 
-def _fm_when(w, key: str) -> dict | None:
-    """The worker's /fm/ view once ``key`` is set in it (``finished``, ``restored``), else None."""
+def _fm_when(w, *keys: str) -> dict | None:
+    """The worker's /fm/ view once every one of ``keys`` is set in it (``finished``, ``restored``), else None."""
     v = w.view("/fm/") or {}
-    return v if v.get(key) else None
+    return v if all(v.get(k) for k in keys) else None
 
 
 def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on_one_rank(broker, start_worker,
@@ -138,7 +138,8 @@ def test_a_two_rank_fm_worker_gives_evaluates_models_and_its_snapshot_resumes_on
     expected = evaluate_records(records, models=True)
     w = start_worker(extra=("--fm-ranks", "2"))
     asyncio.run(replay(broker.bootstrap, records, 4, progress=False))
-    got = wait_for(lambda: _fm_when(w, "finished"), 300, "the 2-rank fm to finish", proc=w)
+    # (the run's last snapshot comes just after it reports finished)
+    got = wait_for(lambda: _fm_when(w, "finished", "snapshot_at"), 300, "the 2-rank fm's last snapshot", proc=w)
     assert got["ranks"] == 2
     assert all(got["counts"][k] == expected["fm_stage"][k] for k in ("examples", "augmented", "embeddings"))
     for name in ("fm", "lr", "das"):
