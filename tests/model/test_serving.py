@@ -140,12 +140,16 @@ def _batches(cfg, sizes=(1, 4, 17)):
 
 
 @pytest.mark.parametrize("variant", ["base", "loopfm+kd", "ah+sa", "raw+loopfm", "loopfm+kd+mods"])
-def test_the_traced_serving_copy_scores_as_the_learner_bit_for_bit(variant):
+def test_the_traced_serving_copy_with_one_id_lookups_scores_as_the_learner_bit_for_bit(variant):
+    from loopline.model.serving import _OneId
     from loopline.model.verticals import VMStageConfig
     cfg = replace(VMStageConfig().config_of(variant), table_size=128, seq_len=6)
     learner = VMLearner(cfg, seed=1)
     serving = ServingModel(learner.model, cfg)
     assert serving.traced
+    served = serving._model
+    assert all(isinstance(t[f], _OneId) for t in (served.bags, served.first) for f in ("ad", "campaign"))
+    assert isinstance(learner.model.bags["ad"], torch.nn.EmbeddingBag)  # training keeps its bags
     for b in _batches(cfg):
         assert np.array_equal(serving.predict_many(b), learner.predict_many(b))
 
