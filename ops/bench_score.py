@@ -17,9 +17,9 @@ round, times the same ``requests`` requests three ways, one pass after another:
 * ``forward``: the bare model forward on a prebuilt batch.
 
 It reports each one's p50/p99 (medians over the rounds) and the ratios ``http / forward`` and
-``in_process / forward`` at p50, and ``http / forward`` and ``http_stdlib / forward`` at p99. Training speed: examples/s of each VM
-variant's ``step`` (featurize, predict, learn) over the FM stage's augmented steps of the same log,
-in-process.
+``in_process / forward`` at p50, and ``http / forward`` and ``http_stdlib / forward`` at p99. Training
+speed: examples/s of each VM variant's ``step`` (featurize, predict, learn) over the FM stage's augmented
+steps of the same log, in-process.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class _Client:
             buf += self._recv()
         head, _, data = buf.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
-        size = next(int(v) for k, _, v in (h.partition(b":") for h in lines[1:]) if k.strip().lower() == b"content-length")
+        fields = (h.partition(b":") for h in lines[1:])
+        size = next(int(v) for k, _, v in fields if k.strip().lower() == b"content-length")
         while len(data) < size:
             data += self._recv()
         return int(lines[0].split()[1]), data

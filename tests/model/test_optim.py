@@ -57,3 +57,38 @@ def test_a_parameter_without_a_gradient_is_left_alone():
     a.grad = torch.ones(10, 2)
     opt.step()
     assert torch.equal(b, torch.ones(10, 2)) and not torch.equal(a, torch.ones(10, 2))
+
+
+@pytest.mark.parametrize("k", [3, 900])  # the row path and the dense path
+def test_row_weights_of_one_give_torch_adagrad_bit_for_bit(k):
+    gen = torch.Generator().manual_seed(k)
+    w0 = torch.randn(1000, 4, generator=gen)
+    ours, theirs = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_ours, opt_theirs = RowAdagrad([ours], lr=0.4), torch.optim.Adagrad([theirs], lr=0.4, eps=1e-10)
+    for _ in range(3):
+        g = sparse_grad(1000, 4, k, gen)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step(row_weight={ours: (g != 0).any(1).float()})  # 1 where reached, 0 elsewhere
+        opt_theirs.step()
+    assert torch.equal(ours, theirs) and torch.equal(opt_ours.state[ours]["sum"], opt_theirs.state[theirs]["sum"])
+
+
+@pytest.mark.parametrize("k", [3, 900])
+@pytest.mark.parametrize("w", [0.04, 0.25, 1.0])
+def test_a_row_trained_at_weight_w_steps_sqrt_w_as_far(k, w):
+    """Adagrad alone steps lr * sign(g) first whatever the weight; with the row's mean weight it steps
+    lr * sqrt(w), and it keeps that ratio over later steps of the same weight."""
+    def run(weight):
+        table = torch.nn.Parameter(torch.zeros(1000, 2))
+        opt = RowAdagrad([table], lr=0.4)
+        reached = torch.zeros(1000)
+        reached[:k] = 1.0
+        for _ in range(4):
+            table.grad = torch.zeros(1000, 2)
+            table.grad[:k] = weight * torch.tensor([0.3, -0.7])  # the weighted gradient of one example kind
+            opt.step(row_weight={table: reached * weight})
+        return table.detach()[:k].clone(), table.detach()[k:]
+    moved, untouched = run(w)
+    full, _ = run(1.0)
+    assert torch.allclose(moved, full * w ** 0.5, rtol=1e-5)
+    assert torch.equal(untouched, torch.zeros_like(untouched))  # no NaN from the rows of weight 0
