@@ -175,7 +175,9 @@ class ServingModel:
     optimizations (``optimized_execution(False)``), so it computes what the eager model does, bit for bit;
     a trace that does not reproduce the eager model on a second probe batch, or a model with layers the
     LoKA dispatch put on FP8 kernels (their quantized weights are prepared per weight version, which a
-    trace would freeze), is served eagerly.
+    trace would freeze), is served eagerly. The traced copy looks its one-id fields up instead of bagging
+    them (``_OneId``: half the forward was the bag kernel's bookkeeping), and the check on the probe batch
+    compares it with the model as trained, so it covers that swap too.
 
     Refreshing copies the new weights into the one serving copy under a lock that a forward holds too (a
     traced forward releases the GIL, and a refresh comes from the vm's thread): no new trace (TorchScript
