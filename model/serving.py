@@ -45,6 +45,7 @@ __all__ = ["ScoreRequest", "parse_score_request", "score_candidates", "score_ans
            "MAX_CANDIDATES"]
 
 MAX_CANDIDATES = 1000
+MAX_STRING = 256  # characters of a user, vertical, ad or campaign
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class ScoreRequest:
 
 def _string(obj: dict, name: str, where: str = "") -> str:
     v = obj.get(name)
-    if not isinstance(v, str) or not v or len(v) > 256:
-        raise ConfigError(f"{where}{name}: must be a non-empty string of at most 256 characters")
+    if not isinstance(v, str) or not v or len(v) > MAX_STRING:
+        raise ConfigError(f"{where}{name}: must be a non-empty string of at most {MAX_STRING} characters")
     return v
 
 
@@ -92,8 +93,9 @@ def parse_score_request(obj, verticals: set, max_candidates: int = MAX_CANDIDATE
         if type(c) is dict:
             # the common candidate, checked in one expression: two short strings and no extra features
             ad, campaign = c.get("ad"), c.get("campaign")
-            if (type(ad) is str and type(campaign) is str and 0 < len(ad) <= 256 and 0 < len(campaign) <= 256
-                    and not c.get("features")):
+            # (what _string and _str_map accept, checked at once; tests/model/test_serving.py compares them)
+            if (type(ad) is str and type(campaign) is str and 0 < len(ad) <= MAX_STRING
+                    and 0 < len(campaign) <= MAX_STRING and not c.get("features")):
                 parsed.append({"ad": ad, "campaign": campaign, "features": _NO_FEATURES})
                 continue
         where = f"candidates[{i}]."

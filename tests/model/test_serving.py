@@ -121,6 +121,27 @@ def test_any_body_gets_a_score_or_a_4xx_with_one_line_never_an_exception(served,
         assert answer["error"] and "\n" not in answer["error"]
 
 
+_field = st.one_of(st.text(max_size=3), st.text(min_size=255, max_size=257), st.integers(), st.none(),
+                   st.dictionaries(st.text(max_size=2), st.one_of(st.text(max_size=2), st.integers()), max_size=2))
+
+
+@pytest.mark.fuzz
+@given(cands=st.lists(st.fixed_dictionaries({"ad": _field, "campaign": _field},
+                                            optional={"features": _field, "x": _field}), max_size=3))
+def test_the_candidates_fast_path_accepts_and_gives_what_the_field_checks_do(cands):
+    from loopline.model.serving import _str_map, _string
+    try:
+        want = [{"ad": _string(c, "ad", f"candidates[{i}]."), "campaign": _string(c, "campaign", f"candidates[{i}]."),
+                 "features": dict(_str_map(c, "features", f"candidates[{i}]."))} for i, c in enumerate(cands)]
+    except ConfigError as exc:
+        with pytest.raises(ConfigError) as got:
+            parse_score_request({"user": "u", "vertical": "v", "candidates": cands}, {"v"})
+        assert str(got.value) == str(exc)
+        return
+    req = parse_score_request({"user": "u", "vertical": "v", "candidates": cands}, {"v"})
+    assert [dict(c, features=dict(c["features"])) for c in req.candidates] == want
+
+
 # ServingModel: the traced serving copy /score/ answers from
 
 def _batches(cfg, sizes=(1, 4, 17)):
