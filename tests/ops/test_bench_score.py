@@ -16,6 +16,5 @@ def test_bench_score_reports_http_in_process_and_forward_latency_with_their_rati
     assert out["ratio_http_to_forward_p50"] == round(lat["http"]["p50_ms"] / lat["forward"]["p50_ms"], 2)
     assert out["ratio_http_to_forward_p99"] == round(lat["http"]["p99_ms"] / lat["forward"]["p99_ms"], 2)
     assert out["ratio_http_stdlib_to_forward_p99"] == round(lat["http_stdlib"]["p99_ms"] / lat["forward"]["p99_ms"], 2)
-    assert out["ratio_http_to_forward_p50"] > 1  # the web round trip and the scorer come on top of the forward
     assert set(out["training_examples_per_s"]) == {"base", "loopfm+kd", "loopfm+ah+sa"}
     assert (tmp_path / "score.json").exists()
