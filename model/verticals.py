@@ -179,6 +179,17 @@ class VMStage:
         return {"verticals": len(self.verticals), "max_verticals": self.cfg.max_verticals,
                 "overflow_examples": self.overflow["examples"], "overflow_names": list(self.overflow["names"])}
 
+    def teacher_gate(self) -> dict:
+        """Per distilling variant, the learner steps its teacher gate closed (``VMLearner._gate``: the FM
+        did not beat the VM) out of all its learners' steps, summed over the verticals."""
+        out = {}
+        for (_, va), learner in sorted(self.learners.items()):
+            if learner.cfg.distill != "none" and learner.cfg.teacher_gate:
+                g = out.setdefault(va, {"gated_steps": 0, "steps": 0})
+                g["gated_steps"] += learner.gated_steps
+                g["steps"] += learner.version
+        return out
+
     def sequences(self, examples: list[dict]) -> tuple[list | None, list | None]:
         """Each example's LoopFM codes and raw events strictly before its ts (history store reads)."""
         codes = raw = None

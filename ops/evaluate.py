@@ -179,6 +179,7 @@ def _run_models(examples: list[dict], stage_cfg, vm_cfg, progress: bool, keep_sc
             if vms is not None:
                 result["vm_stage"] = {"variants": list(vms.cfg.variants), "steps": vms.steps,
                                       "verticals": sorted({vt for vt, _ in vms.learners}), "bounds": vms.bounds(),
+                                      "teacher_gate": vms.teacher_gate(),
                                       "params": {va: sum(p.numel() for p in learner.model.parameters())
                                                  for (_, va), learner in sorted(vms.learners.items())}}
             if rows:

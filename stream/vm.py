@@ -258,6 +258,7 @@ def register_vm(app: faust.App, cfg: WorkerConfig) -> None:
         return {"ready": stage is not None, "models": stage.report() if stage else {},
                 "steps": stage.steps if stage else 0, "examples": stage.examples if stage else 0,
                 "bounds": stage.bounds() if stage else {},
+                "teacher_gate": stage.teacher_gate() if stage else {},
                 "last_step": state.get("last_step", -1), "snapshot_at": state["snapshot_at"],
                 "restored": state["restored"], "bad_values": state["bad_values"],
                 "gaps_read": dict(agent.loopline_gaps.counts), "serving": {

@@ -164,3 +164,13 @@ def test_the_vm_stage_runs_torch_on_its_configured_threads(tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match=r"^threads: must be an integer >= 1, got 0$"):
         VMStageConfig(threads=0)
+
+
+def test_the_teacher_gate_report_counts_each_distilling_variants_closed_steps(tmp_path):
+    _, _, vms, _ = run_both(tmp_path, variants=("base", "kd", "ah+sa"))
+    report = vms.teacher_gate()
+    assert set(report) == {"kd", "ah+sa"}  # base distils nothing
+    for va, g in report.items():
+        learners = [lr for (_, v), lr in vms.learners.items() if v == va]
+        assert g == {"gated_steps": sum(lr.gated_steps for lr in learners), "steps": sum(lr.version for lr in learners)}
+        assert 0 <= g["gated_steps"] <= g["steps"] > 0
