@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def test_fm_worker_metrics_and_das_outputs_match_evaluate(broker, start_worker, tmp_path):
     path = tmp_path / "events.jsonl"
-    write_log(GenerateConfig(users=800, days=4, seed=2, malformed=0.01), str(path))
+    write_log(GenerateConfig(users=500, days=3, seed=2, malformed=0.01), str(path))
     records = read_log(str(path))
     expected = evaluate_records(records, models=True)
     assert expected["fm_stage"]["augmented"] > 0
