@@ -444,8 +444,8 @@ class VMLearner:
               soft_w: torch.Tensor) -> torch.Tensor:
         """The teacher gate: the distillation mask ``soft_w`` as is while the teacher's decayed log loss on
         the distilled examples is below the VM's (serving head, before this step), else all zero. Both
-        sums see the same examples and weights, so the comparison is fair whatever the mix of
-        verticals and weights; a step without soft labels leaves them as they are."""
+        sums see the same examples and weights, so the comparison holds whatever the label rate or the
+        weights; a step without soft labels leaves them as they are."""
         m = soft_w.to(torch.float64)
         if not bool((m > 0).any()):
             return soft_w
@@ -509,8 +509,7 @@ class VMLearner:
                 "adapter_opt": self.adapter_opt.state_dict() if self.adapter_opt else None,
                 "version": self.version, "intercept_started": self.intercept_started,
                 "gate_sums": self.gate_sums.clone(), "gated_steps": self.gated_steps,
-                "config": {k: list(v) if isinstance(v, tuple) else v
-                                                    for k, v in asdict(self.cfg).items()}}
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()}}
 
     def load_state_dict(self, state: dict) -> None:
         with fitting_snapshot():
