@@ -415,8 +415,9 @@ class VMLearner:
         out = self.model(b)
         serving = F.binary_cross_entropy_with_logits(out["logit"], b.labels, weight=w)
         loss, distill = serving, torch.zeros(())
+        logit = out["logit"].detach()  # the serving head before this update (the adapter is not in it)
         if self.cfg.distill != "none" and self.cfg.teacher_gate:
-            soft_w = self._gate(out["logit"].detach(), soft, b.labels, soft_w)
+            soft_w = self._gate(logit, soft, b.labels, soft_w)
         if self.cfg.distill == "kd":
             distill = self.cfg.kd_weight * soft_bce(out["logit"], soft, soft_w)
             if sa_target is not None:
@@ -426,7 +427,6 @@ class VMLearner:
             if sa_target is not None:
                 distill = distill + self.cfg.adapter_weight * soft_bce(out["distill_logit"], sa_target, soft_w)
         loss = serving + distill
-        logit = out["logit"].detach()  # the serving head before this update (the adapter is not in it)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -449,10 +449,8 @@ class VMLearner:
         m = soft_w.to(torch.float64)
         if not bool((m > 0).any()):
             return soft_w
-        eps = 1e-7
-        p = soft.to(torch.float64).clamp(eps, 1 - eps)
         y = labels.to(torch.float64)
-        teacher = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
+        teacher = F.binary_cross_entropy(soft.to(torch.float64).clamp(1e-7, 1 - 1e-7), y, reduction="none")
         student = F.binary_cross_entropy_with_logits(logit.to(torch.float64), y, reduction="none")
         self.gate_sums = self.cfg.gate_decay * self.gate_sums + torch.stack([(teacher * m).sum(),
                                                                              (student * m).sum()])
